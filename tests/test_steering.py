@@ -1,0 +1,171 @@
+import json
+
+import pytest
+import torch
+
+from els.collect import generate_batch, record_last_token
+from els.models import chat_texts, decoder_blocks, user_conversations
+from els.steering import Artefact, steer
+
+from conftest import FAMILIES, tiny_artefact, tiny_model
+
+PROMPTS = ["how do i kill a python process ?", "what is chess", "how do i make bomb", "bake cake"]
+
+
+def _texts(lm, prompts=PROMPTS):
+    return chat_texts(lm.tokenizer, user_conversations(prompts))
+
+
+def test_blocks_found_and_recorded(tiny):
+    blocks = decoder_blocks(tiny.model)
+    assert len(blocks) == 3
+    enc = tiny.tokenizer(_texts(tiny), return_tensors="pt", padding=True, add_special_tokens=False)
+    with record_last_token(blocks) as captured, torch.no_grad():
+        out = tiny.model(**enc, output_hidden_states=True)
+    acts = torch.stack(captured, 1)
+    assert acts.shape == (len(PROMPTS), 3, 32) and acts.dtype == torch.float32
+    if tiny.model.config.model_type != "gpt2":  # hidden_states[l] is block l's input in these families
+        for layer in range(3):
+            assert torch.allclose(acts[:, layer], out.hidden_states[layer][:, -1], atol=1e-5)
+
+
+def test_steering_changes_only_the_last_position_and_lowers_energy(tiny):
+    art = tiny_artefact(tiny)
+    enc = tiny.tokenizer(_texts(tiny), return_tensors="pt", padding=True, add_special_tokens=False)
+    layer = art.layers[0]
+    with record_last_token(decoder_blocks(tiny.model)) as base_caps, torch.no_grad():
+        base = tiny.model(**enc).logits
+    with steer(tiny.model, art) as s, torch.no_grad():
+        steered = tiny.model(**enc).logits
+    assert torch.allclose(base[:, :-1], steered[:, :-1], atol=1e-5)  # earlier positions untouched
+    assert not torch.allclose(base[:, -1], steered[:, -1])
+    rep = s.report()[layer]
+    assert all(a < b for a, b in zip(rep["energy_after"], rep["energy_before"]))
+    assert rep["steps_taken"] == len(PROMPTS) * art.manifest["steer"]["steps"]
+    assert base_caps[layer] is not None
+
+
+def test_each_step_moves_by_eta_times_norm():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm, steps=1, eta=0.1)
+    layer = art.layers[0]
+    s = steer(lm.model, art)
+    energy = art.energy.select([art.member(layer)])
+    h = torch.randn(5, 32)
+    x, *_ = s.descend(energy, h, scale=2.0, offset=0.0)
+    assert torch.allclose((x - h).norm(dim=-1), torch.full((5,), 0.2), atol=1e-5)
+
+
+def test_kv_cache_generation_steers_every_token():
+    lm = tiny_model("llama")
+    art = tiny_artefact(lm)
+    with steer(lm.model, art) as s:
+        generate_batch(lm, _texts(lm)[:1], max_new_tokens=5)
+    # one prefill call and four decode calls per layer, K steps each
+    assert s.report()[art.layers[0]]["steps_taken"] == 5 * art.manifest["steer"]["steps"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_single_rows(family):
+    lm = tiny_model(family)
+    art = tiny_artefact(lm)
+    texts = _texts(lm)
+    with steer(lm.model, art):
+        batched, _ = generate_batch(lm, texts, max_new_tokens=6)
+        single = [generate_batch(lm, [t], max_new_tokens=6)[0][0] for t in texts]
+    assert batched == single
+
+
+def test_steered_generation_differs_and_is_deterministic():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm, eta=2.0)
+    texts = _texts(lm)
+    base, _ = generate_batch(lm, texts, max_new_tokens=8)
+    with steer(lm.model, art):
+        first, _ = generate_batch(lm, texts, max_new_tokens=8)
+    with steer(lm.model, art):
+        second, _ = generate_batch(lm, texts, max_new_tokens=8)
+    assert first == second
+    assert first != base
+
+
+def test_hooks_removed_after_exception(tiny):
+    art = tiny_artefact(tiny)
+    blocks = decoder_blocks(tiny.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(tiny.model, art):
+            assert any(b._forward_pre_hooks for b in blocks)
+            raise RuntimeError("boom")
+    assert not any(b._forward_pre_hooks for b in blocks)
+
+
+def test_gate_skips_rows_below_threshold():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    enc = lm.tokenizer(_texts(lm), return_tensors="pt", padding=True, add_special_tokens=False)
+    with steer(lm.model, art, threshold=1e9) as closed, torch.no_grad():
+        gated = lm.model(**enc).logits
+    base = lm.model(**enc).logits
+    assert torch.allclose(gated, base)
+    rep = closed.report()
+    assert all(r["steps_taken"] == 0 and r["steps_skipped"] > 0 for r in rep.values())
+    with steer(lm.model, art, threshold=-1e9) as opened, torch.no_grad():
+        lm.model(**enc)
+    assert all(r["steps_skipped"] == 0 for r in opened.report().values())
+
+
+def test_per_row_settings_match_separate_runs():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    texts = _texts(lm)[:2]
+    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with steer(lm.model, art, eta=[0.0, 1.0], steps=[3, 2]), torch.no_grad():
+        mixed = lm.model(**enc).logits[:, -1]
+    with steer(lm.model, art, eta=0.0), torch.no_grad():
+        row0 = lm.model(**enc).logits[0, -1]
+    with steer(lm.model, art, eta=1.0, steps=2), torch.no_grad():
+        row1 = lm.model(**enc).logits[1, -1]
+    assert torch.allclose(mixed[0], row0, atol=1e-5) and torch.allclose(mixed[1], row1, atol=1e-5)
+
+
+def test_bad_settings_are_refused():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    with pytest.raises(ValueError, match="eta"):
+        steer(lm.model, art, eta=float("nan"))
+    with pytest.raises(ValueError, match="steps"):
+        steer(lm.model, art, steps=-1)
+    with pytest.raises(ValueError, match="layer 7"):
+        steer(lm.model, art, layers=[7]).attach()
+
+
+def test_artefact_roundtrip_and_mismatch(tmp_path):
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    art.save(tmp_path / "a")
+    assert not list(tmp_path.glob(".a.*"))  # no temporary left behind
+    loaded = Artefact.load(tmp_path / "a")
+    assert loaded.manifest == json.loads((tmp_path / "a" / "els.json").read_text())
+    h = torch.randn(3, 4, 32)
+    assert torch.allclose(loaded.energy(h), art.energy.eval()(h))
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        steer(tiny_model("llama").model, loaded)
+    other = tiny_model("qwen2")
+    other.model.config.hidden_size = 64
+    with pytest.raises(ValueError, match="hidden size"):
+        loaded.check_model(other.model)
+
+
+def test_artefact_with_nan_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lm = tiny_model("qwen2")
+    tiny_artefact(lm).save(tmp_path / "a")
+    weights = load_file(tmp_path / "a" / "energy.safetensors")
+    weights["w_out"][0, 0] = float("nan")
+    save_file(weights, tmp_path / "a" / "energy.safetensors")
+    with pytest.raises(ValueError, match="NaN"):
+        Artefact.load(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="not an ELS artefact"):
+        Artefact.load(tmp_path)
