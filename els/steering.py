@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -293,3 +294,40 @@ def steer(model: nn.Module, artefact: Artefact | str | Path, **settings) -> Stee
     if not isinstance(artefact, Artefact):
         artefact = Artefact.load(artefact)
     return Steering(model, artefact, **settings)
+
+
+class Method(Protocol):
+    """An inference-time way to change a model's behaviour, as `els eval` compares them.
+
+    `system` is the system prompt the method generates with (None: the template's default); `apply`
+    returns a context manager under which `model.generate` runs with the method in effect.
+    """
+
+    name: str
+    system: str | None
+
+    def apply(self, model: nn.Module) -> AbstractContextManager: ...
+
+
+@dataclass
+class Base:
+    """The unchanged model."""
+
+    name: str = "base"
+    system: str | None = None
+
+    def apply(self, model: nn.Module) -> AbstractContextManager:
+        return nullcontext()
+
+
+@dataclass
+class Els:
+    """Energy steering with an artefact; settings override the manifest's (see `Steering`)."""
+
+    artefact: Artefact
+    settings: dict = field(default_factory=dict)
+    name: str = "els"
+    system: str | None = None
+
+    def apply(self, model: nn.Module) -> Steering:
+        return Steering(model, self.artefact, **self.settings)
