@@ -250,3 +250,31 @@ def evaluate_auc(model: EnergyStack, x: torch.Tensor, good: torch.Tensor) -> tor
     e = model(x)
     model.train(was_training)
     return pairwise_auc(e[:, good], e[:, ~good])
+
+
+def fit_harm_probe(acts: torch.Tensor, harmful: torch.Tensor, train: list[int], l2: float = 1e-2,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer logistic regression of "the prompt is harmful" on activations [N, S, d].
+
+    Returns weights [S, d] and biases [S] acting on raw activations. It lets steering leave alone the rows
+    that look harmful: the energy alone ranks "will refuse" high for benign and harmful prompts alike.
+    """
+    x = acts[train].transpose(0, 1).float()  # [S, n, d]
+    y = harmful[train].float()
+    mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True) + 1e-3
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[0], x.shape[2], requires_grad=True)
+    b = torch.zeros(x.shape[0], requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = torch.einsum("snd,sd->sn", z, w) + b[:, None]
+        loss = F.binary_cross_entropy_with_logits(logits, y.expand_as(logits)) * x.shape[0] + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w_raw = (w / sd[:, 0]).detach()
+    return w_raw, (b - (mu[:, 0] * w_raw).sum(-1)).detach()

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from els.collect import GOOD_STATES, Collection
-from els.energy import EnergyStack, TrainConfig, TrainResult
+from els.energy import EnergyStack, TrainConfig, TrainResult, fit_harm_probe
 from els.models import block_input, config_fingerprint, decoder_blocks, with_block_input
 
 FORMAT_VERSION = 1
@@ -43,6 +43,8 @@ class Artefact:
 
     energy: EnergyStack  # member i is the model of layer manifest["trained_layers"][i]
     manifest: dict
+    probe_weight: torch.Tensor  # [S, d] harm probe per trained layer (see energy.fit_harm_probe)
+    probe_bias: torch.Tensor  # [S]
 
     @property
     def layers(self) -> list[int]:
@@ -59,7 +61,9 @@ class Artefact:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        save_file({k: v.contiguous() for k, v in self.energy.state_dict().items()}, tmp / WEIGHTS)
+        tensors = {k: v.contiguous() for k, v in self.energy.state_dict().items()}
+        tensors |= {"probe.weight": self.probe_weight.contiguous(), "probe.bias": self.probe_bias.contiguous()}
+        save_file(tensors, tmp / WEIGHTS)
         (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -75,11 +79,13 @@ class Artefact:
             raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads {FORMAT_VERSION}")
         e = manifest["energy"]
         energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
-        energy.load_state_dict(load_file(path / WEIGHTS))
-        for name, t in energy.state_dict().items():
+        tensors = load_file(path / WEIGHTS)
+        for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
-        return cls(energy.eval(), manifest)
+        probe_weight, probe_bias = tensors.pop("probe.weight"), tensors.pop("probe.bias")
+        energy.load_state_dict(tensors)
+        return cls(energy.eval(), manifest, probe_weight, probe_bias)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose architecture differs from the one the energies were trained on."""
@@ -101,6 +107,7 @@ class Artefact:
 
 def make_artefact(result: TrainResult, collection: Collection, *, trained_layers: list[int], top_n: int,
                   eta: float, steps: int, gate: float | None, train_cfg: TrainConfig, num_layers: int,
+                  harm_gate: float | None = None,
                   blocks_path: str | None = None) -> Artefact:
     """Rank layers by validation AUC, keep the top N, and calibrate per-layer gate offsets and step scales."""
     acts = collection.activations[:, trained_layers].float()
@@ -111,6 +118,12 @@ def make_artefact(result: TrainResult, collection: Collection, *, trained_layers
     with torch.no_grad():
         e_val = result.energy(acts[va].transpose(0, 1))  # [S, V]
     offsets = [_youden_threshold(e, good[va]) for e in e_val]
+    harmful = torch.tensor([r.kind == "harmful" for r in collection.records])
+    train_rows = sorted(set(range(len(harmful))) - set(result.val_index))
+    probe_w, probe_b = fit_harm_probe(collection.activations[:, trained_layers], harmful, train_rows)
+    with torch.no_grad():
+        p_val = torch.einsum("nsd,sd->sn", acts[va], probe_w) + probe_b[:, None]
+    probe_acc = ((p_val > 0) == harmful[va]).float().mean(1)
     m = collection.meta
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -129,14 +142,16 @@ def make_artefact(result: TrainResult, collection: Collection, *, trained_layers
         # The loss is shift-invariant, so energies are only comparable within a layer: the gate compares
         # E - offset, with offset the layer's best validation split between good and bad.
         "gate_offset": {str(layer): round(float(o), 6) for layer, o in zip(trained_layers, offsets)},
-        "steer": {"layers": chosen, "eta": eta, "steps": steps, "gate": gate, "positions": "last"},
+        "probe_val_acc": {str(layer): round(float(a), 4) for layer, a in zip(trained_layers, probe_acc)},
+        "steer": {"layers": chosen, "eta": eta, "steps": steps, "gate": gate, "harm_gate": harm_gate,
+                  "positions": "last"},
         "energy": {"widths": list(train_cfg.widths), "dropout": train_cfg.dropout, "tau": train_cfg.tau,
                    "lr": train_cfg.lr, "batch_size": train_cfg.batch_size, "epochs_run": result.epochs_run,
                    "seed": train_cfg.seed},
         "data": {"counts": collection.counts(), "sets": m["sets"], "judge": m["judge"],
                  "max_new_tokens": m["max_new_tokens"], "system": m["system"]},
     }
-    return Artefact(result.energy, manifest)
+    return Artefact(result.energy, manifest, probe_w, probe_b)
 
 
 def _youden_threshold(e: torch.Tensor, good: torch.Tensor) -> float:
@@ -155,10 +170,13 @@ RowValue = float | int | Sequence[float] | Sequence[int] | None
 
 @dataclass
 class LayerStats:
-    """What steering did at one layer. Energies are of the last prompt token (the prefill call)."""
+    """What steering did at one layer. Per-row values are of the latest generate call (reset at each
+    prefill); the totals add up every call since attach."""
 
-    energy_before: torch.Tensor | None = None  # [B]
-    energy_after: torch.Tensor | None = None  # [B]
+    energy_before: torch.Tensor | None = None  # [B] last prompt token, before steering
+    energy_after: torch.Tensor | None = None  # [B] and after
+    rows_taken: torch.Tensor | None = None  # [B] steps taken per row
+    rows_skipped: torch.Tensor | None = None  # [B] steps the gates skipped per row
     steps_taken: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     steps_skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
 
@@ -168,30 +186,39 @@ class Steering:
 
     `eta` (a fraction of the layer's mean hidden norm), `steps` and `threshold` override the artefact's
     settings, as one value or one per batch row (the server batches requests with different settings).
-    `threshold=None` with `gate=False` steers every row; otherwise a row is stepped only while its energy
-    exceeds the layer's calibrated offset plus `threshold`. Use as a context manager, or attach()/remove().
+    Two optional gates decide which rows are stepped:
+    - the energy gate (`threshold`, or the manifest's `gate`): a row is stepped only while its energy
+      exceeds the layer's calibrated offset plus `threshold`; `gate=False` turns it off;
+    - the harm gate (`harm_gate`, a probability): at the prefill, the harm probe of the lowest steered layer
+      reads each prompt; rows it finds harmful with at least this probability are left alone for the
+      whole generation.
+    Use as a context manager, or attach()/remove().
     """
 
     def __init__(self, model: nn.Module, artefact: Artefact, *, layers: Sequence[int] | None = None,
                  eta: RowValue = None, steps: RowValue = None, threshold: RowValue = None, gate: bool | None = None,
-                 energy_dtype: torch.dtype = torch.float32, check: bool = True):
+                 harm_gate: float | None = None, energy_dtype: torch.dtype = torch.float32, check: bool = True):
         if check:
             artefact.check_model(model)
         s = artefact.manifest["steer"]
         self.model, self.artefact = model, artefact
-        self.layers = list(layers) if layers is not None else artefact.layers
+        self.layers = sorted(layers) if layers is not None else artefact.layers
         self.eta = s["eta"] if eta is None else eta
         self.steps = s["steps"] if steps is None else steps
         use_gate = (s["gate"] is not None or threshold is not None) if gate is None else gate
         self.threshold = (threshold if threshold is not None else (s["gate"] or 0.0)) if use_gate else None
+        self.harm_gate = s.get("harm_gate") if harm_gate is None else harm_gate
         for name, v in (("eta", self.eta), ("steps", self.steps), ("threshold", self.threshold)):
             vals = v if isinstance(v, Sequence) else [v]
             if any(x is not None and not torch.isfinite(torch.tensor(float(x))) for x in vals):
                 raise ValueError(f"{name} must be finite, got {v}")
             if name != "threshold" and any(x < 0 for x in vals):
                 raise ValueError(f"{name} must be >= 0, got {v}")
+        if self.harm_gate is not None and not 0.0 <= self.harm_gate <= 1.0:
+            raise ValueError(f"harm_gate is a probability in [0, 1], got {self.harm_gate}")
         self.energy_dtype = energy_dtype
         self.stats: dict[int, LayerStats] = {}
+        self._allowed: torch.Tensor | None = None  # [B] rows the harm gate lets through, set at prefill
         self._handles: list = []
 
     def _row(self, value: RowValue, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -209,10 +236,12 @@ class Steering:
             member = self.artefact.member(layer)
             device = next(blocks[layer].parameters()).device
             energy = self.artefact.energy.select([member]).to(device=device, dtype=self.energy_dtype)
-            scale = m["hidden_norm"][str(layer)]
-            offset = m["gate_offset"][str(layer)]
+            probe = None
+            if self.harm_gate is not None and layer == self.layers[0]:
+                probe = (self.artefact.probe_weight[member].to(device), self.artefact.probe_bias[member].to(device))
             self.stats[layer] = LayerStats()
-            hook = self._make_hook(energy, scale, offset, self.stats[layer])
+            hook = self._make_hook(energy, m["hidden_norm"][str(layer)], m["gate_offset"][str(layer)],
+                                   self.stats[layer], probe)
             self._handles.append(blocks[layer].register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
@@ -227,15 +256,23 @@ class Steering:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _make_hook(self, energy: EnergyStack, scale: float, offset: float, stats: LayerStats):
+    def _make_hook(self, energy: EnergyStack, scale: float, offset: float, stats: LayerStats,
+                   probe: tuple[torch.Tensor, torch.Tensor] | None):
         def hook(module, args, kwargs):
             h = block_input(args, kwargs)
-            first = stats.energy_before is None
-            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, with_after=first)
-            if first:
+            # The prefill sees the whole prompt; each decode step after it sees one new token.
+            prefill = h.shape[1] > 1 or stats.rows_taken is None or stats.rows_taken.shape[0] != h.shape[0]
+            if prefill and probe is not None:
+                p_harm = torch.sigmoid(h[:, -1].float() @ probe[0] + probe[1])
+                self._allowed = p_harm < self.harm_gate
+            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, with_after=prefill)
+            if prefill:
                 stats.energy_before, stats.energy_after = before, after
-            stats.steps_taken = stats.steps_taken + taken
-            stats.steps_skipped = stats.steps_skipped + skipped
+                stats.rows_taken, stats.rows_skipped = taken, skipped
+            else:
+                stats.rows_taken, stats.rows_skipped = stats.rows_taken + taken, stats.rows_skipped + skipped
+            stats.steps_taken = stats.steps_taken + taken.sum()
+            stats.steps_skipped = stats.steps_skipped + skipped.sum()
             h = h.clone()
             h[:, -1] = x.to(h.dtype)
             return with_block_input(args, kwargs, h)
@@ -245,32 +282,37 @@ class Steering:
     @torch.inference_mode()
     def descend(self, energy: EnergyStack, h: torch.Tensor, scale: float, offset: float, with_after: bool = True):
         """K normalised gradient steps on rows h [B, d]. Returns the new rows, the energies before and (if
-        asked) after, and the number of row-steps taken and skipped by the gate.
+        asked) after, and the steps taken and skipped by the gates per row ([B]).
 
         Gating is by masks, so there is no host sync per step; one check per call skips all the work when
-        the gate closes every row (the common case for benign tokens)."""
+        the gates close every row (the common case for benign tokens)."""
         batch = h.shape[0]
         x = h.float()
         eta = self._row(self.eta, batch, x.device, torch.float32) * scale
         steps = self._row(self.steps, batch, x.device, torch.long)
         gate = None if self.threshold is None else self._row(self.threshold, batch, x.device, torch.float32) + offset
+        allowed = self._allowed if self.harm_gate is not None and self._allowed is not None else None
         k_max = max(self.steps) if isinstance(self.steps, Sequence) else int(self.steps)
-        wanted = steps.sum()
-        taken = torch.zeros((), dtype=torch.long, device=x.device)
+        taken = torch.zeros(batch, dtype=torch.long, device=x.device)
         e, g = self._energy_grad(energy, x)
         before = e
-        if gate is not None and not bool((e > gate).any()):
-            return x, before, (before if with_after else None), taken, wanted
+        open_rows = allowed if allowed is not None else torch.ones(batch, dtype=torch.bool, device=x.device)
+        if gate is not None:
+            open_rows = open_rows & (e > gate)
+        if (gate is not None or allowed is not None) and not bool(open_rows.any()):
+            return x, before, (before if with_after else None), taken, steps - taken
         for k in range(k_max):
             if k:
                 e, g = self._energy_grad(energy, x)
             active = k < steps
+            if allowed is not None:
+                active = active & allowed
             if gate is not None:
                 active = active & (e > gate)
             x = x - torch.where(active, eta / (g.norm(dim=-1) + 1e-8), 0.0)[:, None] * g
-            taken = taken + active.sum()
+            taken = taken + active
         after = energy(x[None].to(self.energy_dtype))[0].float() if with_after else None
-        return x, before, after, taken, wanted - taken
+        return x, before, after, taken, steps - taken
 
     def _energy_grad(self, energy: EnergyStack, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e, g = energy.energy_and_grad(x[None].to(self.energy_dtype))

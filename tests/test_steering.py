@@ -169,3 +169,46 @@ def test_artefact_with_nan_weights_is_refused(tmp_path):
         Artefact.load(tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="not an ELS artefact"):
         Artefact.load(tmp_path)
+
+
+def test_steering_over_several_generate_calls_of_different_batch_sizes():
+    from els.collect import generate
+
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    prompts = PROMPTS[:3]
+    with steer(lm.model, art) as s:
+        together = generate(lm, prompts, max_new_tokens=4, batch_size=2)  # batches of 2 then 1
+    assert len(s.report()[art.layers[0]]["energy_before"]) == 1  # the last call's rows
+    with steer(lm.model, art):
+        alone = [generate(lm, [p], max_new_tokens=4)[0] for p in prompts]
+    assert together == alone
+
+
+def test_harm_gate_leaves_rows_the_probe_finds_harmful():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    enc = lm.tokenizer(_texts(lm), return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        base = lm.model(**enc).logits[:, -1]
+    with steer(lm.model, art, harm_gate=0.0) as none, torch.no_grad():  # p < 0 never holds: nobody steered
+        closed = lm.model(**enc).logits[:, -1]
+    assert torch.allclose(closed, base) and all(r["steps_taken"] == 0 for r in none.report().values())
+    with steer(lm.model, art, harm_gate=1.0) as everyone, torch.no_grad():
+        opened = lm.model(**enc).logits[:, -1]
+    assert not torch.allclose(opened, base) and all(r["steps_skipped"] == 0 for r in everyone.report().values())
+    with pytest.raises(ValueError, match="harm_gate"):
+        steer(lm.model, art, harm_gate=1.5)
+
+
+def test_harm_probe_learns_the_harmful_direction():
+    from els.energy import fit_harm_probe
+
+    g = torch.Generator().manual_seed(0)
+    harmful = torch.arange(200) % 2 == 0
+    acts = torch.randn(200, 2, 16, generator=g) * 3 + 5
+    acts[:, 1, 3] += torch.where(harmful, 8.0, -8.0)
+    w, b = fit_harm_probe(acts, harmful, list(range(150)))
+    logits = torch.einsum("nsd,sd->sn", acts[150:], w) + b[:, None]
+    acc = ((logits > 0) == harmful[150:]).float().mean(1)
+    assert acc[1] > 0.95 and acc[0] < 0.8

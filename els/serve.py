@@ -1,0 +1,556 @@
+"""OpenAI-compatible chat server with per-request steering (`els serve`).
+
+    app = create_app(load_model("default"), Artefact.load("run/artefact"))
+    uvicorn.run(app, port=8000)
+
+One worker thread owns the model. It gathers the requests that arrived within a few milliseconds and runs
+them as one `generate` call: steering settings (`Steering` takes them per row), sampling (a per-row logits
+processor with its own seeded generator) and stopping (a per-row stopping criterion) are all per row, so
+any requests can share a batch and none sees another's settings. Only prompts of very different lengths
+are kept apart, where padding would cost more than batching saves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from els.models import LoadedModel, chat_texts
+from els.steering import Artefact, Steering
+
+log = logging.getLogger("els.serve")
+
+MAX_ETA = 4.0  # eta is a fraction of the layer's hidden norm per step; beyond this the model only babbles
+MAX_STEPS = 32
+# Per-row gate thresholds standing for "no gate" and "closed" when rows of one batch differ.
+_OPEN, _CLOSED = -1e30, 1e30
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024  # the most a request may ask for
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    max_batch: int = 16
+    batch_window_ms: float = 5.0
+    max_queue: int = 256
+
+    def __post_init__(self) -> None:
+        if min(self.max_prompt_tokens, self.max_tokens, self.default_max_tokens, self.max_body_bytes, self.max_batch,
+               self.max_queue) < 1 or self.batch_window_ms < 0:
+            raise ValueError(f"limits must be positive: {self}")
+
+
+# ---- request schema -------------------------------------------------------------------------------------
+
+
+class ElsOptions(BaseModel):
+    """Per-request steering; unset fields take the artefact's settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    enabled: bool | None = None  # default: on when the server has an artefact
+    eta: float | None = Field(None, ge=0, le=MAX_ETA, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS)
+    threshold: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)  # gate on, at this threshold
+    gate: bool | None = None  # false: no gate even if the artefact has one
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    # Unknown parameters are refused rather than ignored: silently dropping e.g. `tools` would be a wrong answer.
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    els: ElsOptions | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            if loc.startswith("els."):
+                parts.append(f"unknown field {loc!r} (allowed in 'els': {', '.join(ElsOptions.model_fields)})")
+            else:
+                parts.append(f"unsupported parameter {loc!r}")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 80 else ""
+            parts.append(f"{loc}: {err['msg']}{shown}")
+    first = e.errors()[0]
+    return ApiError(400, "; ".join(parts), param=".".join(str(x) for x in first["loc"]) or None, code=first["type"])
+
+
+# ---- jobs and the worker --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSteer:
+    eta: float
+    steps: int
+    threshold: float | None  # None: no gate
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    steer: RowSteer | None
+    stream: bool
+    emit: Callable[[tuple], None]  # thread-safe: hands an event to the request's coroutine
+    cancelled: bool = False
+
+
+@dataclass
+class _Row:
+    """A job's state inside one generate call."""
+
+    job: Job
+    index: int
+    generator: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    generated: int = 0
+    done: bool = False
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples each sampled row with its own temperature, top-p and generator, then leaves only that token,
+    so the batch's greedy argmax picks it. A seed thus gives the same answer whatever shares the batch."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row in self.rows:
+            job = row.job
+            if row.done or job.temperature == 0:
+                continue
+            probs = torch.softmax(scores[row.index].float() / job.temperature, dim=-1)
+            if job.top_p < 1:
+                p, idx = probs.sort(descending=True)
+                keep = p.cumsum(0) - p < job.top_p
+                probs = torch.zeros_like(probs).scatter(0, idx[keep], p[keep])
+            token = torch.multinomial(probs, 1, generator=row.generator)
+            scores[row.index] = float("-inf")
+            scores[row.index, token] = 0.0
+        return scores
+
+
+class _RowTracker(StoppingCriteria):
+    """Called once per generated token: streams each row's new text, applies its stop strings and token
+    cap, and finishes it with its diagnostics while the batch goes on."""
+
+    def __init__(self, rows: list[_Row], engine: Engine, steering: Steering | None):
+        self.rows, self.engine, self.steering = rows, engine, steering
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        last = input_ids[:, -1].tolist()
+        for row in self.rows:
+            if not row.done:
+                self._step(row, last[row.index])
+        return torch.tensor([row.done for row in self.rows], device=input_ids.device)
+
+    def _step(self, row: _Row, token: int) -> None:
+        job = row.job
+        if job.cancelled:
+            row.done = True
+            return
+        row.generated += 1
+        if token in self.engine.eos:
+            return self.finish(row, "stop")
+        row.out.append(token)
+        text = self.engine.lm.tokenizer.decode(row.out, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in job.stop) if i >= 0]
+        if hits:
+            row.text = text[: min(hits)]
+            return self.finish(row, "stop")
+        row.text = text
+        if row.generated >= job.max_tokens:
+            return self.finish(row, "length")
+        # Hold back what could still become a stop string or an incomplete character.
+        safe = len(text) - max((len(s) - 1 for s in job.stop), default=0)
+        if (broken := text.find("\ufffd", row.sent)) >= 0:
+            safe = min(safe, broken)
+        self._send(row, safe)
+
+    def _send(self, row: _Row, upto: int) -> None:
+        if row.job.stream and upto > row.sent:
+            row.job.emit(("delta", row.text[row.sent : upto]))
+            row.sent = upto
+
+    def finish(self, row: _Row, reason: str) -> None:
+        self._send(row, len(row.text))
+        row.done = True
+        result = {"text": row.text, "finish_reason": reason, "prompt_tokens": len(row.job.ids),
+                  "completion_tokens": row.generated, "els": self.diagnostics(row)}
+        row.job.emit(("done", result))
+
+    def diagnostics(self, row: _Row) -> dict:
+        s = row.job.steer
+        if s is None or self.steering is None:
+            return {"enabled": False, "eta": None, "steps": None, "threshold": None, "layers": [], "steps_skipped": 0}
+        layers = []
+        for layer in self.steering.layers:
+            st, i = self.steering.stats[layer], row.index
+            layers.append({"layer": layer, "energy_before": float(st.energy_before[i]),
+                           "energy_after": float(st.energy_after[i]), "steps_taken": int(st.rows_taken[i]),
+                           "steps_skipped": int(st.rows_skipped[i])})
+        return {"enabled": True, "eta": s.eta, "steps": s.steps, "threshold": s.threshold, "layers": layers,
+                "steps_skipped": sum(x["steps_skipped"] for x in layers)}
+
+
+class Engine:
+    """The worker thread that owns the model, and the queue feeding it."""
+
+    def __init__(self, lm: LoadedModel, artefact: Artefact | None, limits: Limits):
+        self.lm, self.limits = lm, limits
+        self.artefact = artefact
+        if artefact is not None:
+            # Keep only the steered layers' energies: Steering copies its members on every attach.
+            members = [artefact.member(layer) for layer in artefact.layers]
+            self.artefact = Artefact(artefact.energy.select(members),
+                                     {**artefact.manifest, "trained_layers": artefact.layers})
+        eos = lm.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.counters = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self.thread = threading.Thread(target=self._loop, name="els-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=60)
+
+    def submit(self, job: Job) -> None:
+        if not self.thread.is_alive():
+            raise ApiError(503, "the generation worker is not running", type="server_error", code="unavailable")
+        if self.jobs.qsize() >= self.limits.max_queue:
+            raise ApiError(503, "server overloaded: too many queued requests, retry later", type="server_error",
+                           code="overloaded")
+        self.jobs.put(job)
+
+    def _loop(self) -> None:
+        pending: list[Job] = []
+        while True:
+            if not pending:
+                first = self.jobs.get()
+                if first is None:
+                    return
+                pending.append(first)
+                time.sleep(self.limits.batch_window_ms / 1000)  # let a burst arrive
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    for j in pending:
+                        j.emit(("error", "server shutting down"))
+                    return
+                pending.append(job)
+            pending = [j for j in pending if not j.cancelled]
+            if not pending:
+                continue
+            batch = self._pick(pending)
+            pending = [j for j in pending if all(j is not b for b in batch)]
+            self._run(batch)
+
+    def _pick(self, pending: list[Job]) -> list[Job]:
+        """The oldest job and, up to max_batch, later ones whose prompts pad well with it."""
+        lo = hi = len(pending[0].ids)
+        batch = [pending[0]]
+        for job in pending[1:]:
+            if len(batch) == self.limits.max_batch:
+                break
+            n = len(job.ids)
+            if max(hi, n) <= 2 * min(lo, n) + 32:
+                batch.append(job)
+                lo, hi = min(lo, n), max(hi, n)
+        return batch
+
+    def _steering(self, batch: list[Job]) -> Steering | None:
+        rows = [j.steer for j in batch]
+        if self.artefact is None or not any(rows):
+            return None
+        gated = any(r is not None and r.threshold is not None for r in rows)
+        threshold = None
+        if gated:
+            threshold = [_CLOSED if r is None else _OPEN if r.threshold is None else r.threshold for r in rows]
+        return Steering(self.lm.model, self.artefact, eta=[r.eta if r else 0.0 for r in rows],
+                        steps=[r.steps if r else 0 for r in rows], threshold=threshold, gate=gated, check=False)
+
+    def _run(self, batch: list[Job]) -> None:
+        model, tok = self.lm.model, self.lm.tokenizer
+        device = model.device
+        width = max(len(j.ids) for j in batch)
+        pad = tok.pad_token_id
+        # Left padding built by hand: the tokenizer is not touched here while request threads encode with it.
+        input_ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch], device=device)
+        rows = [_Row(j, i, self._generator(j, device)) for i, j in enumerate(batch)]
+        self.counters["batches"] += 1
+        self.counters["requests"] += len(batch)
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(batch))
+        try:
+            steering = self._steering(batch)
+            tracker = _RowTracker(rows, self, steering)
+            with steering if steering is not None else nullcontext(), torch.inference_mode():
+                model.generate(input_ids=input_ids, attention_mask=mask,
+                               max_new_tokens=max(j.max_tokens for j in batch), do_sample=False,
+                               temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                               logits_processor=LogitsProcessorList([_RowSampler(rows)]),
+                               stopping_criteria=StoppingCriteriaList([tracker]))
+            for row in rows:
+                if not row.done:  # generate stopped on its own (e.g. the model's max_length)
+                    tracker.finish(row, "length")
+        except Exception as e:  # noqa: BLE001 - a failed batch must not stop the server
+            log.exception("generation failed")
+            for row in rows:
+                if not row.done:
+                    row.done = True
+                    row.job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+
+    @staticmethod
+    def _generator(job: Job, device: torch.device) -> torch.Generator | None:
+        if job.temperature == 0:
+            return None
+        return torch.Generator(device=device).manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+
+
+# ---- HTTP -----------------------------------------------------------------------------------------------
+
+
+def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The FastAPI app serving `lm` (named `lm.name` in /v1/models), steered with `artefact` if given."""
+    if artefact is not None:
+        artefact.check_model(lm.model)
+    engine = Engine(lm, artefact, limits)
+    steer_defaults = artefact.manifest["steer"] if artefact is not None else None
+    context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="els", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = engine.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "dead", "model": lm.name, "steering": artefact is not None,
+                             "queued": engine.jobs.qsize(), **engine.counters}, status_code=200 if alive else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": created, "owned_by": "els"}]}
+
+    def steer_settings(opts: ElsOptions) -> RowSteer | None:
+        asked = opts.enabled is True or any(v is not None for v in (opts.eta, opts.steps, opts.threshold, opts.gate))
+        if steer_defaults is None:
+            if asked and opts.enabled is not False:
+                raise ApiError(400, "steering is not available: the server was started without --steer",
+                               param="els", code="steering_unavailable")
+            return None
+        if opts.enabled is False:
+            return None
+        # The same defaults as Steering: an explicit threshold turns the gate on.
+        gated = (steer_defaults["gate"] is not None or opts.threshold is not None) if opts.gate is None else opts.gate
+        threshold = None
+        if gated:
+            threshold = opts.threshold if opts.threshold is not None else float(steer_defaults["gate"] or 0.0)
+        return RowSteer(eta=float(steer_defaults["eta"] if opts.eta is None else opts.eta),
+                        steps=int(steer_defaults["steps"] if opts.steps is None else opts.steps), threshold=threshold)
+
+    def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
+        if req.model != lm.name:
+            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {lm.name!r}",
+                           param="model", code="model_not_found")
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
+        if max_tokens > limits.max_tokens:
+            raise ApiError(400, f"max_tokens is {max_tokens}, this server allows at most {limits.max_tokens}",
+                           param="max_tokens")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
+        conversation = [{"role": "system" if m.role == "developer" else m.role,
+                         "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                        for m in req.messages]
+        try:
+            text = chat_texts(lm.tokenizer, [conversation])[0]
+        except Exception as e:  # noqa: BLE001 - templates raise their own errors, e.g. on role order
+            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens, this server allows at most "
+                           f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+        if context is not None and len(ids) + max_tokens > context:
+            raise ApiError(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
+                           f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
+        return Job(ids=ids, max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                   top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
+                   steer=steer_settings(req.els or ElsOptions()), stream=req.stream, emit=emit)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = _parse(await _read_json(request, limits.max_body_bytes))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is gone: the server is shutting down
+                pass
+
+        job = make_job(req, emit)
+        engine.submit(job)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": lm.name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(job, events, head, include_usage), media_type="text/event-stream")
+        try:
+            while (event := await events.get())[0] == "delta":
+                pass
+        finally:
+            job.cancelled = True  # no-op once done; frees the row if the client went away
+        if event[0] == "error":
+            raise ApiError(500, event[1], type="server_error")
+        r = event[1]
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
+                             "finish_reason": r["finish_reason"], "logprobs": None}],
+                "usage": _usage(r), "els": r["els"]}
+
+    return app
+
+
+def _parse(obj: Any) -> ChatRequest:
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(obj)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+async def _read_json(request: Request, cap: int) -> Any:
+    length = request.headers.get("content-length")
+    too_big = ApiError(413, f"request body exceeds {cap} bytes", code="request_too_large")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise too_big
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+
+
+def _usage(r: dict) -> dict:
+    return {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+            "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}
+
+
+async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, payload = await events.get()
+            if kind == "delta":
+                yield chunk({"content": payload})
+            elif kind == "done":
+                yield chunk({}, payload["finish_reason"], els=payload["els"])
+                if include_usage:
+                    usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(payload)}
+                    yield f"data: {json.dumps(usage)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                yield f"data: {json.dumps(ApiError(500, payload, type='server_error').body())}\n\n"
+                return
+    finally:
+        job.cancelled = True  # the client went away mid-stream: stop generating for it
