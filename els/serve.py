@@ -70,6 +70,7 @@ class ElsOptions(BaseModel):
     steps: int | None = Field(None, ge=0, le=MAX_STEPS)
     threshold: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)  # gate on, at this threshold
     gate: bool | None = None  # false: no gate even if the artefact has one
+    harm_gate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # skip prompts the probe finds harmful
 
 
 class TextPart(BaseModel):
@@ -140,6 +141,7 @@ class RowSteer:
     eta: float
     steps: int
     threshold: float | None  # None: no gate
+    harm_gate: float | None  # None: no harm gate
 
 
 @dataclass
@@ -245,14 +247,16 @@ class _RowTracker(StoppingCriteria):
     def diagnostics(self, row: _Row) -> dict:
         s = row.job.steer
         if s is None or self.steering is None:
-            return {"enabled": False, "eta": None, "steps": None, "threshold": None, "layers": [], "steps_skipped": 0}
+            return {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None, "layers": [],
+                    "steps_skipped": 0}
         layers = []
         for layer in self.steering.layers:
             st, i = self.steering.stats[layer], row.index
             layers.append({"layer": layer, "energy_before": float(st.energy_before[i]),
                            "energy_after": float(st.energy_after[i]), "steps_taken": int(st.rows_taken[i]),
                            "steps_skipped": int(st.rows_skipped[i])})
-        return {"enabled": True, "eta": s.eta, "steps": s.steps, "threshold": s.threshold, "layers": layers,
+        return {"enabled": True, "eta": s.eta, "steps": s.steps, "threshold": s.threshold, "harm_gate": s.harm_gate,
+                "layers": layers,
                 "steps_skipped": sum(x["steps_skipped"] for x in layers)}
 
 
@@ -264,9 +268,7 @@ class Engine:
         self.artefact = artefact
         if artefact is not None:
             # Keep only the steered layers' energies: Steering copies its members on every attach.
-            members = [artefact.member(layer) for layer in artefact.layers]
-            self.artefact = Artefact(artefact.energy.select(members),
-                                     {**artefact.manifest, "trained_layers": artefact.layers})
+            self.artefact = artefact.subset(artefact.layers)
         eos = lm.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.jobs: queue.Queue[Job | None] = queue.Queue()
@@ -336,7 +338,8 @@ class Engine:
         if gated:
             threshold = [_CLOSED if r is None else _OPEN if r.threshold is None else r.threshold for r in rows]
         return Steering(self.lm.model, self.artefact, eta=[r.eta if r else 0.0 for r in rows],
-                        steps=[r.steps if r else 0 for r in rows], threshold=threshold, gate=gated, check=False)
+                        steps=[r.steps if r else 0 for r in rows], threshold=threshold, gate=gated,
+                        harm_gate=[r.harm_gate if r else None for r in rows], check=False)
 
     def _run(self, batch: list[Job]) -> None:
         model, tok = self.lm.model, self.lm.tokenizer
@@ -422,7 +425,8 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": created, "owned_by": "els"}]}
 
     def steer_settings(opts: ElsOptions) -> RowSteer | None:
-        asked = opts.enabled is True or any(v is not None for v in (opts.eta, opts.steps, opts.threshold, opts.gate))
+        asked = opts.enabled is True or any(v is not None for v in (opts.eta, opts.steps, opts.threshold, opts.gate,
+                                                                     opts.harm_gate))
         if steer_defaults is None:
             if asked and opts.enabled is not False:
                 raise ApiError(400, "steering is not available: the server was started without --steer",
@@ -436,7 +440,8 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         if gated:
             threshold = opts.threshold if opts.threshold is not None else float(steer_defaults["gate"] or 0.0)
         return RowSteer(eta=float(steer_defaults["eta"] if opts.eta is None else opts.eta),
-                        steps=int(steer_defaults["steps"] if opts.steps is None else opts.steps), threshold=threshold)
+                        steps=int(steer_defaults["steps"] if opts.steps is None else opts.steps), threshold=threshold,
+                        harm_gate=steer_defaults.get("harm_gate") if opts.harm_gate is None else opts.harm_gate)
 
     def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
         if req.model != lm.name:

@@ -56,6 +56,12 @@ class Artefact:
         except ValueError:
             raise ValueError(f"the artefact has no energy model for layer {layer}") from None
 
+    def subset(self, layers: list[int]) -> Artefact:
+        """The same artefact holding only these layers' models (smaller, for serving)."""
+        members = [self.member(layer) for layer in layers]
+        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)},
+                        self.probe_weight[members], self.probe_bias[members])
+
     def save(self, path: Path | str) -> None:
         """Write atomically: a reader sees the old artefact or the new one, never half of one."""
         path = Path(path)
@@ -191,13 +197,13 @@ class Steering:
       exceeds the layer's calibrated offset plus `threshold`; `gate=False` turns it off;
     - the harm gate (`harm_gate`, a probability): at the prefill, the harm probe of the lowest steered layer
       reads each prompt; rows it finds harmful with at least this probability are left alone for the
-      whole generation.
+      whole generation. One value, or one per row (None: no harm gate for that row).
     Use as a context manager, or attach()/remove().
     """
 
     def __init__(self, model: nn.Module, artefact: Artefact, *, layers: Sequence[int] | None = None,
                  eta: RowValue = None, steps: RowValue = None, threshold: RowValue = None, gate: bool | None = None,
-                 harm_gate: float | None = None, energy_dtype: torch.dtype = torch.float32, check: bool = True):
+                 harm_gate: RowValue = None, energy_dtype: torch.dtype = torch.float32, check: bool = True):
         if check:
             artefact.check_model(model)
         s = artefact.manifest["steer"]
@@ -214,7 +220,8 @@ class Steering:
                 raise ValueError(f"{name} must be finite, got {v}")
             if name != "threshold" and any(x < 0 for x in vals):
                 raise ValueError(f"{name} must be >= 0, got {v}")
-        if self.harm_gate is not None and not 0.0 <= self.harm_gate <= 1.0:
+        gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate]
+        if any(x is not None and not 0.0 <= x <= 1.0 for x in gates):
             raise ValueError(f"harm_gate is a probability in [0, 1], got {self.harm_gate}")
         self.energy_dtype = energy_dtype
         self.stats: dict[int, LayerStats] = {}
@@ -230,6 +237,7 @@ class Steering:
     def attach(self) -> Steering:
         blocks = decoder_blocks(self.model, self.artefact.manifest.get("blocks_path"))
         m = self.artefact.manifest
+        gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate]
         for layer in self.layers:
             if not 0 <= layer < len(blocks):
                 raise ValueError(f"layer {layer} out of range for a model with {len(blocks)} layers")
@@ -237,7 +245,7 @@ class Steering:
             device = next(blocks[layer].parameters()).device
             energy = self.artefact.energy.select([member]).to(device=device, dtype=self.energy_dtype)
             probe = None
-            if self.harm_gate is not None and layer == self.layers[0]:
+            if any(x is not None for x in gates) and layer == self.layers[0]:
                 probe = (self.artefact.probe_weight[member].to(device), self.artefact.probe_bias[member].to(device))
             self.stats[layer] = LayerStats()
             hook = self._make_hook(energy, m["hidden_norm"][str(layer)], m["gate_offset"][str(layer)],
@@ -264,7 +272,10 @@ class Steering:
             prefill = h.shape[1] > 1 or stats.rows_taken is None or stats.rows_taken.shape[0] != h.shape[0]
             if prefill and probe is not None:
                 p_harm = torch.sigmoid(h[:, -1].float() @ probe[0] + probe[1])
-                self._allowed = p_harm < self.harm_gate
+                # A row without a harm gate (None) is always let through: p < 2 holds.
+                gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate] * h.shape[0]
+                self._allowed = p_harm < self._row([2.0 if x is None else x for x in gates], h.shape[0],
+                                                   p_harm.device, torch.float32)
             x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, with_after=prefill)
             if prefill:
                 stats.energy_before, stats.energy_after = before, after
@@ -291,7 +302,7 @@ class Steering:
         eta = self._row(self.eta, batch, x.device, torch.float32) * scale
         steps = self._row(self.steps, batch, x.device, torch.long)
         gate = None if self.threshold is None else self._row(self.threshold, batch, x.device, torch.float32) + offset
-        allowed = self._allowed if self.harm_gate is not None and self._allowed is not None else None
+        allowed = self._allowed
         k_max = max(self.steps) if isinstance(self.steps, Sequence) else int(self.steps)
         taken = torch.zeros(batch, dtype=torch.long, device=x.device)
         e, g = self._energy_grad(energy, x)

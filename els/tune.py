@@ -9,6 +9,7 @@ one point by `pick`'s rule.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -326,4 +327,4 @@ def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
                         "max_new_tokens": result["config"]["max_new_tokens"], "seed": result["config"]["seed"],
                         "chosen_trial": result["chosen"]["trial"],
                         "chosen": {k: result["chosen"][k] for k in (*OBJECTIVES, "nll")}, "base": result["base"]}
-    return Artefact(artefact.energy, manifest)
+    return dataclasses.replace(artefact, manifest=manifest)

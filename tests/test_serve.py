@@ -106,8 +106,8 @@ def test_steered_and_unsteered_match_the_library(served):
     messages = user(PROMPTS[0])
     off = ask(served.client, messages, els={"enabled": False})
     assert off["text"].strip() == library_answer(served.ref, served.art, messages, 6)[0]
-    assert off["els"] == {"enabled": False, "eta": None, "steps": None, "threshold": None, "layers": [],
-                          "steps_skipped": 0}
+    assert off["els"] == {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None,
+                          "layers": [], "steps_skipped": 0}
     on = ask(served.client, messages, els={"eta": 1.0, "steps": 2})
     expected, report = library_answer(served.ref, served.art, messages, 6, eta=1.0, steps=2)
     assert on["text"].strip() == expected and on["text"] != off["text"]
@@ -245,6 +245,7 @@ LOAD_SETTINGS = [
     {"els": {"enabled": False}},
     {"els": {"eta": 1.0, "steps": 2}},
     {"els": {"threshold": 0.0}},  # gated
+    {"els": {"harm_gate": 0.5}},  # harm-gated
     {"els": {"eta": 0.2, "steps": 5, "gate": False}},
     {"temperature": 0.8, "top_p": 0.9, "seed": 0},  # seeded sampling, steered
     {"stop": [","], "els": {"eta": 0.1}},

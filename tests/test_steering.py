@@ -212,3 +212,14 @@ def test_harm_probe_learns_the_harmful_direction():
     logits = torch.einsum("nsd,sd->sn", acts[150:], w) + b[:, None]
     acc = ((logits > 0) == harmful[150:]).float().mean(1)
     assert acc[1] > 0.95 and acc[0] < 0.8
+
+
+def test_per_row_harm_gate():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    enc = lm.tokenizer(_texts(lm)[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        base = lm.model(**enc).logits[:, -1]
+    with steer(lm.model, art, harm_gate=[0.0, None]), torch.no_grad():
+        mixed = lm.model(**enc).logits[:, -1]
+    assert torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[1], base[1])
