@@ -18,7 +18,7 @@ import torch
 
 from els.collect import generate_batch
 from els.data import load_prompts
-from els.models import chat_texts, load_model, user_conversations
+from els.models import LoadedModel, chat_texts, load_model, prepare_tokenizer, user_conversations
 from els.steering import Artefact, Steering
 
 PLAIN = ["Give three tips for staying healthy.", "Write a haiku about autumn.", "What is the capital of France?",
@@ -39,16 +39,16 @@ def timed(lm, texts, new_tokens, steering: Steering | None) -> float:
     return time.perf_counter() - start
 
 
-def measure(lm, art: Artefact, batch: int, new_tokens: int, repeats: int) -> dict:
+def measure(lm, art: Artefact, batch: int, new_tokens: int, repeats: int, energy_dtype: torch.dtype) -> dict:
     prompts = (PLAIN * batch)[:batch]
     texts = chat_texts(lm.tokenizer, user_conversations(prompts))
     runs: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "total": []} for m in ("base", "els")}
     timed(lm, texts, 2, None)  # warm-up
     for _ in range(repeats):
         for method in ("base", "els"):
-            steering = Steering(lm.model, art) if method == "els" else None
+            steering = Steering(lm.model, art, energy_dtype=energy_dtype) if method == "els" else None
             runs[method]["prefill"].append(timed(lm, texts, 1, steering))
-            steering = Steering(lm.model, art) if method == "els" else None
+            steering = Steering(lm.model, art, energy_dtype=energy_dtype) if method == "els" else None
             runs[method]["total"].append(timed(lm, texts, new_tokens, steering))
     out = {}
     for method, r in runs.items():
@@ -74,6 +74,18 @@ def gate_skips(lm, art: Artefact, threshold: float, new_tokens: int) -> dict[str
     return shares
 
 
+def random_weights(path: str, device: str | None) -> LoadedModel:
+    """The architecture and tokenizer of `path` with random bf16 weights: timing needs no trained weights, so
+    the check runs where the real weights cannot be copied (a lent GPU machine)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    model.to(device or "cpu").eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model, tokenizer, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -83,16 +95,19 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threshold", type=float, default=0.0, help="gate threshold for the skip shares")
+    ap.add_argument("--energy-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--random-weights", action="store_true",
+                    help="--model is a directory with config and tokenizer only; time with random weights")
     args = ap.parse_args()
     torch.manual_seed(0)
-    lm = load_model(args.model, device=args.device)
+    lm = random_weights(args.model, args.device) if args.random_weights else load_model(args.model, device=args.device)
     art = Artefact.load(args.steer)
     s = art.manifest["steer"]
     print(f"model {args.model} ({lm.model.dtype}), layers {s['layers']}, eta {s['eta']}, K {s['steps']}, "
-          f"{args.new_tokens} new tokens, {args.repeats} alternating repeats")
+          f"{args.new_tokens} new tokens, {args.repeats} alternating repeats, energies in {args.energy_dtype}")
     result = {}
     for batch in map(int, args.batches.split(",")):
-        r = measure(lm, art, batch, args.new_tokens, args.repeats)
+        r = measure(lm, art, batch, args.new_tokens, args.repeats, getattr(torch, args.energy_dtype))
         print(f"batch {batch:>3}: decode base {r['base']['decode_tokens_per_s']:7.1f} tok/s, "
               f"els {r['els']['decode_tokens_per_s']:7.1f} tok/s, ratio {r['ratio']:.3f}; prefill base "
               f"{r['base']['prefill_s'] * 1000:6.1f} ms, els {r['els']['prefill_s'] * 1000:6.1f} ms")
@@ -100,9 +115,10 @@ def main() -> None:
         result[f"prefill_ratio_batch{batch}"] = round(r["prefill_ratio"], 4)
         result[f"base_tokens_per_s_batch{batch}"] = round(r["base"]["decode_tokens_per_s"], 1)
         result[f"els_tokens_per_s_batch{batch}"] = round(r["els"]["decode_tokens_per_s"], 1)
-    shares = gate_skips(lm, art, args.threshold, args.new_tokens)
-    print("gate (threshold %.2f) skipped: " % args.threshold + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
-    result["gate_skipped_share"] = {k: round(v, 3) for k, v in shares.items()}
+    if not args.random_weights:  # gate decisions mean nothing on random weights
+        shares = gate_skips(lm, art, args.threshold, args.new_tokens)
+        print(f"gate (threshold {args.threshold:.2f}) skipped: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+        result["gate_skipped_share"] = {k: round(v, 3) for k, v in shares.items()}
     print(json.dumps(result))
 
 

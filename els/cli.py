@@ -243,7 +243,7 @@ def tune_cmd(
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     tuning.tuned_artefact(art, result).save(out_artefact or steer_dir)
-    console.print((out / "pareto.md").read_text(), highlight=False)
+    console.print((out / "pareto.md").read_text(), highlight=False, soft_wrap=True)
     c, b = result["chosen"], result["base"]
     if not result["chosen_beats_base"]:
         console.print("[yellow]warning:[/yellow] no trial beats the unsteered model under the rule", highlight=False)

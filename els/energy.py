@@ -188,8 +188,8 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
     """Train one energy model per layer on activations [N, L, d] labelled with the four states.
 
     Every step draws a batch of good and a batch of bad rows, balanced over the states; all layers see the
-    same rows. Each layer keeps the weights of its best validation-AUC epoch; training stops when no layer
-    has improved for `patience` epochs.
+    same rows. Each layer keeps the weights of its best validation-AUC epoch; training stops when the mean
+    validation AUC over layers has not improved for `patience` epochs.
     """
     layers = list(range(acts.shape[1])) if layers is None else layers
     good = torch.tensor([s in GOOD_STATES for s in states])
@@ -216,6 +216,7 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
     best_epoch = [0] * len(layers)
     best_state = copy.deepcopy(model.state_dict())
     history, epoch = [], 0
+    best_mean, best_mean_epoch = -1.0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         for _ in range(steps):
@@ -235,7 +236,11 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
                 v[improved] = state[k][improved]
             for s in improved.nonzero().flatten().tolist():
                 best_epoch[s] = epoch
-        if epoch - max(best_epoch) >= cfg.patience:
+        # Per-layer AUCs on a small validation set rise by chance now and then; stopping when the mean over
+        # layers stalls ends training once the layers have, as a whole, stopped learning.
+        if auc.mean() > best_mean:
+            best_mean, best_mean_epoch = float(auc.mean()), epoch
+        if epoch - best_mean_epoch >= cfg.patience:
             break
     model.load_state_dict(best_state)
     model.eval()

@@ -685,7 +685,7 @@ def judge_check(files: Sequence[Path], judges: Sequence[str], *, model_judge_lim
                 note = f"seeded sample of {model_judge_limit}"
             if isinstance(judge, LearnedJudge) and s.sha256 in judge.trained_on:
                 others = [read_labelled(f) for f in _training_files(judge, exclude=s.sha256)]
-                scored = train_learned_judge(others, l2=judge.meta.get("l2", 1e-4))
+                scored = train_learned_judge(others, l2=judge.meta.get("l2", 1e-3))
                 note = "left out: retrained on " + ", ".join(o.name for o in others)
             t = time.perf_counter()
             pred = scored([s.prompts[i] for i in idx], [s.answers[i] for i in idx])

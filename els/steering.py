@@ -225,6 +225,7 @@ class Steering:
             raise ValueError(f"harm_gate is a probability in [0, 1], got {self.harm_gate}")
         self.energy_dtype = energy_dtype
         self.stats: dict[int, LayerStats] = {}
+        self._cache: dict[tuple, tuple] = {}
         self._allowed: torch.Tensor | None = None  # [B] rows the harm gate lets through, set at prefill
         self._handles: list = []
 
@@ -299,9 +300,9 @@ class Steering:
         the gates close every row (the common case for benign tokens)."""
         batch = h.shape[0]
         x = h.float()
-        eta = self._row(self.eta, batch, x.device, torch.float32) * scale
-        steps = self._row(self.steps, batch, x.device, torch.long)
-        gate = None if self.threshold is None else self._row(self.threshold, batch, x.device, torch.float32) + offset
+        eta, steps, threshold = self._settings(batch, x.device)
+        eta = eta * scale
+        gate = None if threshold is None else threshold + offset
         allowed = self._allowed
         k_max = max(self.steps) if isinstance(self.steps, Sequence) else int(self.steps)
         taken = torch.zeros(batch, dtype=torch.long, device=x.device)
@@ -324,6 +325,16 @@ class Steering:
             taken = taken + active
         after = energy(x[None].to(self.energy_dtype))[0].float() if with_after else None
         return x, before, after, taken, steps - taken
+
+    def _settings(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-row eta, steps and threshold as tensors, made once per batch size: building them on every call
+        would copy host values to the device, a synchronisation per layer and token on a GPU."""
+        key = (batch, device)
+        if key not in self._cache:
+            self._cache[key] = (self._row(self.eta, batch, device, torch.float32),
+                                self._row(self.steps, batch, device, torch.long),
+                                None if self.threshold is None else self._row(self.threshold, batch, device, torch.float32))
+        return self._cache[key]
 
     def _energy_grad(self, energy: EnergyStack, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e, g = energy.energy_and_grad(x[None].to(self.energy_dtype))

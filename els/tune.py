@@ -320,8 +320,8 @@ def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
     manifest = json.loads(json.dumps(artefact.manifest))
-    manifest["steer"] = {"layers": s["layers"], "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"],
-                         "positions": manifest["steer"].get("positions", "last")}
+    # Other keys (positions, harm_gate) are not searched: they keep the artefact's values.
+    manifest["steer"] |= {"layers": s["layers"], "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"]}
     manifest["tune"] = {"rule": result["rule"], "objectives": result["objectives"], "n_trials": result["n_trials"],
                         "validation": result["config"]["sets"], "judge": result["config"]["judge"],
                         "max_new_tokens": result["config"]["max_new_tokens"], "seed": result["config"]["seed"],
