@@ -31,6 +31,8 @@ DEFAULT_BENIGN = ["orbench-hard@val", "oktest@val"]  # XSTest is a test set in t
 DEFAULT_HARMFUL = ["harmbench-val", "orbench-toxic@val"]
 ETA_RANGE = (0.005, 0.5)
 STEPS_RANGE = (1, 10)
+# Harm-probe gate probabilities (None: off); see Steering.
+HARM_GATES = (None, 0.3, 0.5, 0.7)
 LAYER_RULES = ("top_auc", "late_block")
 TOLERANCE = 0.03
 MAX_NLL_INCREASE = 1.0
@@ -130,7 +132,8 @@ def settings_of(params: dict, manifest: dict) -> dict:
     """Trial parameters -> `Steering` keyword arguments."""
     gated = params["gate"]
     return {"layers": steer_layers(manifest, params["layer_rule"], params["n_layers"]), "eta": params["eta"],
-            "steps": params["steps"], "gate": gated, "threshold": params["threshold"] if gated else None}
+            "steps": params["steps"], "gate": gated, "threshold": params["threshold"] if gated else None,
+            "harm_gate": params.get("harm_gate")}
 
 
 @torch.inference_mode()
@@ -206,6 +209,7 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
                   "steps": trial.suggest_int("steps", *STEPS_RANGE),
                   "gate": trial.suggest_categorical("gate", [False, True])}
         params["threshold"] = trial.suggest_float("threshold", lo, hi) if params["gate"] else None
+        params["harm_gate"] = trial.suggest_categorical("harm_gate", HARM_GATES)
         settings = settings_of(params, manifest)
         t = time.perf_counter()
         score = evaluate(Els(artefact, settings, name=f"els-trial-{trial.number}"))
@@ -222,7 +226,7 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
         study.enqueue_trial({"layer_rule": "top_auc", "n_layers": min(len(s["layers"]), max_layers),
                              "eta": min(max(s["eta"], ETA_RANGE[0]), ETA_RANGE[1]),
                              "steps": min(max(s["steps"], STEPS_RANGE[0]), STEPS_RANGE[1]),
-                             "gate": s["gate"] is not None,
+                             "gate": s["gate"] is not None, "harm_gate": s.get("harm_gate"),
                              **({"threshold": min(max(s["gate"], lo), hi)} if s["gate"] is not None else {})})
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if n_trials > len(done):
@@ -273,14 +277,15 @@ def _markdown(result: dict) -> str:
     lines = [f"# els tune: {result['n_trials']} trials", "", f"Choice rule: {result['rule']}.", "",
              (f"Chosen trial {result['chosen']['trial']}"
               f"{'' if result['chosen_beats_base'] else ' (does NOT beat the unsteered base model)'}."), "",
-             "| trial | layers | eta | K | gate | benign compliance | harmful refusal | NLL | front | chosen |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             (f"| base | - | - | - | - | {b['benign_compliance']:.3f} | {b['harmful_refusal']:.3f} | "
+             "| trial | layers | eta | K | gate | harm gate | benign compliance | harmful refusal | NLL | front | chosen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             (f"| base | - | - | - | - | - | {b['benign_compliance']:.3f} | {b['harmful_refusal']:.3f} | "
               f"{b['nll']:.2f} | | |")]
     for r in sorted(result["trials"], key=lambda r: (-r["benign_compliance"], -r["harmful_refusal"])):
         s = r["settings"]
         gate = "off" if s["threshold"] is None else f"{s['threshold']:.3g}"
-        lines.append(f"| {r['trial']} | {s['layers']} | {s['eta']:.3g} | {s['steps']} | {gate} | "
+        harm = "off" if s.get("harm_gate") is None else f"{s['harm_gate']:.2g}"
+        lines.append(f"| {r['trial']} | {s['layers']} | {s['eta']:.3g} | {s['steps']} | {gate} | {harm} | "
                      f"{r['benign_compliance']:.3f} | {r['harmful_refusal']:.3f} | {r['nll']:.2f}"
                      f"{'' if r['fluent'] else ' (garbled)'} | {'*' if r['pareto'] else ''} | "
                      f"{'**chosen**' if r['trial'] == result['chosen']['trial'] else ''} |")
@@ -320,8 +325,9 @@ def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
     manifest = json.loads(json.dumps(artefact.manifest))
-    # Other keys (positions, harm_gate) are not searched: they keep the artefact's values.
-    manifest["steer"] |= {"layers": s["layers"], "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"]}
+    # Keys that are not searched (positions) keep the artefact's values.
+    manifest["steer"] |= {"layers": s["layers"], "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"],
+                          "harm_gate": s.get("harm_gate")}
     manifest["tune"] = {"rule": result["rule"], "objectives": result["objectives"], "n_trials": result["n_trials"],
                         "validation": result["config"]["sets"], "judge": result["config"]["judge"],
                         "max_new_tokens": result["config"]["max_new_tokens"], "seed": result["config"]["seed"],
