@@ -32,6 +32,9 @@ Model = Annotated[str, typer.Option("--model", "-m", help="HF id, local dir, .gg
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cpu).")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 on CPU), float32, bfloat16, float16.")]
 DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' to spread a large model over devices.")]
+Benign = Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable).")]
+Harmful = Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")]
+Limit = Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")]
 
 
 def _parse_widths(text: str) -> tuple[int, ...]:
@@ -62,9 +65,9 @@ def _sets(specs: list[str], kind: str, limit: Optional[int], seed: int):
 def collect_cmd(
     out: Annotated[Path, typer.Option(help="Directory for states.safetensors and states.jsonl.")],
     model: Model = DEFAULT_MODEL,
-    benign: Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable).")] = DEFAULT_BENIGN,
-    harmful: Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")] = DEFAULT_HARMFUL,
-    limit: Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")] = None,
+    benign: Benign = DEFAULT_BENIGN,
+    harmful: Harmful = DEFAULT_HARMFUL,
+    limit: Limit = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 32,
     judge: Annotated[str, typer.Option(help=f"Refusal judge: {', '.join(JUDGES)}.")] = DEFAULT_JUDGE,
@@ -132,9 +135,9 @@ def _train(col: Collection, out: Path, top_n, eta, steps, gate, harm_gate, width
 def run_cmd(
     out: Annotated[Path, typer.Option(help="Run directory: collect/ (states) and artefact/ are written here.")],
     model: Model = DEFAULT_MODEL,
-    benign: Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable).")] = DEFAULT_BENIGN,
-    harmful: Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")] = DEFAULT_HARMFUL,
-    limit: Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")] = None,
+    benign: Benign = DEFAULT_BENIGN,
+    harmful: Harmful = DEFAULT_HARMFUL,
+    limit: Limit = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 32,
     judge: str = DEFAULT_JUDGE,
