@@ -89,7 +89,13 @@ def rate(flags: Sequence[bool]) -> dict:
 
 
 def load_benchmark(spec: str, limit: int | None = None, seed: int = 0) -> PromptSet:
-    """A known set (`xstest-safe`, `orbench-hard@test`) or a file with its kind (`my.csv:prompt=benign`)."""
+    """A known set (`xstest-safe`, `orbench-hard@test`) or a file with its kind (`my.csv:prompt=benign`);
+    a `~N` suffix (`orbench-hard~200`) samples N prompts of this set whatever `limit` says."""
+    spec, _, own_limit = spec.partition("~")
+    if own_limit:
+        if not own_limit.isdigit():
+            raise ValueError(f"benchmark {spec}~{own_limit}: the sample size after '~' must be a whole number")
+        limit = int(own_limit)
     body, kind = spec, None
     if "=" in spec:
         body, _, kind = spec.rpartition("=")

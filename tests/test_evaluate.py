@@ -118,6 +118,9 @@ def test_benchmark_specs_and_bad_input(tmp_path, files):
         load_benchmark(f"{tmp_path}/empty.csv:prompt=benign")
     with pytest.raises(ValueError, match="at least 1"):
         load_benchmark("jbb", limit=0)
+    assert len(load_benchmark("orbench-hard~200", limit=7)) == 200  # the set's own sample size wins
+    with pytest.raises(ValueError, match="whole number"):
+        load_benchmark("jbb~many")
 
 
 def test_method_registry(tmp_path):
