@@ -223,6 +223,7 @@ class Steering:
         gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate]
         if any(x is not None and not 0.0 <= x <= 1.0 for x in gates):
             raise ValueError(f"harm_gate is a probability in [0, 1], got {self.harm_gate}")
+        self._harm_gated = any(x is not None for x in gates)
         self.energy_dtype = energy_dtype
         self.stats: dict[int, LayerStats] = {}
         self._cache: dict[tuple, tuple] = {}
@@ -238,7 +239,6 @@ class Steering:
     def attach(self) -> Steering:
         blocks = decoder_blocks(self.model, self.artefact.manifest.get("blocks_path"))
         m = self.artefact.manifest
-        gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate]
         for layer in self.layers:
             if not 0 <= layer < len(blocks):
                 raise ValueError(f"layer {layer} out of range for a model with {len(blocks)} layers")
@@ -246,7 +246,7 @@ class Steering:
             device = next(blocks[layer].parameters()).device
             energy = self.artefact.energy.select([member]).to(device=device, dtype=self.energy_dtype)
             probe = None
-            if any(x is not None for x in gates) and layer == self.layers[0]:
+            if self._harm_gated and layer == self.layers[0]:
                 probe = (self.artefact.probe_weight[member].to(device), self.artefact.probe_bias[member].to(device))
             self.stats[layer] = LayerStats()
             hook = self._make_hook(energy, m["hidden_norm"][str(layer)], m["gate_offset"][str(layer)],
@@ -273,10 +273,7 @@ class Steering:
             prefill = h.shape[1] > 1 or stats.rows_taken is None or stats.rows_taken.shape[0] != h.shape[0]
             if prefill and probe is not None:
                 p_harm = torch.sigmoid(h[:, -1].float() @ probe[0] + probe[1])
-                # A row without a harm gate (None) is always let through: p < 2 holds.
-                gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate] * h.shape[0]
-                self._allowed = p_harm < self._row([2.0 if x is None else x for x in gates], h.shape[0],
-                                                   p_harm.device, torch.float32)
+                self._allowed = p_harm < self._settings(h.shape[0], p_harm.device)[3]
             x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, with_after=prefill)
             if prefill:
                 stats.energy_before, stats.energy_after = before, after
@@ -300,7 +297,7 @@ class Steering:
         the gates close every row (the common case for benign tokens)."""
         batch = h.shape[0]
         x = h.float()
-        eta, steps, threshold = self._settings(batch, x.device)
+        eta, steps, threshold, _ = self._settings(batch, x.device)
         eta = eta * scale
         gate = None if threshold is None else threshold + offset
         allowed = self._allowed
@@ -326,14 +323,20 @@ class Steering:
         after = energy(x[None].to(self.energy_dtype))[0].float() if with_after else None
         return x, before, after, taken, steps - taken
 
-    def _settings(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-row eta, steps and threshold as tensors, made once per batch size: building them on every call
-        would copy host values to the device, a synchronisation per layer and token on a GPU."""
+    def _settings(self, batch: int, device: torch.device) -> tuple:
+        """Per-row eta, steps, threshold and harm gate as tensors, made once per batch size: building them on
+        every call would copy host values to the device, a synchronisation per layer and token on a GPU."""
         key = (batch, device)
         if key not in self._cache:
+            harm = None
+            if self._harm_gated:
+                # A row without a harm gate (None) is always let through: p < 2 holds.
+                gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate] * batch
+                harm = self._row([2.0 if x is None else x for x in gates], batch, device, torch.float32)
             self._cache[key] = (self._row(self.eta, batch, device, torch.float32),
                                 self._row(self.steps, batch, device, torch.long),
-                                None if self.threshold is None else self._row(self.threshold, batch, device, torch.float32))
+                                None if self.threshold is None else self._row(self.threshold, batch, device, torch.float32),
+                                harm)
         return self._cache[key]
 
     def _energy_grad(self, energy: EnergyStack, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
