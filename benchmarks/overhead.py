@@ -39,17 +39,20 @@ def timed(lm, texts, new_tokens, steering: Steering | None) -> float:
     return time.perf_counter() - start
 
 
-def measure(lm, art: Artefact, batch: int, new_tokens: int, repeats: int, energy_dtype: torch.dtype) -> dict:
+def measure(lm, art: Artefact, batch: int, new_tokens: int, repeats: int, energy_dtype: torch.dtype,
+            positions: str) -> dict:
     prompts = (PLAIN * batch)[:batch]
     texts = chat_texts(lm.tokenizer, user_conversations(prompts))
     runs: dict[str, dict[str, list[float]]] = {m: {"prefill": [], "total": []} for m in ("base", "els")}
     timed(lm, texts, 2, None)  # warm-up
+
+    def steering(method: str) -> Steering | None:
+        return Steering(lm.model, art, energy_dtype=energy_dtype, positions=positions) if method == "els" else None
+
     for _ in range(repeats):
         for method in ("base", "els"):
-            steering = Steering(lm.model, art, energy_dtype=energy_dtype) if method == "els" else None
-            runs[method]["prefill"].append(timed(lm, texts, 1, steering))
-            steering = Steering(lm.model, art, energy_dtype=energy_dtype) if method == "els" else None
-            runs[method]["total"].append(timed(lm, texts, new_tokens, steering))
+            runs[method]["prefill"].append(timed(lm, texts, 1, steering(method)))
+            runs[method]["total"].append(timed(lm, texts, new_tokens, steering(method)))
     out = {}
     for method, r in runs.items():
         # Paired per repeat: a prefill of seconds (batch 16 on a CPU) timed in another repeat would add
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threshold", type=float, default=0.0, help="gate threshold for the skip shares")
     ap.add_argument("--energy-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--positions", default="last", choices=["last", "prompt"],
+                    help="last (default): steer every new token, the costly path; prompt: the prompt only")
     ap.add_argument("--random-weights", action="store_true",
                     help="--model is a directory with config and tokenizer only; time with random weights")
     args = ap.parse_args()
@@ -107,10 +112,11 @@ def main() -> None:
     art = Artefact.load(args.steer)
     s = art.manifest["steer"]
     print(f"model {args.model} ({lm.model.dtype}), layers {s['layers']}, eta {s['eta']}, K {s['steps']}, "
-          f"{args.new_tokens} new tokens, {args.repeats} alternating repeats, energies in {args.energy_dtype}")
+          f"positions {args.positions}, {args.new_tokens} new tokens, {args.repeats} alternating repeats, "
+          f"energies in {args.energy_dtype}")
     result = {}
     for batch in map(int, args.batches.split(",")):
-        r = measure(lm, art, batch, args.new_tokens, args.repeats, getattr(torch, args.energy_dtype))
+        r = measure(lm, art, batch, args.new_tokens, args.repeats, getattr(torch, args.energy_dtype), args.positions)
         print(f"batch {batch:>3}: decode base {r['base']['decode_tokens_per_s']:7.1f} tok/s, "
               f"els {r['els']['decode_tokens_per_s']:7.1f} tok/s, ratio {r['ratio']:.3f}; prefill base "
               f"{r['base']['prefill_s'] * 1000:6.1f} ms, els {r['els']['prefill_s'] * 1000:6.1f} ms; end to end "

@@ -16,7 +16,7 @@ from els.data import load_prompts
 from els.energy import TrainConfig, train_energy
 from els.judges import JUDGES, get_judge
 from els.models import DEFAULT_MODEL, load_model
-from els.steering import Artefact, make_artefact, steer
+from els.steering import LAYER_RULES, Artefact, make_artefact, steer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.")
 console = Console()
@@ -27,6 +27,9 @@ DEFAULT_JUDGE = "prefix"
 DEFAULT_TOP_N = 3
 DEFAULT_ETA = 0.05
 DEFAULT_STEPS = 3
+DEFAULT_LAYER_RULE = "top_auc"
+DEFAULT_POSITIONS = "last"
+DEFAULT_CONTRAST = "four-state"
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF id, local dir, .gguf file or 'default'.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cpu).")]
@@ -35,13 +38,24 @@ DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' to spread a large
 Benign = Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable).")]
 Harmful = Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")]
 Limit = Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")]
+LayerRule = Annotated[str, typer.Option(help=f"How the N steered layers are chosen: {', '.join(LAYER_RULES)} "
+                                             "(see els.steering.steer_layers).")]
+Contrast = Annotated[str, typer.Option(help="States the energy contrasts: four-state (the paper: helpful and "
+                                           "safe refusal vs false refusal and jailbreak) or benign (helpful vs "
+                                           "false refusal; pair it with --harm-gate).")]
+Positions = Annotated[str, typer.Option(help="'last': step position -1 of every forward pass (the paper); "
+                                             "'prompt': only the last prompt token.")]
+
+
+def _parse_ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def _parse_widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"widths must be comma-separated integers, got {text!r}") from None
+    widths = _parse_ints(text, "widths")
     if not widths or min(widths) < 1:
         raise typer.BadParameter("widths must be positive")
     return widths
@@ -102,32 +116,39 @@ def train_cmd(
     steps: Annotated[int, typer.Option(help="Gradient steps K per forward pass.")] = DEFAULT_STEPS,
     gate: Annotated[Optional[float], typer.Option(help="Gate threshold (energy above the calibrated offset); off by default.")] = None,
     harm_gate: Annotated[Optional[float], typer.Option(help="Leave prompts the harm probe rates at least this harmful; off by default.")] = None,
+    layer_rule: LayerRule = DEFAULT_LAYER_RULE,
+    positions: Positions = DEFAULT_POSITIONS,
+    contrast: Contrast = DEFAULT_CONTRAST,
     widths: Annotated[str, typer.Option(help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = "512,256",
     epochs: int = 120,
     seed: int = 0,
 ) -> None:
     """Train the per-layer energy models and write the steering artefact."""
-    _train(load_collection(states), out, top_n, eta, steps, gate, harm_gate, _parse_widths(widths), epochs, seed)
+    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate, "harm_gate": harm_gate,
+                 "layer_rule": layer_rule, "positions": positions}
+    _train(load_collection(states), out, steer_cfg, TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed,
+                                                                contrast=contrast))
 
 
-def _train(col: Collection, out: Path, top_n, eta, steps, gate, harm_gate, widths, epochs, seed) -> Artefact:
-    cfg = TrainConfig(widths=widths, epochs=epochs, seed=seed)
+def _train(col: Collection, out: Path, steer_cfg: dict, cfg: TrainConfig) -> Artefact:
     num_layers = col.activations.shape[1]
-    if not 1 <= top_n <= num_layers:
+    if not 1 <= steer_cfg["top_n"] <= num_layers:
         raise typer.BadParameter(f"--top-n must be between 1 and {num_layers}")
     try:
         result = train_energy(col.activations, col.states, cfg)
+        art = make_artefact(result, col, trained_layers=list(range(num_layers)), train_cfg=cfg, num_layers=num_layers,
+                            **steer_cfg)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    art = make_artefact(result, col, trained_layers=list(range(num_layers)), top_n=top_n, eta=eta, steps=steps,
-                        gate=gate, harm_gate=harm_gate, train_cfg=cfg, num_layers=num_layers)
     art.save(out)
     table = Table("layer", "val AUC", "train AUC", "best epoch", "steered", title="energy models")
     for layer in range(num_layers):
         table.add_row(str(layer), f"{result.val_auc[layer]:.3f}", f"{result.train_auc[layer]:.3f}",
                       str(result.best_epoch[layer]), "*" if layer in art.layers else "")
     console.print(table)
-    console.print(f"artefact written to {out} (layers {art.layers}, eta {eta}, K {steps})")
+    st = art.manifest["steer"]
+    console.print(f"artefact written to {out} (layers {art.layers}, eta {st['eta']}, K {st['steps']}, "
+                  f"positions {st['positions']}, harm gate {st['harm_gate']})")
     return art
 
 
@@ -147,6 +168,9 @@ def run_cmd(
     steps: int = DEFAULT_STEPS,
     gate: Optional[float] = None,
     harm_gate: Optional[float] = None,
+    layer_rule: LayerRule = DEFAULT_LAYER_RULE,
+    positions: Positions = DEFAULT_POSITIONS,
+    contrast: Contrast = DEFAULT_CONTRAST,
     widths: str = "512,256",
     epochs: int = 120,
     seed: int = 0,
@@ -155,7 +179,9 @@ def run_cmd(
     device_map: DeviceMap = None,
 ) -> None:
     """The whole pipeline: collect states, train energies, write OUT/artefact (manifest els.json)."""
-    parsed_widths = _parse_widths(widths)
+    train_cfg = TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
+    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate, "harm_gate": harm_gate,
+                 "layer_rule": layer_rule, "positions": positions}
     times = {}
     t = time.perf_counter()
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -164,7 +190,7 @@ def run_cmd(
     col = _collect(lm, out / "collect", benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    _train(col, out / "artefact", top_n, eta, steps, gate, harm_gate, parsed_widths, epochs, seed)
+    _train(col, out / "artefact", steer_cfg, train_cfg)
     times["train_s"] = time.perf_counter() - t
     write_atomic(out / "timings.json", json.dumps({k: round(v, 1) for k, v in times.items()}, indent=2))
     console.print("stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
@@ -176,9 +202,11 @@ def generate_cmd(
     model: Model = DEFAULT_MODEL,
     steer_dir: Annotated[Optional[Path], typer.Option("--steer", help="Artefact directory.")] = None,
     compare: Annotated[bool, typer.Option(help="Print the unsteered answer too (needs --steer).")] = False,
-    eta: Optional[float] = None,
-    steps: Optional[int] = None,
-    harm_gate: Optional[float] = None,
+    eta: Annotated[Optional[float], typer.Option(help="Override the artefact's eta.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Override the artefact's K.")] = None,
+    harm_gate: Annotated[Optional[float], typer.Option(help="Override the artefact's harm gate.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Override the steered layers, e.g. 21,22,23.")] = None,
+    positions: Annotated[Optional[str], typer.Option(help="Override the artefact's positions: last, prompt.")] = None,
     max_new_tokens: int = 128,
     system: Optional[str] = None,
     device: Device = None,
@@ -193,7 +221,8 @@ def generate_cmd(
     if steer_dir is not None:
         try:
             art = Artefact.load(steer_dir)
-            with steer(lm.model, art, eta=eta, steps=steps, harm_gate=harm_gate):
+            chosen = None if layers is None else _parse_ints(layers, "--layers")
+            with steer(lm.model, art, eta=eta, steps=steps, harm_gate=harm_gate, layers=chosen, positions=positions):
                 steered = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system)
         except (FileNotFoundError, ValueError) as e:
             raise typer.BadParameter(str(e)) from None

@@ -16,9 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from els.collect import GOOD_STATES, STATES
+from els.collect import STATES
 
 LN_EPS = 1e-5
+# Which states an energy pulls down (good) and pushes up (bad). four-state is the paper's. benign contrasts
+# only benign prompts' answers: its gradient points from refusing towards answering, with no second
+# low-energy basin at "safe refusal" to fall into; harmful prompts are then kept out by the harm gate.
+CONTRASTS = {
+    "four-state": (("helpful", "safe_refusal"), ("false_refusal", "jailbreak")),
+    "benign": (("helpful",), ("false_refusal",)),
+}
 
 
 class EnergyStack(nn.Module):
@@ -76,30 +83,24 @@ class EnergyStack(nn.Module):
         return torch.einsum("sbw,sw->sb", x, self.w_out) + self.b_out[:, None]
 
     def energy_and_grad(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies [S, B] and dE/dh [S, B, d] in closed form (eval mode: no dropout).
+        """Energies [S, B] and dE/dh [S, B, d] in closed form (eval mode: no dropout); see `_energy_and_grad`."""
+        e, g = _energy_and_grad(h, self.mean[:, None], self.inv_std[:, None],
+                                [(w, w.transpose(1, 2), b[:, None], gm[:, None], bt[:, None])
+                                 for w, b, gm, bt in zip(self.weights, self.biases, self.gammas, self.betas)],
+                                self.w_out[:, :, None], self.b_out[:, None, None])
+        return e[..., 0], g
 
-        Forward keeping what the backward needs, then the chain rule through SiLU, LayerNorm and Linear
-        written as plain tensor ops.
-        """
-        x = (h - self.mean[:, None]) * self.inv_std[:, None]
-        saved = []
-        for w, b, g, beta in zip(self.weights, self.biases, self.gammas, self.betas):
-            a = torch.baddbmm(b[:, None], x, w)
-            mu = a.mean(-1, keepdim=True)
-            rstd = torch.rsqrt(a.var(-1, unbiased=False, keepdim=True) + LN_EPS)
-            xhat = (a - mu) * rstd
-            n = xhat * g[:, None] + beta[:, None]
-            sig = torch.sigmoid(n)
-            x = n * sig
-            saved.append((w, g, xhat, rstd, n, sig))
-        energy = torch.einsum("sbw,sw->sb", x, self.w_out) + self.b_out[:, None]
-        grad = self.w_out[:, None].expand_as(x)
-        for w, g, xhat, rstd, n, sig in reversed(saved):
-            grad = grad * sig * (1 + n * (1 - sig))  # SiLU'
-            gh = grad * g[:, None]
-            grad = rstd * (gh - gh.mean(-1, keepdim=True) - xhat * (gh * xhat).mean(-1, keepdim=True))
-            grad = torch.bmm(grad, w.transpose(1, 2))
-        return energy, grad * self.inv_std[:, None]
+    def member(self, i: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+               ) -> EnergyMember:
+        """Member i as an `EnergyMember` on `device` in `dtype`, for steering."""
+        def t(x: torch.Tensor) -> torch.Tensor:
+            return x.detach().to(device=device, dtype=dtype).contiguous()
+
+        return EnergyMember(
+            layers=tuple((t(w[i]), t(w[i].T), t(b[i]), t(g[i]), t(bt[i]))
+                         for w, b, g, bt in zip(self.weights, self.biases, self.gammas, self.betas)),
+            w_out=t(self.w_out[i][:, None]), b_out=t(self.b_out[i : i + 1]), mean=t(self.mean[i]),
+            inv_std=t(self.inv_std[i]))
 
     def select(self, members: list[int]) -> EnergyStack:
         """A stack holding only the given members (e.g. the chosen layers), as a copy."""
@@ -110,6 +111,60 @@ class EnergyStack(nn.Module):
             for name, buf in sub.named_buffers():
                 setattr(sub, name, buf[members].clone())
         return sub
+
+
+@dataclass(frozen=True)
+class EnergyMember:
+    """One layer's energy model as plain 2-D tensors, laid out for steering: each weight is stored with a
+    contiguous transpose for the backward matmul (a transposed view sends bf16 matmuls on a CPU down a
+    path about ten times slower), and inputs are [B, d] rows, so every matmul is a plain mm."""
+
+    layers: tuple[tuple[torch.Tensor, ...], ...]  # per width: W [a, b], W^T [b, a], bias, LN gain, LN shift [b]
+    w_out: torch.Tensor  # [w, 1]
+    b_out: torch.Tensor  # [1]
+    mean: torch.Tensor  # [d]
+    inv_std: torch.Tensor  # [d]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_out.dtype
+
+    def energy_and_grad(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies [B] and dE/dh [B, d] of rows h [B, d]."""
+        e, g = _energy_and_grad(h, self.mean, self.inv_std, self.layers, self.w_out, self.b_out)
+        return e[:, 0], g
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.energy_and_grad(h)[0]
+
+
+def _energy_and_grad(h: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, layers, w_out: torch.Tensor,
+                     b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy [..., B, 1] and dE/dh [..., B, d] of an MLP, for a stack ([S, B, d] inputs, bmm) or one member
+    ([B, d], mm); parameters come shaped to broadcast against the activations.
+
+    Forward keeping what the backward needs, then the chain rule through SiLU, LayerNorm and Linear, no
+    autograd. The LayerNorm and SiLU derivatives are ATen's fused kernels (the formulas autograd uses,
+    called directly): at batch 1 the cost is the number of kernel launches, not the arithmetic.
+    """
+    add_mm = torch.baddbmm if h.ndim == 3 else torch.addmm
+    x = (h - mean) * inv_std
+    saved = []
+    for w, w_t, b, g, beta in layers:
+        a = add_mm(b, x, w)
+        # The LayerNorm affine part may be per member ([S, w]), which native_layer_norm cannot take.
+        xhat, mu, rstd = torch.native_layer_norm(a, a.shape[-1:], None, None, LN_EPS)
+        n = torch.addcmul(beta, xhat, g)
+        x = F.silu(n)
+        saved.append((w_t, g, a, mu, rstd, n))
+    energy = add_mm(b_out, x, w_out)
+    grad = w_out.transpose(-1, -2).expand_as(x)
+    for w_t, g, a, mu, rstd, n in reversed(saved):
+        grad = torch.ops.aten.silu_backward(grad, n) * g
+        grad = torch.ops.aten.native_layer_norm_backward(grad, a, a.shape[-1:], mu, rstd, None, None,
+                                                         [True, False, False])[0]
+        grad = grad @ w_t
+    return energy, grad * inv_std
 
 
 def _layer_norm(a: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -150,10 +205,9 @@ def stratified_split(states: list[str], val_fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
-def balanced_weights(states: list[str], good: bool) -> torch.Tensor:
-    """Sampling weights over rows so each state of the good (or bad) side is drawn equally often:
-    no state is dropped and no state dominates because it is common."""
-    side = [s for s in STATES if (s in GOOD_STATES) == good]
+def balanced_weights(states: list[str], side: tuple[str, ...]) -> torch.Tensor:
+    """Sampling weights over rows so each state of one side (the good or the bad states) is drawn equally
+    often: no state is dropped and no state dominates because it is common."""
     present = [s for s in side if s in states]
     w = torch.tensor([0.0 if s not in present else 1.0 / states.count(s) for s in states])
     return w / len(present) if present else w
@@ -170,6 +224,7 @@ class TrainConfig:
     patience: int = 15
     val_fraction: float = 0.2
     seed: int = 0
+    contrast: str = "four-state"  # see CONTRASTS
 
 
 @dataclass
@@ -187,23 +242,30 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
                  layers: list[int] | None = None) -> TrainResult:
     """Train one energy model per layer on activations [N, L, d] labelled with the four states.
 
-    Every step draws a batch of good and a batch of bad rows, balanced over the states; all layers see the
-    same rows. Each layer keeps the weights of its best validation-AUC epoch; training stops when the mean
-    validation AUC over layers has not improved for `patience` epochs.
+    Rows of the states `cfg.contrast` names take part (all four by default). Every step draws a batch of
+    good and a batch of bad rows, balanced over the states; all layers see the same rows. Each layer keeps
+    the weights of its best validation-AUC epoch; training stops when the mean validation AUC over layers
+    has not improved for `patience` epochs. `val_index` in the result indexes `acts`.
     """
+    if cfg.contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {list(CONTRASTS)}, got {cfg.contrast!r}")
+    good_states, bad_states = CONTRASTS[cfg.contrast]
     layers = list(range(acts.shape[1])) if layers is None else layers
-    good = torch.tensor([s in GOOD_STATES for s in states])
-    if good.all() or not good.any():
+    if not set(states) & set(good_states) or not set(states) & set(bad_states):
         raise ValueError(
-            f"the energy model needs both good and bad states; the collection has {sorted(set(states))}. "
-            "Add prompts the model refuses falsely or answers harmfully (or vice versa)."
+            f"the {cfg.contrast} energy needs good states {good_states} and bad states {bad_states}; the "
+            f"collection has {sorted(set(states))}. Add prompts the model refuses falsely or answers harmfully "
+            "(or vice versa)."
         )
-    tr, va = stratified_split(states, cfg.val_fraction, cfg.seed)
+    used = [i for i, s in enumerate(states) if s in good_states + bad_states]
+    tr, va = ([used[i] for i in part] for part in stratified_split([states[i] for i in used], cfg.val_fraction,
+                                                                      cfg.seed))
+    good = torch.tensor([s in good_states for s in states])
     x = acts[:, layers].transpose(0, 1).float()  # [S, N, d]
     x_tr, x_va = x[:, tr], x[:, va]
     st_tr = [states[i] for i in tr]
     good_tr, good_va = good[tr], good[va]
-    w_good, w_bad = balanced_weights(st_tr, True), balanced_weights(st_tr, False)
+    w_good, w_bad = balanced_weights(st_tr, good_states), balanced_weights(st_tr, bad_states)
 
     torch.manual_seed(cfg.seed)
     model = EnergyStack(len(layers), acts.shape[-1], cfg.widths, cfg.dropout,

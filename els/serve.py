@@ -71,6 +71,7 @@ class ElsOptions(BaseModel):
     threshold: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)  # gate on, at this threshold
     gate: bool | None = None  # false: no gate even if the artefact has one
     harm_gate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # skip prompts the probe finds harmful
+    positions: Literal["last", "prompt"] | None = None  # "prompt": steer the last prompt token only
 
 
 class TextPart(BaseModel):
@@ -142,6 +143,7 @@ class RowSteer:
     steps: int
     threshold: float | None  # None: no gate
     harm_gate: float | None  # None: no harm gate
+    positions: str  # "last" or "prompt", see Steering
 
 
 @dataclass
@@ -247,8 +249,8 @@ class _RowTracker(StoppingCriteria):
     def diagnostics(self, row: _Row) -> dict:
         s = row.job.steer
         if s is None or self.steering is None:
-            return {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None, "layers": [],
-                    "steps_skipped": 0}
+            return {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None,
+                    "positions": None, "layers": [], "steps_skipped": 0}
         layers = []
         for layer in self.steering.layers:
             st, i = self.steering.stats[layer], row.index
@@ -256,7 +258,7 @@ class _RowTracker(StoppingCriteria):
                            "energy_after": float(st.energy_after[i]), "steps_taken": int(st.rows_taken[i]),
                            "steps_skipped": int(st.rows_skipped[i])})
         return {"enabled": True, "eta": s.eta, "steps": s.steps, "threshold": s.threshold, "harm_gate": s.harm_gate,
-                "layers": layers,
+                "positions": s.positions, "layers": layers,
                 "steps_skipped": sum(x["steps_skipped"] for x in layers)}
 
 
@@ -339,7 +341,8 @@ class Engine:
             threshold = [_CLOSED if r is None else _OPEN if r.threshold is None else r.threshold for r in rows]
         return Steering(self.lm.model, self.artefact, eta=[r.eta if r else 0.0 for r in rows],
                         steps=[r.steps if r else 0 for r in rows], threshold=threshold, gate=gated,
-                        harm_gate=[r.harm_gate if r else None for r in rows], check=False)
+                        harm_gate=[r.harm_gate if r else None for r in rows],
+                        positions=[r.positions if r else "prompt" for r in rows], check=False)
 
     def _run(self, batch: list[Job]) -> None:
         model, tok = self.lm.model, self.lm.tokenizer
@@ -426,7 +429,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
 
     def steer_settings(opts: ElsOptions) -> RowSteer | None:
         asked = opts.enabled is True or any(v is not None for v in (opts.eta, opts.steps, opts.threshold, opts.gate,
-                                                                     opts.harm_gate))
+                                                                     opts.harm_gate, opts.positions))
         if steer_defaults is None:
             if asked and opts.enabled is not False:
                 raise ApiError(400, "steering is not available: the server was started without --steer",
@@ -441,7 +444,8 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
             threshold = opts.threshold if opts.threshold is not None else float(steer_defaults["gate"] or 0.0)
         return RowSteer(eta=float(steer_defaults["eta"] if opts.eta is None else opts.eta),
                         steps=int(steer_defaults["steps"] if opts.steps is None else opts.steps), threshold=threshold,
-                        harm_gate=steer_defaults.get("harm_gate") if opts.harm_gate is None else opts.harm_gate)
+                        harm_gate=steer_defaults.get("harm_gate") if opts.harm_gate is None else opts.harm_gate,
+                        positions=steer_defaults.get("positions", "last") if opts.positions is None else opts.positions)
 
     def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
         if req.model != lm.name:

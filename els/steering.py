@@ -21,13 +21,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from els.collect import GOOD_STATES, Collection
-from els.energy import EnergyStack, TrainConfig, TrainResult, fit_harm_probe
+from els.collect import Collection
+from els.energy import CONTRASTS, EnergyMember, EnergyStack, TrainConfig, TrainResult, fit_harm_probe, stratified_split
 from els.models import block_input, config_fingerprint, decoder_blocks, with_block_input
 
 FORMAT_VERSION = 1
 MANIFEST = "els.json"
 WEIGHTS = "energy.safetensors"
+LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
+POSITIONS = ("last", "prompt")  # see Steering
 
 
 def package_version() -> str:
@@ -113,23 +115,28 @@ class Artefact:
 
 def make_artefact(result: TrainResult, collection: Collection, *, trained_layers: list[int], top_n: int,
                   eta: float, steps: int, gate: float | None, train_cfg: TrainConfig, num_layers: int,
-                  harm_gate: float | None = None,
+                  harm_gate: float | None = None, layer_rule: str = "top_auc", positions: str = "last",
                   blocks_path: str | None = None) -> Artefact:
-    """Rank layers by validation AUC, keep the top N, and calibrate per-layer gate offsets and step scales."""
+    """Record per-layer validation AUC, choose N layers by `layer_rule` (see `steer_layers`), and calibrate
+    per-layer gate offsets and step scales."""
+    if layer_rule not in LAYER_RULES:
+        raise ValueError(f"layer rule must be one of {LAYER_RULES}, got {layer_rule!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     acts = collection.activations[:, trained_layers].float()
-    order = sorted(range(len(trained_layers)), key=lambda i: -result.val_auc[i])
-    chosen = sorted(trained_layers[i] for i in order[:top_n])
-    good = torch.tensor([s in GOOD_STATES for s in collection.states])
+    good = torch.tensor([s in CONTRASTS[train_cfg.contrast][0] for s in collection.states])
     va = torch.tensor(result.val_index)
     with torch.no_grad():
         e_val = result.energy(acts[va].transpose(0, 1))  # [S, V]
     offsets = [_youden_threshold(e, good[va]) for e in e_val]
     harmful = torch.tensor([r.kind == "harmful" for r in collection.records])
-    train_rows = sorted(set(range(len(harmful))) - set(result.val_index))
-    probe_w, probe_b = fit_harm_probe(collection.activations[:, trained_layers], harmful, train_rows)
+    # The probe reads every prompt, whatever rows the energy used: its own split over all states (the same
+    # split as the energy's under the four-state contrast).
+    probe_tr, probe_va = stratified_split(collection.states, train_cfg.val_fraction, train_cfg.seed)
+    probe_w, probe_b = fit_harm_probe(collection.activations[:, trained_layers], harmful, probe_tr)
     with torch.no_grad():
-        p_val = torch.einsum("nsd,sd->sn", acts[va], probe_w) + probe_b[:, None]
-    probe_acc = ((p_val > 0) == harmful[va]).float().mean(1)
+        p_val = torch.einsum("nsd,sd->sn", acts[probe_va], probe_w) + probe_b[:, None]
+    probe_acc = ((p_val > 0) == harmful[probe_va]).float().mean(1)
     m = collection.meta
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -149,15 +156,32 @@ def make_artefact(result: TrainResult, collection: Collection, *, trained_layers
         # E - offset, with offset the layer's best validation split between good and bad.
         "gate_offset": {str(layer): round(float(o), 6) for layer, o in zip(trained_layers, offsets)},
         "probe_val_acc": {str(layer): round(float(a), 4) for layer, a in zip(trained_layers, probe_acc)},
-        "steer": {"layers": chosen, "eta": eta, "steps": steps, "gate": gate, "harm_gate": harm_gate,
-                  "positions": "last"},
-        "energy": {"widths": list(train_cfg.widths), "dropout": train_cfg.dropout, "tau": train_cfg.tau,
+        "steer": {"layers": None, "layer_rule": layer_rule, "eta": eta, "steps": steps, "gate": gate,
+                  "harm_gate": harm_gate, "positions": positions},
+        "energy": {"contrast": train_cfg.contrast, "widths": list(train_cfg.widths), "dropout": train_cfg.dropout,
+                   "tau": train_cfg.tau,
                    "lr": train_cfg.lr, "batch_size": train_cfg.batch_size, "epochs_run": result.epochs_run,
                    "seed": train_cfg.seed},
         "data": {"counts": collection.counts(), "sets": m["sets"], "judge": m["judge"],
                  "max_new_tokens": m["max_new_tokens"], "system": m["system"]},
     }
+    manifest["steer"]["layers"] = steer_layers(manifest, layer_rule, top_n)
     return Artefact(result.energy, manifest, probe_w, probe_b)
+
+
+def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:
+    """top_auc: the n trained layers of best validation AUC. late_block: the n consecutive layers of best mean
+    AUC in the model's second half (steering a block keeps the push coherent from layer to layer). last: the
+    n last trained layers (a push there reaches the logits with the fewest layers left to undo it)."""
+    auc = {int(k): v for k, v in manifest["layer_auc"].items()}
+    if rule == "top_auc":
+        return sorted(sorted(auc, key=lambda layer: (-auc[layer], layer))[:n])
+    if rule == "last":
+        return sorted(auc)[-n:]
+    late = [layer for layer in sorted(auc) if layer >= manifest["num_layers"] // 2] or sorted(auc)
+    n = min(n, len(late))
+    windows = [late[i : i + n] for i in range(len(late) - n + 1) if late[i + n - 1] - late[i] == n - 1]
+    return max(windows or [late[-n:]], key=lambda w: sum(auc[layer] for layer in w))
 
 
 def _youden_threshold(e: torch.Tensor, good: torch.Tensor) -> float:
@@ -198,12 +222,17 @@ class Steering:
     - the harm gate (`harm_gate`, a probability): at the prefill, the harm probe of the lowest steered layer
       reads each prompt; rows it finds harmful with at least this probability are left alone for the
       whole generation. One value, or one per row (None: no harm gate for that row).
+    `positions`: "last" steps position -1 of every forward pass, the last prompt token and then each new
+    token (the paper); "prompt" steps only the last prompt token, so the answer's opening is steered and
+    the rest is decoded unchanged (no edits compounding over the answer, no cost per new token). One
+    value or one per row.
     Use as a context manager, or attach()/remove().
     """
 
     def __init__(self, model: nn.Module, artefact: Artefact, *, layers: Sequence[int] | None = None,
                  eta: RowValue = None, steps: RowValue = None, threshold: RowValue = None, gate: bool | None = None,
-                 harm_gate: RowValue = None, energy_dtype: torch.dtype = torch.float32, check: bool = True):
+                 harm_gate: RowValue = None, positions: str | Sequence[str] | None = None, energy_dtype: torch.dtype = torch.float32,
+                 check: bool = True):
         if check:
             artefact.check_model(model)
         s = artefact.manifest["steer"]
@@ -214,6 +243,12 @@ class Steering:
         use_gate = (s["gate"] is not None or threshold is not None) if gate is None else gate
         self.threshold = (threshold if threshold is not None else (s["gate"] or 0.0)) if use_gate else None
         self.harm_gate = s.get("harm_gate") if harm_gate is None else harm_gate
+        self.positions = s.get("positions", "last") if positions is None else positions
+        asked = [self.positions] if isinstance(self.positions, str) else self.positions
+        if any(p not in POSITIONS for p in asked):
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if not isinstance(self.positions, str) and len(set(self.positions)) == 1:
+            self.positions = self.positions[0]  # one value for all rows: new tokens skip the hook's work entirely
         for name, v in (("eta", self.eta), ("steps", self.steps), ("threshold", self.threshold)):
             vals = v if isinstance(v, Sequence) else [v]
             if any(x is not None and not torch.isfinite(torch.tensor(float(x))) for x in vals):
@@ -244,7 +279,7 @@ class Steering:
                 raise ValueError(f"layer {layer} out of range for a model with {len(blocks)} layers")
             member = self.artefact.member(layer)
             device = next(blocks[layer].parameters()).device
-            energy = self.artefact.energy.select([member]).to(device=device, dtype=self.energy_dtype)
+            energy = self.artefact.energy.member(member, device, self.energy_dtype)
             probe = None
             if self._harm_gated and layer == self.layers[0]:
                 probe = (self.artefact.probe_weight[member].to(device), self.artefact.probe_bias[member].to(device))
@@ -265,16 +300,18 @@ class Steering:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _make_hook(self, energy: EnergyStack, scale: float, offset: float, stats: LayerStats,
+    def _make_hook(self, energy: EnergyMember, scale: float, offset: float, stats: LayerStats,
                    probe: tuple[torch.Tensor, torch.Tensor] | None):
         def hook(module, args, kwargs):
             h = block_input(args, kwargs)
             # The prefill sees the whole prompt; each decode step after it sees one new token.
             prefill = h.shape[1] > 1 or stats.rows_taken is None or stats.rows_taken.shape[0] != h.shape[0]
+            if not prefill and self.positions == "prompt":
+                return None  # nothing to do per new token: skip even the energy
             if prefill and probe is not None:
                 p_harm = torch.sigmoid(h[:, -1].float() @ probe[0] + probe[1])
                 self._allowed = p_harm < self._settings(h.shape[0], p_harm.device)[3]
-            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, with_after=prefill)
+            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, prefill=prefill)
             if prefill:
                 stats.energy_before, stats.energy_after = before, after
                 stats.rows_taken, stats.rows_skipped = taken, skipped
@@ -289,18 +326,21 @@ class Steering:
         return hook
 
     @torch.inference_mode()
-    def descend(self, energy: EnergyStack, h: torch.Tensor, scale: float, offset: float, with_after: bool = True):
-        """K normalised gradient steps on rows h [B, d]. Returns the new rows, the energies before and (if
-        asked) after, and the steps taken and skipped by the gates per row ([B]).
+    def descend(self, energy: EnergyMember, h: torch.Tensor, scale: float, offset: float, prefill: bool = True):
+        """K normalised gradient steps on rows h [B, d]. Returns the new rows, the energies before and (at the
+        prefill) after, and the steps taken and skipped by the gates per row ([B]).
 
         Gating is by masks, so there is no host sync per step; one check per call skips all the work when
         the gates close every row (the common case for benign tokens)."""
         batch = h.shape[0]
         x = h.float()
-        eta, steps, threshold, _ = self._settings(batch, x.device)
+        eta, steps, threshold, _, every = self._settings(batch, x.device)
         eta = eta * scale
         gate = None if threshold is None else threshold + offset
         allowed = self._allowed
+        if not prefill and every is not None:  # a new token: rows steered at the prompt only are left alone,
+            allowed = every if allowed is None else allowed & every
+            steps = steps * every  # and owe no steps, so none count as skipped
         k_max = max(self.steps) if isinstance(self.steps, Sequence) else int(self.steps)
         taken = torch.zeros(batch, dtype=torch.long, device=x.device)
         e, g = self._energy_grad(energy, x)
@@ -309,7 +349,7 @@ class Steering:
         if gate is not None:
             open_rows = open_rows & (e > gate)
         if (gate is not None or allowed is not None) and not bool(open_rows.any()):
-            return x, before, (before if with_after else None), taken, steps - taken
+            return x, before, (before if prefill else None), taken, steps - taken
         for k in range(k_max):
             if k:
                 e, g = self._energy_grad(energy, x)
@@ -320,11 +360,11 @@ class Steering:
                 active = active & (e > gate)
             x = x - torch.where(active, eta / (g.norm(dim=-1) + 1e-8), 0.0)[:, None] * g
             taken = taken + active
-        after = energy(x[None].to(self.energy_dtype))[0].float() if with_after else None
+        after = energy(x.to(energy.dtype)).float() if prefill else None
         return x, before, after, taken, steps - taken
 
     def _settings(self, batch: int, device: torch.device) -> tuple:
-        """Per-row eta, steps, threshold and harm gate as tensors, made once per batch size: building them on
+        """Per-row eta, steps, threshold, harm gate and positions as tensors, made once per batch size: building them on
         every call would copy host values to the device, a synchronisation per layer and token on a GPU."""
         key = (batch, device)
         if key not in self._cache:
@@ -333,15 +373,18 @@ class Steering:
                 # A row without a harm gate (None) is always let through: p < 2 holds.
                 gates = self.harm_gate if isinstance(self.harm_gate, Sequence) else [self.harm_gate] * batch
                 harm = self._row([2.0 if x is None else x for x in gates], batch, device, torch.float32)
+            every = None  # [B] rows steered at every new token, when that differs from row to row
+            if not isinstance(self.positions, str):
+                every = self._row([p == "last" for p in self.positions], batch, device, torch.bool)
             self._cache[key] = (self._row(self.eta, batch, device, torch.float32),
                                 self._row(self.steps, batch, device, torch.long),
                                 None if self.threshold is None else self._row(self.threshold, batch, device, torch.float32),
-                                harm)
+                                harm, every)
         return self._cache[key]
 
-    def _energy_grad(self, energy: EnergyStack, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        e, g = energy.energy_and_grad(x[None].to(self.energy_dtype))
-        return e[0].float(), g[0].float()
+    def _energy_grad(self, energy: EnergyMember, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, g = energy.energy_and_grad(x.to(energy.dtype))
+        return e.float(), g.float()
 
     def report(self) -> dict:
         """Per-layer diagnostics as plain numbers (this is where the host sync happens)."""

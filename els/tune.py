@@ -1,10 +1,10 @@
 """`els tune`: a multi-objective Optuna search over ELS's steering knobs, on validation prompts only.
 
 Objectives (both maximised): benign compliance and harmful refusal, judged on seeded samples of the
-validation splits. Knobs: which layers (top-N by the artefact's validation AUC, or the best contiguous
-block of N late layers), eta, K and the gate. The search is resumable (OUT/study.db); it writes
-OUT/pareto.json, OUT/pareto.md, OUT/pareto.png and each trial's answers under OUT/answers/, and picks
-one point by `pick`'s rule.
+validation splits. Knobs: which layers (top-N by the artefact's validation AUC, the best contiguous block
+of N late layers, or the last N), eta, K, the gates and the positions stepped. The search is resumable
+(OUT/study.db); it writes OUT/pareto.json, OUT/pareto.md, OUT/pareto.png and each trial's answers under
+OUT/answers/, and picks one point by `pick`'s rule.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from els.collect import generate, record_last_token, write_atomic
 from els.judges import Judge
 from els.models import LoadedModel, chat_texts, decoder_blocks, user_conversations
-from els.steering import Artefact, Base, Els, Method
+from els.steering import LAYER_RULES, POSITIONS, Artefact, Base, Els, Method, steer_layers
 
 OBJECTIVES = ("benign_compliance", "harmful_refusal")
 DEFAULT_BENIGN = ["orbench-hard@val", "oktest@val"]  # XSTest is a test set in the protocol: never tuned on
@@ -33,7 +33,6 @@ ETA_RANGE = (0.005, 0.5)
 STEPS_RANGE = (1, 10)
 # Harm-probe gate probabilities (None: off); see Steering.
 HARM_GATES = (None, 0.3, 0.5, 0.7)
-LAYER_RULES = ("top_auc", "late_block")
 TOLERANCE = 0.03
 MAX_NLL_INCREASE = 1.0
 RULE = ("among trials whose answers stay fluent (mean per-token NLL under the unsteered model at most the base "
@@ -116,24 +115,12 @@ def pick(scores: Sequence[Score], base: Score | None, tolerance: float = TOLERAN
     return max(pool, key=lambda i: (scores[i].benign_compliance + scores[i].harmful_refusal, -sizes[i]))
 
 
-def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:
-    """top_auc: the n trained layers of best validation AUC. late_block: the n consecutive layers of best mean
-    AUC in the model's second half (steering a block keeps the push coherent from layer to layer)."""
-    auc = {int(k): v for k, v in manifest["layer_auc"].items()}
-    if rule == "top_auc":
-        return sorted(sorted(auc, key=lambda layer: (-auc[layer], layer))[:n])
-    late = [layer for layer in sorted(auc) if layer >= manifest["num_layers"] // 2] or sorted(auc)
-    n = min(n, len(late))
-    windows = [late[i : i + n] for i in range(len(late) - n + 1) if late[i + n - 1] - late[i] == n - 1]
-    return max(windows or [late[-n:]], key=lambda w: sum(auc[layer] for layer in w))
-
-
 def settings_of(params: dict, manifest: dict) -> dict:
     """Trial parameters -> `Steering` keyword arguments."""
     gated = params["gate"]
     return {"layers": steer_layers(manifest, params["layer_rule"], params["n_layers"]), "eta": params["eta"],
             "steps": params["steps"], "gate": gated, "threshold": params["threshold"] if gated else None,
-            "harm_gate": params.get("harm_gate")}
+            "harm_gate": params.get("harm_gate"), "positions": params.get("positions", "last")}
 
 
 @torch.inference_mode()
@@ -210,6 +197,7 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
                   "gate": trial.suggest_categorical("gate", [False, True])}
         params["threshold"] = trial.suggest_float("threshold", lo, hi) if params["gate"] else None
         params["harm_gate"] = trial.suggest_categorical("harm_gate", HARM_GATES)
+        params["positions"] = trial.suggest_categorical("positions", POSITIONS)
         settings = settings_of(params, manifest)
         t = time.perf_counter()
         score = evaluate(Els(artefact, settings, name=f"els-trial-{trial.number}"))
@@ -227,6 +215,7 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
                              "eta": min(max(s["eta"], ETA_RANGE[0]), ETA_RANGE[1]),
                              "steps": min(max(s["steps"], STEPS_RANGE[0]), STEPS_RANGE[1]),
                              "gate": s["gate"] is not None, "harm_gate": s.get("harm_gate"),
+                             "positions": s.get("positions", "last"),
                              **({"threshold": min(max(s["gate"], lo), hi)} if s["gate"] is not None else {})})
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if n_trials > len(done):
@@ -277,15 +266,17 @@ def _markdown(result: dict) -> str:
     lines = [f"# els tune: {result['n_trials']} trials", "", f"Choice rule: {result['rule']}.", "",
              (f"Chosen trial {result['chosen']['trial']}"
               f"{'' if result['chosen_beats_base'] else ' (does NOT beat the unsteered base model)'}."), "",
-             "| trial | layers | eta | K | gate | harm gate | benign compliance | harmful refusal | NLL | front | chosen |",
-             "|---|---|---|---|---|---|---|---|---|---|---|",
-             (f"| base | - | - | - | - | - | {b['benign_compliance']:.3f} | {b['harmful_refusal']:.3f} | "
+             "| trial | layers | eta | K | positions | gate | harm gate | benign compliance | harmful refusal | NLL | "
+             "front | chosen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             (f"| base | - | - | - | - | - | - | {b['benign_compliance']:.3f} | {b['harmful_refusal']:.3f} | "
               f"{b['nll']:.2f} | | |")]
     for r in sorted(result["trials"], key=lambda r: (-r["benign_compliance"], -r["harmful_refusal"])):
         s = r["settings"]
         gate = "off" if s["threshold"] is None else f"{s['threshold']:.3g}"
         harm = "off" if s.get("harm_gate") is None else f"{s['harm_gate']:.2g}"
-        lines.append(f"| {r['trial']} | {s['layers']} | {s['eta']:.3g} | {s['steps']} | {gate} | {harm} | "
+        lines.append(f"| {r['trial']} | {s['layers']} | {s['eta']:.3g} | {s['steps']} | {s.get('positions', 'last')} | "
+                     f"{gate} | {harm} | "
                      f"{r['benign_compliance']:.3f} | {r['harmful_refusal']:.3f} | {r['nll']:.2f}"
                      f"{'' if r['fluent'] else ' (garbled)'} | {'*' if r['pareto'] else ''} | "
                      f"{'**chosen**' if r['trial'] == result['chosen']['trial'] else ''} |")
@@ -325,9 +316,8 @@ def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
     manifest = json.loads(json.dumps(artefact.manifest))
-    # Keys that are not searched (positions) keep the artefact's values.
     manifest["steer"] |= {"layers": s["layers"], "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"],
-                          "harm_gate": s.get("harm_gate")}
+                          "harm_gate": s.get("harm_gate"), "positions": s.get("positions", "last")}
     manifest["tune"] = {"rule": result["rule"], "objectives": result["objectives"], "n_trials": result["n_trials"],
                         "validation": result["config"]["sets"], "judge": result["config"]["judge"],
                         "max_new_tokens": result["config"]["max_new_tokens"], "seed": result["config"]["seed"],

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from els.energy import EnergyStack, TrainConfig, balanced_weights, info_nce, pairwise_auc, stratified_split, train_energy
 
@@ -32,8 +33,8 @@ def test_pairwise_auc_hand_values():
 
 def test_balancing_keeps_every_state_and_equalises_them():
     states = ["helpful"] * 90 + ["safe_refusal"] * 10 + ["false_refusal"] * 3 + ["jailbreak"] * 40
-    wg = balanced_weights(states, good=True)
-    wb = balanced_weights(states, good=False)
+    wg = balanced_weights(states, ("helpful", "safe_refusal"))
+    wb = balanced_weights(states, ("false_refusal", "jailbreak"))
     for w, pair in ((wg, ("helpful", "safe_refusal")), (wb, ("false_refusal", "jailbreak"))):
         mass = [sum(float(w[i]) for i, s in enumerate(states) if s == st) for st in pair]
         assert mass == pytest.approx([0.5, 0.5])
@@ -70,6 +71,14 @@ def test_closed_form_gradient_matches_autograd():
     h32 = h.detach().float().requires_grad_()
     (auto32,) = torch.autograd.grad(s32(h32).sum(), h32)
     assert torch.allclose(auto32, s32.energy_and_grad(h32.detach())[1], atol=1e-5)
+    # one member laid out for steering ([B, d] rows, mm) gives the same energies and gradients
+    e32, g32 = s32.energy_and_grad(h32.detach())
+    for i in range(3):
+        e_m, g_m = s32.member(i).energy_and_grad(h32[i].detach())
+        assert torch.allclose(e_m, e32[i], atol=1e-5) and torch.allclose(g_m, g32[i], atol=1e-6)
+    e_bf, g_bf = s32.member(1, dtype=torch.bfloat16).energy_and_grad(h32[1].detach().bfloat16())
+    cos = F.cosine_similarity(g_bf.float(), auto32[1], dim=-1)
+    assert e_bf.dtype == torch.bfloat16 and cos.min() > 0.99  # bf16: the step direction survives
 
 
 def test_select_keeps_members():
@@ -114,5 +123,19 @@ def test_stacked_training_equals_one_layer_at_a_time():
 
 def test_training_refuses_one_sided_data():
     acts = torch.randn(10, 2, 4)
-    with pytest.raises(ValueError, match="both good and bad"):
+    with pytest.raises(ValueError, match="needs good states .* and bad states"):
         train_energy(acts, ["helpful"] * 5 + ["safe_refusal"] * 5)
+
+
+def test_benign_contrast_trains_on_benign_states_only():
+    torch.manual_seed(0)
+    states = ["helpful"] * 30 + ["false_refusal"] * 30 + ["safe_refusal"] * 20 + ["jailbreak"] * 20
+    acts = torch.randn(len(states), 2, 8)
+    acts[:30, :, 0] -= 6.0  # helpful rows sit apart on one axis
+    res = train_energy(acts, states, TrainConfig(widths=(8,), epochs=40, lr=3e-3, batch_size=16, contrast="benign"))
+    assert {states[i] for i in res.val_index} == {"helpful", "false_refusal"}
+    assert min(res.val_auc) > 0.8
+    with pytest.raises(ValueError, match="false_refusal"):
+        train_energy(acts[30:60], states[30:60], TrainConfig(contrast="benign"))
+    with pytest.raises(ValueError, match="contrast"):
+        train_energy(acts, states, TrainConfig(contrast="other"))

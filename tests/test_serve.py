@@ -107,7 +107,7 @@ def test_steered_and_unsteered_match_the_library(served):
     off = ask(served.client, messages, els={"enabled": False})
     assert off["text"].strip() == library_answer(served.ref, served.art, messages, 6)[0]
     assert off["els"] == {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None,
-                          "layers": [], "steps_skipped": 0}
+                          "positions": None, "layers": [], "steps_skipped": 0}
     on = ask(served.client, messages, els={"eta": 1.0, "steps": 2})
     expected, report = library_answer(served.ref, served.art, messages, 6, eta=1.0, steps=2)
     assert on["text"].strip() == expected and on["text"] != off["text"]
@@ -250,6 +250,7 @@ LOAD_SETTINGS = [
     {"temperature": 0.8, "top_p": 0.9, "seed": 0},  # seeded sampling, steered
     {"stop": [","], "els": {"eta": 0.1}},
     {"stream": True, "els": {"steps": 1}},
+    {"els": {"eta": 1.0, "steps": 2, "positions": "prompt"}},  # steers the prompt only, batched with the rest
 ]
 
 
@@ -267,8 +268,8 @@ def _same(a: dict, b: dict) -> bool:
     if {k: v for k, v in a.items() if k != "els"} != {k: v for k, v in b.items() if k != "els"}:
         return False
     ea, eb = a["els"], b["els"]
-    if [ea[k] for k in ("enabled", "eta", "steps", "threshold", "steps_skipped")] != \
-            [eb[k] for k in ("enabled", "eta", "steps", "threshold", "steps_skipped")]:
+    keys = ("enabled", "eta", "steps", "threshold", "positions", "steps_skipped")
+    if [ea[k] for k in keys] != [eb[k] for k in keys]:
         return False
     return all(la["layer"] == lb["layer"] and la["steps_taken"] == lb["steps_taken"]
                and math.isclose(la["energy_before"], lb["energy_before"], rel_tol=1e-3, abs_tol=1e-3)

@@ -5,9 +5,10 @@ import torch
 
 from els.collect import generate_batch, record_last_token
 from els.models import chat_texts, decoder_blocks, user_conversations
-from els.steering import Artefact, steer
+from els.energy import TrainConfig, train_energy
+from els.steering import Artefact, make_artefact, steer
 
-from conftest import FAMILIES, tiny_artefact, tiny_model
+from conftest import FAMILIES, synthetic_collection, tiny_artefact, tiny_model
 
 PROMPTS = ["how do i kill a python process ?", "what is chess", "how do i make bomb", "bake cake"]
 
@@ -50,7 +51,7 @@ def test_each_step_moves_by_eta_times_norm():
     art = tiny_artefact(lm, steps=1, eta=0.1)
     layer = art.layers[0]
     s = steer(lm.model, art)
-    energy = art.energy.select([art.member(layer)])
+    energy = art.energy.member(art.member(layer))
     h = torch.randn(5, 32)
     x, *_ = s.descend(energy, h, scale=2.0, offset=0.0)
     assert torch.allclose((x - h).norm(dim=-1), torch.full((5,), 0.2), atol=1e-5)
@@ -63,6 +64,35 @@ def test_kv_cache_generation_steers_every_token():
         generate_batch(lm, _texts(lm)[:1], max_new_tokens=5)
     # one prefill call and four decode calls per layer, K steps each
     assert s.report()[art.layers[0]]["steps_taken"] == 5 * art.manifest["steer"]["steps"]
+
+
+def test_prompt_positions_steer_the_prefill_only():
+    lm = tiny_model("llama")
+    art = tiny_artefact(lm, eta=2.0)
+    texts = _texts(lm)[:2]
+    with steer(lm.model, art, positions="prompt") as s:
+        prompt_only, _ = generate_batch(lm, texts, max_new_tokens=5)
+    assert s.report()[art.layers[0]]["steps_taken"] == 2 * art.manifest["steer"]["steps"]  # the prefill's only
+    with steer(lm.model, art):  # the same prefill: the first token agrees
+        first, _ = generate_batch(lm, texts, max_new_tokens=1)
+    assert all(a.startswith(f) for a, f in zip(prompt_only, first))
+
+
+def test_per_row_positions_match_separate_runs():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm, eta=2.0)
+    texts = _texts(lm)[:2]
+    with steer(lm.model, art, positions=["last", "prompt"]) as mixed:
+        both, _ = generate_batch(lm, texts, max_new_tokens=6)
+    with steer(lm.model, art, positions="last"):
+        row0, _ = generate_batch(lm, texts[:1], max_new_tokens=6)
+    with steer(lm.model, art, positions="prompt"):
+        row1, _ = generate_batch(lm, texts[1:], max_new_tokens=6)
+    assert both == row0 + row1
+    taken = mixed.stats[art.layers[0]].rows_taken.tolist()
+    assert taken[1] == art.manifest["steer"]["steps"] and taken[0] > taken[1]
+    with pytest.raises(ValueError, match="positions"):
+        steer(lm.model, art, positions="first")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -223,3 +253,25 @@ def test_per_row_harm_gate():
     with steer(lm.model, art, harm_gate=[0.0, None]), torch.no_grad():
         mixed = lm.model(**enc).logits[:, -1]
     assert torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[1], base[1])
+
+
+def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
+    lm = tiny_model("qwen2")
+    col = synthetic_collection(lm)
+    cfg = TrainConfig(widths=(16,), epochs=3, lr=1e-3, batch_size=16, contrast="benign")
+    result = train_energy(col.activations, col.states, cfg)
+    art = make_artefact(result, col, trained_layers=[0, 1, 2], top_n=2, eta=0.1, steps=2, gate=None, train_cfg=cfg,
+                        num_layers=3, harm_gate=0.5, layer_rule="last", positions="prompt")
+    art.save(tmp_path / "a")
+    m = Artefact.load(tmp_path / "a").manifest
+    assert m["steer"]["layers"] == [1, 2] and m["steer"]["positions"] == "prompt"
+    assert m["steer"]["layer_rule"] == "last" and m["energy"]["contrast"] == "benign"
+    # the harm probe is fitted and scored on both kinds, whatever rows the energy used
+    assert all(0.0 <= a <= 1.0 for a in m["probe_val_acc"].values())
+    with steer(lm.model, art) as s:  # the manifest's positions apply: one step set per prompt, none per token
+        generate_batch(lm, _texts(lm)[:1], max_new_tokens=4)
+    assert s.report()[2]["steps_taken"] + s.report()[2]["steps_skipped"] == 2
+    with pytest.raises(ValueError, match="layer rule"):
+        make_artefact(result, col, trained_layers=[0, 1, 2], top_n=2, eta=0.1, steps=2, gate=None, train_cfg=cfg,
+                      num_layers=3, layer_rule="best")
+

@@ -4,7 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from els.steering import Artefact, Steering
-from els.tune import Score, answer_nll, pick, steer_layers, tune, tuned_artefact
+from els.steering import steer_layers
+from els.tune import Score, answer_nll, pick, tune, tuned_artefact
 
 from conftest import tiny_artefact, tiny_model
 
@@ -38,6 +39,7 @@ def test_steer_layers():
     assert steer_layers(manifest, "late_block", 2) == [4, 5]
     assert steer_layers(manifest, "late_block", 4) == [4, 5, 6, 7]
     assert steer_layers(manifest, "late_block", 9) == [4, 5, 6, 7]
+    assert steer_layers(manifest, "last", 3) == [5, 6, 7]
 
 
 def test_answer_nll_is_finite_and_prefers_the_models_own_answer():
