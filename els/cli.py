@@ -24,12 +24,14 @@ console = Console()
 DEFAULT_BENIGN = ["els-benign"]
 DEFAULT_HARMFUL = ["els-harmful"]
 DEFAULT_JUDGE = "prefix"
-DEFAULT_TOP_N = 3
-DEFAULT_ETA = 0.05
-DEFAULT_STEPS = 3
+# The default recipe: the point `els tune` chose on validation prompts for the default model (README, Results).
+DEFAULT_CONTRAST = "benign"
 DEFAULT_LAYER_RULE = "top_auc"
+DEFAULT_TOP_N = 2
+DEFAULT_ETA = 0.1
+DEFAULT_STEPS = 4
 DEFAULT_POSITIONS = "last"
-DEFAULT_CONTRAST = "four-state"
+DEFAULT_HARM_GATE = 0.5
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF id, local dir, .gguf file or 'default'.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cpu).")]
@@ -115,7 +117,8 @@ def train_cmd(
     eta: Annotated[float, typer.Option(help="Step size as a fraction of the layer's mean hidden norm.")] = DEFAULT_ETA,
     steps: Annotated[int, typer.Option(help="Gradient steps K per forward pass.")] = DEFAULT_STEPS,
     gate: Annotated[Optional[float], typer.Option(help="Gate threshold (energy above the calibrated offset); off by default.")] = None,
-    harm_gate: Annotated[Optional[float], typer.Option(help="Leave prompts the harm probe rates at least this harmful; off by default.")] = None,
+    harm_gate: Annotated[float, typer.Option(help="Leave prompts the harm probe rates at least this likely harmful "
+                                                  "unsteered; 1 turns the gate off.")] = DEFAULT_HARM_GATE,
     layer_rule: LayerRule = DEFAULT_LAYER_RULE,
     positions: Positions = DEFAULT_POSITIONS,
     contrast: Contrast = DEFAULT_CONTRAST,
@@ -124,8 +127,8 @@ def train_cmd(
     seed: int = 0,
 ) -> None:
     """Train the per-layer energy models and write the steering artefact."""
-    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate, "harm_gate": harm_gate,
-                 "layer_rule": layer_rule, "positions": positions}
+    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate,
+                 "harm_gate": None if harm_gate >= 1 else harm_gate, "layer_rule": layer_rule, "positions": positions}
     _train(load_collection(states), out, steer_cfg, TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed,
                                                                 contrast=contrast))
 
@@ -167,7 +170,7 @@ def run_cmd(
     eta: float = DEFAULT_ETA,
     steps: int = DEFAULT_STEPS,
     gate: Optional[float] = None,
-    harm_gate: Optional[float] = None,
+    harm_gate: float = DEFAULT_HARM_GATE,
     layer_rule: LayerRule = DEFAULT_LAYER_RULE,
     positions: Positions = DEFAULT_POSITIONS,
     contrast: Contrast = DEFAULT_CONTRAST,
@@ -180,8 +183,8 @@ def run_cmd(
 ) -> None:
     """The whole pipeline: collect states, train energies, write OUT/artefact (manifest els.json)."""
     train_cfg = TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
-    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate, "harm_gate": harm_gate,
-                 "layer_rule": layer_rule, "positions": positions}
+    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate,
+                 "harm_gate": None if harm_gate >= 1 else harm_gate, "layer_rule": layer_rule, "positions": positions}
     times = {}
     t = time.perf_counter()
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)

@@ -316,7 +316,8 @@ def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
     manifest = json.loads(json.dumps(artefact.manifest))
-    manifest["steer"] |= {"layers": s["layers"], "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"],
+    manifest["steer"] |= {"layers": s["layers"], "layer_rule": result["chosen"]["params"]["layer_rule"],
+                          "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"],
                           "harm_gate": s.get("harm_gate"), "positions": s.get("positions", "last")}
     manifest["tune"] = {"rule": result["rule"], "objectives": result["objectives"], "n_trials": result["n_trials"],
                         "validation": result["config"]["sets"], "judge": result["config"]["judge"],

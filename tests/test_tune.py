@@ -75,8 +75,9 @@ def test_tune_end_to_end_and_resume(tmp_path):
     assert (steer["layers"], steer["eta"], steer["steps"], steer["gate"]) == (
         chosen["layers"], chosen["eta"], chosen["steps"], chosen["threshold"])
     assert loaded.manifest["tune"]["n_trials"] == 3 and loaded.manifest["tune"]["validation"] == sets
-    assert {k: v for k, v in steer.items() if k not in chosen} == {  # keys the search does not touch are kept
-        k: v for k, v in art.manifest["steer"].items() if k not in chosen}
+    assert (steer["harm_gate"], steer["positions"], steer["layer_rule"]) == (
+        chosen["harm_gate"], chosen["positions"], result["chosen"]["params"]["layer_rule"])
+    assert steer.keys() == art.manifest["steer"].keys()
     s = Steering(lm.model, loaded)
     assert s.layers == chosen["layers"] and (s.threshold is None) == (chosen["threshold"] is None)
 
