@@ -6,7 +6,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from els.cli import app
+from els.cli import DEFAULT_TOP_N, app
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,8 @@ def run_dir(tmp_path_factory):
 def test_run_writes_artefact_with_manifest(run_dir):
     manifest = json.loads((run_dir / "artefact" / "els.json").read_text())
     assert manifest["num_layers"] == 24 and manifest["hidden_size"] == 896
-    assert len(manifest["steer"]["layers"]) == 3 and len(manifest["layer_auc"]) == 24
+    assert len(manifest["steer"]["layers"]) == DEFAULT_TOP_N and len(manifest["layer_auc"]) == 24
+    assert manifest["energy"]["contrast"] == "benign" and manifest["steer"]["harm_gate"] == 0.5
     assert sum(manifest["data"]["counts"].values()) == 12
     rows = [json.loads(x) for x in (run_dir / "collect" / "states.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"benign", "harmful"}
