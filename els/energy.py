@@ -82,14 +82,6 @@ class EnergyStack(nn.Module):
                 x = F.dropout(x, self.dropout)
         return torch.einsum("sbw,sw->sb", x, self.w_out) + self.b_out[:, None]
 
-    def energy_and_grad(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies [S, B] and dE/dh [S, B, d] in closed form (eval mode: no dropout); see `_energy_and_grad`."""
-        e, g = _energy_and_grad(h, self.mean[:, None], self.inv_std[:, None],
-                                [(w, w.transpose(1, 2), b[:, None], gm[:, None], bt[:, None])
-                                 for w, b, gm, bt in zip(self.weights, self.biases, self.gammas, self.betas)],
-                                self.w_out[:, :, None], self.b_out[:, None, None])
-        return e[..., 0], g
-
     def member(self, i: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
                ) -> EnergyMember:
         """Member i as an `EnergyMember` on `device` in `dtype`, for steering."""
@@ -130,41 +122,30 @@ class EnergyMember:
         return self.w_out.dtype
 
     def energy_and_grad(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energies [B] and dE/dh [B, d] of rows h [B, d]."""
-        e, g = _energy_and_grad(h, self.mean, self.inv_std, self.layers, self.w_out, self.b_out)
-        return e[:, 0], g
+        """Energies [B] and dE/dh [B, d] of rows h [B, d], in closed form (no dropout, no autograd).
+
+        Forward keeping what the backward needs, then the chain rule through SiLU, LayerNorm and Linear.
+        The LayerNorm and SiLU derivatives are ATen's fused kernels (the formulas autograd uses, called
+        directly): at batch 1 the cost is the number of kernel launches, not the arithmetic.
+        """
+        x = (h - self.mean) * self.inv_std
+        saved = []
+        for w, w_t, b, g, beta in self.layers:
+            a = torch.addmm(b, x, w)
+            n, mu, rstd = torch.native_layer_norm(a, a.shape[-1:], g, beta, LN_EPS)
+            x = F.silu(n)
+            saved.append((w_t, g, beta, a, mu, rstd, n))
+        energy = torch.addmm(self.b_out, x, self.w_out)[:, 0]
+        grad = self.w_out.T.expand_as(x)
+        for w_t, g, beta, a, mu, rstd, n in reversed(saved):
+            grad = torch.ops.aten.silu_backward(grad, n)
+            grad = torch.ops.aten.native_layer_norm_backward(grad, a, a.shape[-1:], mu, rstd, g, beta,
+                                                             [True, False, False])[0]
+            grad = grad @ w_t
+        return energy, grad * self.inv_std
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.energy_and_grad(h)[0]
-
-
-def _energy_and_grad(h: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, layers, w_out: torch.Tensor,
-                     b_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energy [..., B, 1] and dE/dh [..., B, d] of an MLP, for a stack ([S, B, d] inputs, bmm) or one member
-    ([B, d], mm); parameters come shaped to broadcast against the activations.
-
-    Forward keeping what the backward needs, then the chain rule through SiLU, LayerNorm and Linear, no
-    autograd. The LayerNorm and SiLU derivatives are ATen's fused kernels (the formulas autograd uses,
-    called directly): at batch 1 the cost is the number of kernel launches, not the arithmetic.
-    """
-    add_mm = torch.baddbmm if h.ndim == 3 else torch.addmm
-    x = (h - mean) * inv_std
-    saved = []
-    for w, w_t, b, g, beta in layers:
-        a = add_mm(b, x, w)
-        # The LayerNorm affine part may be per member ([S, w]), which native_layer_norm cannot take.
-        xhat, mu, rstd = torch.native_layer_norm(a, a.shape[-1:], None, None, LN_EPS)
-        n = torch.addcmul(beta, xhat, g)
-        x = F.silu(n)
-        saved.append((w_t, g, a, mu, rstd, n))
-    energy = add_mm(b_out, x, w_out)
-    grad = w_out.transpose(-1, -2).expand_as(x)
-    for w_t, g, a, mu, rstd, n in reversed(saved):
-        grad = torch.ops.aten.silu_backward(grad, n) * g
-        grad = torch.ops.aten.native_layer_norm_backward(grad, a, a.shape[-1:], mu, rstd, None, None,
-                                                         [True, False, False])[0]
-        grad = grad @ w_t
-    return energy, grad * inv_std
 
 
 def _layer_norm(a: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
