@@ -211,7 +211,8 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
 
     if not study.trials:  # anchor the search at the artefact's own settings
         s = manifest["steer"]
-        study.enqueue_trial({"layer_rule": "top_auc", "n_layers": min(len(s["layers"]), max_layers),
+        study.enqueue_trial({"layer_rule": s.get("layer_rule", "top_auc"),
+                             "n_layers": min(len(s["layers"]), max_layers),
                              "eta": min(max(s["eta"], ETA_RANGE[0]), ETA_RANGE[1]),
                              "steps": min(max(s["steps"], STEPS_RANGE[0]), STEPS_RANGE[1]),
                              "gate": s["gate"] is not None, "harm_gate": s.get("harm_gate"),

@@ -53,7 +53,7 @@ def test_answer_nll_is_finite_and_prefers_the_models_own_answer():
 
 def test_tune_end_to_end_and_resume(tmp_path):
     lm = tiny_model("qwen2")
-    art = tiny_artefact(lm)
+    art = tiny_artefact(lm, layer_rule="last", top_n=1)  # trial 0 must follow the artefact's own rule
     sets = {"benign": ["b"], "harmful": ["h"], "limit": 4}
     kw = dict(benign=BENIGN, harmful=HARMFUL, judge=StubJudge(), sets=sets, max_new_tokens=4, max_layers=3)
     result = tune(lm, art, tmp_path, n_trials=3, **kw)
