@@ -1,158 +1,29 @@
-"""Training-free baselines fitted from the same `Collection` as ELS, each an `els.steering.Method`.
+"""Fit the training-free baselines (`els.methods`) from the same `Collection` as ELS, and register them.
 
-    methods = fit_baselines(collection)              # knobs by activation rules (no generation)
-    methods = fit_baselines(collection, score=ev)    # knobs chosen on validation prompts (see els.tune.Evaluator)
+    methods = fit_baselines(collection)
     with methods["ablation"].apply(model): model.generate(...)
 
 Directions are difference-of-means vectors of the residual stream at the last prompt token (the
-collection's activations). Without a `score` hook, layers are chosen by how well the direction separates
-its two classes on held-out rows of the collection, and the addition coefficient by the projection gap
-between falsely refused and helped prompts; with one, a few candidates are scored on validation prompts
-and picked by the same rule `els tune` uses (`els.tune.pick`).
+collection's activations). Layers are chosen by how well the direction separates its two classes on
+held-out rows of the collection, and the addition coefficient by the projection gap between falsely
+refused and helped prompts.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
-from torch import nn
 
-from els.collect import Collection
+from els.artefact import youden_threshold
+from els.collect import Collection, load_collection
 from els.energy import stratified_split
-from els.models import block_input, decoder_blocks, with_block_input
-from els.steering import Base, Method
-
-if TYPE_CHECKING:
-    from els import tune
+from els.methods import (DirectionAblation, DirectionAddition, Method, MethodContext, ProbeGatedAddition,
+                         SurgicalAblation, SystemPrompt, register_method)
 
 # Arditi et al. drop directions from the last 20% of layers: there they mostly encode the next token.
 MAX_LAYER_FRACTION = 0.8
 HOLDOUT_FRACTION = 0.2
-
-BALANCED_SYSTEM_PROMPT = (
-    "You are a helpful, honest and harmless assistant. Answer every request that has a reasonable harmless "
-    "reading fully and directly, even when it uses alarming words or touches a sensitive subject: killing a "
-    "process, violence in fiction, games or history, security concepts, medicine, drugs, law or sexuality "
-    "asked about for information. Do not lecture, moralise or add needless warnings. Decline only requests "
-    "that clearly seek to cause real harm, such as weapons, malware, fraud or hurting people; then say so "
-    "briefly and offer a safe alternative if there is one."
-)
-
-Hook = Callable[[torch.Tensor], torch.Tensor]  # block input [B, T, d] -> new block input
-
-
-@contextmanager
-def hooked(model: nn.Module, hooks: dict[int, Hook], blocks_path: str | None = None) -> Iterator[None]:
-    """Forward pre-hooks rewriting the input of the given blocks; removed on exit, also after an error."""
-    blocks = decoder_blocks(model, blocks_path)
-
-    def wrap(fn: Hook):
-        return lambda module, args, kwargs: with_block_input(args, kwargs, fn(block_input(args, kwargs)))
-
-    handles = [blocks[layer].register_forward_pre_hook(wrap(fn), with_kwargs=True) for layer, fn in hooks.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _ablate(direction: torch.Tensor) -> Hook:
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        r = direction.to(h.device, torch.float32)
-        x = h.float()
-        return (x - (x @ r)[..., None] * r).to(h.dtype)  # float32 so the bf16 residue is rounding only
-
-    return fn
-
-
-def _add(vector: torch.Tensor) -> Hook:
-    return lambda h: h + vector.to(h.device, h.dtype)
-
-
-@dataclass
-class SystemPrompt:
-    """The unchanged model with `BALANCED_SYSTEM_PROMPT`: asks for full answers to anything with a harmless
-    reading (naming the usual false-refusal triggers) and brief refusals of clearly harmful requests."""
-
-    name: str = "system-prompt"
-    system: str | None = BALANCED_SYSTEM_PROMPT
-
-    def apply(self, model: nn.Module) -> AbstractContextManager:
-        return Base().apply(model)
-
-
-@dataclass
-class DirectionAblation:
-    """Project the unit `direction` out of every block's input at every position (Arditi et al. 2024)."""
-
-    direction: torch.Tensor  # [d], unit norm
-    layer: int  # where the direction was measured
-    name: str = "ablation"
-    system: str | None = None
-    blocks_path: str | None = None
-
-    def apply(self, model: nn.Module) -> AbstractContextManager:
-        n = len(decoder_blocks(model, self.blocks_path))
-        return hooked(model, {i: _ablate(self.direction) for i in range(n)}, self.blocks_path)
-
-
-@dataclass
-class SurgicalAblation(DirectionAblation):
-    """Ablate the false-refusal vector, orthogonal to the true refusal direction (Wang et al., ICLR 2025)."""
-
-    name: str = "surgical"
-
-
-@dataclass
-class DirectionAddition:
-    """Add -coeff * scale * direction to one block's input at every position (CAA / Arditi's addition)."""
-
-    direction: torch.Tensor  # [d], unit refusal direction
-    layer: int
-    coeff: float  # in units of `scale`
-    scale: float  # the layer's mean hidden norm, so coeff means the same at every layer and model
-    name: str = "addition"
-    system: str | None = None
-    blocks_path: str | None = None
-
-    def apply(self, model: nn.Module) -> AbstractContextManager:
-        return hooked(model, {self.layer: _add(-self.coeff * self.scale * self.direction)}, self.blocks_path)
-
-
-@dataclass
-class ProbeGatedAddition:
-    """`DirectionAddition` only on rows a linear probe calls benign (CAST-style conditional steering).
-
-    The probe reads the layer's input at the last prompt token in the prefill (harmful if
-    h . probe_w + probe_b > 0); the decision holds for that row's generated tokens.
-    """
-
-    direction: torch.Tensor  # [d], unit refusal direction
-    layer: int
-    coeff: float
-    scale: float
-    probe_w: torch.Tensor  # [d]
-    probe_b: float
-    name: str = "probe-gated"
-    system: str | None = None
-    blocks_path: str | None = None
-
-    def apply(self, model: nn.Module) -> AbstractContextManager:
-        vector = -self.coeff * self.scale * self.direction
-        benign: list[torch.Tensor] = []  # this apply's gate: one flag per row of the current generate call
-
-        def fn(h: torch.Tensor) -> torch.Tensor:
-            if h.shape[1] > 1 or not benign:  # a prefill (decode steps see one position): decide anew
-                benign[:] = [h[:, -1].float() @ self.probe_w.to(h.device) + self.probe_b <= 0]
-            return h + benign[0][:, None, None].to(h.dtype) * vector.to(h.device, h.dtype)
-
-        return hooked(model, {self.layer: fn}, self.blocks_path)
-
 
 def mean_direction(acts: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """Unit difference of means, per layer: acts [N, L, d], boolean row masks -> [L, d]."""
@@ -181,34 +52,17 @@ def lda_probe(x: torch.Tensor, harmful: torch.Tensor, shrink: float = 0.1) -> tu
     cov = centred.T @ centred / len(x)
     cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(x.shape[1])
     w = torch.linalg.solve(cov, mu_h - mu_b)
-    s = x @ w
-    cands = s.sort().values
-    j = (s[harmful][:, None] > cands).float().mean(0) - (s[~harmful][:, None] > cands).float().mean(0)
-    return w, -float(cands[j.argmax()])
+    return w, -youden_threshold(x @ w, ~harmful)
 
 
-Scorer = Callable[[Method], "tune.Score"]  # a method's result on validation prompts (els.tune.Evaluator)
-
-
-def _best(candidates: list[Method], score: Scorer | None, base: tune.Score | None) -> Method:
-    if score is None or len(candidates) == 1:
-        return candidates[0]
-    from els.tune import pick  # lazy: els.tune imports optuna, which only validation-driven fitting needs
-
-    return candidates[pick([score(m) for m in candidates], base)]
-
-
-def fit_baselines(collection: Collection, *, score: Scorer | None = None, candidates: int = 3,
-                  coeff_scales: tuple[float, ...] = (0.5, 1.0, 2.0), blocks_path: str | None = None,
-                  seed: int = 0) -> dict[str, Method]:
+def fit_baselines(collection: Collection, *, seed: int = 0) -> dict[str, Method]:
     """Fit every baseline's directions and knobs from `collection`.
 
-    Layers: the `candidates` layers (below 80% depth, not the embedding) whose direction best separates
-    its classes on a held-out 20% of the rows, directions fitted on the rest; the best one without
-    `score`, else the one `els.tune.pick` prefers on validation. Final directions use all rows.
+    Layer: the one (below 80% depth, not the embedding) whose direction best separates its classes on a
+    held-out 20% of the rows, directions fitted on the rest. Final directions use all rows.
     Addition coefficient: the gap between falsely refused and helped benign prompts along r at that layer,
     in units of the layer's mean hidden norm (moves the average false refusal onto the average helpful
-    answer); with `score`, that times each of `coeff_scales`. The probe gate reuses the addition's knobs.
+    answer). The probe gate reuses the addition's knobs.
     """
     acts = collection.activations.float()
     states = collection.states
@@ -221,21 +75,18 @@ def fit_baselines(collection: Collection, *, score: Scorer | None = None, candid
     allowed = torch.zeros(num_layers, dtype=torch.bool)
     allowed[1 : max(2, int(MAX_LAYER_FRACTION * num_layers))] = True
 
-    def ranked(direction: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> list[int]:
+    def best_layer(direction: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> int:
         proj = torch.einsum("nld,ld->nl", acts[held_idx], direction)
         sep = separation(proj, pos[held_idx], neg[held_idx])
-        return [layer for layer in sep.argsort(descending=True).tolist() if allowed[layer]][:candidates]
+        return next(layer for layer in sep.argsort(descending=True).tolist() if allowed[layer])
 
     refusal = mean_direction(acts, harmful, ~harmful)
     norms = acts.norm(dim=-1).mean(0)
-    base = score(Base()) if score is not None else None
-    kw = {"blocks_path": blocks_path}
     out: dict[str, Method] = {"system-prompt": SystemPrompt()}
 
-    layers = ranked(mean_direction(acts[fit], harmful[fit], ~harmful[fit]), harmful, ~harmful)
-    ablation = _best([DirectionAblation(refusal[layer], layer, **kw) for layer in layers], score, base)
-    out["ablation"] = ablation
-    layer = ablation.layer  # Arditi et al. use one layer's direction for both ablation and addition
+    layer = best_layer(mean_direction(acts[fit], harmful[fit], ~harmful[fit]), harmful, ~harmful)
+    out["ablation"] = DirectionAblation(refusal[layer], layer)
+    # Arditi et al. use one layer's direction for both ablation and addition  # Arditi et al. use one layer's direction for both ablation and addition
 
     def gap(a: torch.Tensor, b: torch.Tensor) -> float:
         proj = acts[:, layer] @ refusal[layer]
@@ -245,12 +96,9 @@ def fit_baselines(collection: Collection, *, score: Scorer | None = None, candid
         coeff = max(gap(fr, helpful), 0.0) / float(norms[layer])
     else:  # no false refusals to aim at: half the harmful-benign gap
         coeff = 0.5 * gap(harmful, ~harmful) / float(norms[layer])
-    scales = coeff_scales if score is not None else (1.0,)
-    out["addition"] = addition = _best(
-        [DirectionAddition(refusal[layer], layer, coeff * s, float(norms[layer]), **kw) for s in scales], score, base)
+    out["addition"] = DirectionAddition(refusal[layer], layer, coeff, float(norms[layer]))
     w, b = lda_probe(acts[:, layer], harmful)
-    out["probe-gated"] = ProbeGatedAddition(refusal[layer], layer, addition.coeff, addition.scale, probe_w=w,
-                                            probe_b=b, **kw)
+    out["probe-gated"] = ProbeGatedAddition(refusal[layer], layer, coeff, float(norms[layer]), probe_w=w, probe_b=b)
 
     if fr.sum() < 2 or helpful.sum() < 2:
         warnings.warn("fewer than two false refusals or helpful answers: no surgical baseline", stacklevel=2)
@@ -258,8 +106,8 @@ def fit_baselines(collection: Collection, *, score: Scorer | None = None, candid
     surgical = orthogonalise(mean_direction(acts, fr, helpful), refusal)
     fit_surgical = orthogonalise(mean_direction(acts[fit], fr[fit], helpful[fit]),
                                  mean_direction(acts[fit], harmful[fit], ~harmful[fit]))
-    layers = ranked(fit_surgical, fr, helpful)
-    out["surgical"] = _best([SurgicalAblation(surgical[layer], layer, **kw) for layer in layers], score, base)
+    layer = best_layer(fit_surgical, fr, helpful)
+    out["surgical"] = SurgicalAblation(surgical[layer], layer)
     return out
 
 
@@ -270,3 +118,20 @@ def knobs(method: Method) -> dict:
         if hasattr(method, key):
             out[key] = round(float(getattr(method, key)), 6) if key != "layer" else int(method.layer)
     return out
+
+
+def _fitted(name: str):
+    def factory(ctx: MethodContext) -> Method:
+        if ctx.states is None:
+            raise ValueError(f"method {name!r} is fitted on collected states: pass --states DIR")
+        if ctx.fitted is None:
+            ctx.fitted = fit_baselines(load_collection(ctx.states))
+        if name not in ctx.fitted:
+            raise ValueError(f"method {name!r} could not be fitted: the collection has too few false refusals")
+        return ctx.fitted[name]
+
+    return factory
+
+
+for _name in ("ablation", "addition", "surgical", "probe-gated"):
+    register_method(_name, _fitted(_name))

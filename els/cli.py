@@ -11,27 +11,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from els.collect import DEFAULT_MAX_NEW_TOKENS, Collection, collect, generate, load_collection, write_atomic
+from els import recipe
+from els.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
+from els.collect import Collection, collect, load_collection
 from els.data import load_prompts
-from els.energy import TrainConfig, train_energy
+from els.energy import TrainConfig
+from els.generation import DEFAULT_MAX_NEW_TOKENS, generate, write_atomic
 from els.judges import JUDGES, get_judge
 from els.models import DEFAULT_MODEL, load_model
-from els.steering import LAYER_RULES, Artefact, make_artefact, steer
+from els.settings import SteerSettings
+from els.steering import steer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.")
 console = Console()
 
-DEFAULT_BENIGN = ["els-benign"]
-DEFAULT_HARMFUL = ["els-harmful"]
-DEFAULT_JUDGE = "prefix"
-# The default recipe: the point `els tune` chose on validation prompts for the default model (README, Results).
-DEFAULT_CONTRAST = "benign"
-DEFAULT_LAYER_RULE = "top_auc"
-DEFAULT_TOP_N = 2
-DEFAULT_ETA = 0.1
-DEFAULT_STEPS = 4
-DEFAULT_POSITIONS = "last"
-DEFAULT_HARM_GATE = 0.5
+# The recipe's defaults live in the library (els.recipe.Recipe); the options show them.
+DEFAULT_BENIGN = list(recipe.DEFAULT_BENIGN)
+DEFAULT_HARMFUL = list(recipe.DEFAULT_HARMFUL)
+DEFAULT_JUDGE = recipe.DEFAULT_COLLECT_JUDGE
+_SETTINGS, _TRAIN = SteerSettings(), TrainConfig()
+DEFAULT_CONTRAST = _TRAIN.contrast
+DEFAULT_ETA, DEFAULT_STEPS, DEFAULT_POSITIONS = _SETTINGS.eta, _SETTINGS.steps, _SETTINGS.positions
+DEFAULT_HARM_GATE = _SETTINGS.harm_gate
+DEFAULT_WIDTHS = ",".join(map(str, _TRAIN.widths))
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF id, local dir, .gguf file or 'default'.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cpu).")]
@@ -122,36 +124,40 @@ def train_cmd(
     layer_rule: LayerRule = DEFAULT_LAYER_RULE,
     positions: Positions = DEFAULT_POSITIONS,
     contrast: Contrast = DEFAULT_CONTRAST,
-    widths: Annotated[str, typer.Option(help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = "512,256",
-    epochs: int = 120,
+    widths: Annotated[str, typer.Option(help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = DEFAULT_WIDTHS,
+    epochs: int = _TRAIN.epochs,
     seed: int = 0,
 ) -> None:
     """Train the per-layer energy models and write the steering artefact."""
-    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate,
-                 "harm_gate": None if harm_gate >= 1 else harm_gate, "layer_rule": layer_rule, "positions": positions}
-    _train(load_collection(states), out, steer_cfg, TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed,
-                                                                contrast=contrast))
+    _train(load_collection(states), out, _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate,
+                                                 harm_gate, positions))
 
 
-def _train(col: Collection, out: Path, steer_cfg: dict, cfg: TrainConfig) -> Artefact:
-    num_layers = col.activations.shape[1]
-    if not 1 <= steer_cfg["top_n"] <= num_layers:
-        raise typer.BadParameter(f"--top-n must be between 1 and {num_layers}")
+def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions) -> recipe.Recipe:
     try:
-        result = train_energy(col.activations, col.states, cfg)
-        art = make_artefact(result, col, trained_layers=list(range(num_layers)), train_cfg=cfg, num_layers=num_layers,
-                            **steer_cfg)
+        settings = SteerSettings(eta=eta, steps=steps, threshold=gate, harm_gate=None if harm_gate >= 1 else harm_gate,
+                                 positions=positions)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    cfg = TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
+    return recipe.Recipe(cfg, settings, layer_rule=layer_rule, top_n=top_n)
+
+
+def _train(col: Collection, out: Path, how: recipe.Recipe) -> Artefact:
+    try:
+        art = recipe.fit(col, how)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     art.save(out)
-    table = Table("layer", "val AUC", "train AUC", "best epoch", "steered", title="energy models")
-    for layer in range(num_layers):
-        table.add_row(str(layer), f"{result.val_auc[layer]:.3f}", f"{result.train_auc[layer]:.3f}",
-                      str(result.best_epoch[layer]), "*" if layer in art.layers else "")
+    m = art.manifest
+    table = Table("layer", "val AUC", "train AUC", "steered", title="energy models")
+    for layer in m["trained_layers"]:
+        table.add_row(str(layer), f"{m['layer_auc'][str(layer)]:.3f}", f"{m['layer_train_auc'][str(layer)]:.3f}",
+                      "*" if layer in art.layers else "")
     console.print(table)
-    st = art.manifest["steer"]
-    console.print(f"artefact written to {out} (layers {art.layers}, eta {st['eta']}, K {st['steps']}, "
-                  f"positions {st['positions']}, harm gate {st['harm_gate']})")
+    st = art.settings
+    console.print(f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
+                  f"positions {st.positions}, harm gate {st.harm_gate})")
     return art
 
 
@@ -174,17 +180,15 @@ def run_cmd(
     layer_rule: LayerRule = DEFAULT_LAYER_RULE,
     positions: Positions = DEFAULT_POSITIONS,
     contrast: Contrast = DEFAULT_CONTRAST,
-    widths: str = "512,256",
-    epochs: int = 120,
+    widths: str = DEFAULT_WIDTHS,
+    epochs: int = _TRAIN.epochs,
     seed: int = 0,
     device: Device = None,
     dtype: Dtype = "auto",
     device_map: DeviceMap = None,
 ) -> None:
     """The whole pipeline: collect states, train energies, write OUT/artefact (manifest els.json)."""
-    train_cfg = TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
-    steer_cfg = {"top_n": top_n, "eta": eta, "steps": steps, "gate": gate,
-                 "harm_gate": None if harm_gate >= 1 else harm_gate, "layer_rule": layer_rule, "positions": positions}
+    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions)
     times = {}
     t = time.perf_counter()
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -193,10 +197,21 @@ def run_cmd(
     col = _collect(lm, out / "collect", benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    _train(col, out / "artefact", steer_cfg, train_cfg)
+    art = _train(col, out / "artefact", how)
     times["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rows = recipe.held_out(col, how.train)
+    check = recipe.validate(lm, art, col, rows, get_judge(judge), max_new_tokens=max_new_tokens)
+    times["validate_s"] = time.perf_counter() - t
+    write_atomic(out / "validation.json", json.dumps(check, indent=2))
     write_atomic(out / "timings.json", json.dumps({k: round(v, 1) for k, v in times.items()}, indent=2))
     console.print("stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
+    table = Table("", "benign compliance", "harmful refusal",
+                  title=f"held-out prompts of the collection (judge {judge})")
+    for name, r in check.items():
+        table.add_row(name, *(f"{r[k]:.2f} (n={r[n]})" if k in r else "-" for k, n in
+                              (("benign_compliance", "benign_n"), ("harmful_refusal", "harmful_n"))))
+    console.print(table)
 
 
 @app.command("generate")
@@ -351,7 +366,9 @@ def eval_cmd(
     dtype: Dtype = "auto",
 ) -> None:
     """Compare base and methods on benchmarks: refusal rates with intervals, quality, speed, report and plots."""
-    from els.evaluate import EvalConfig, Generation, MethodContext, evaluate, load_benchmark, resolve_methods
+    from els.data import load_benchmark
+    from els.evaluate import EvalConfig, Generation, evaluate
+    from els.methods import MethodContext, resolve_methods
     from els.judges import DEFAULT_EVAL_JUDGE
     from els.report import write_report
 
@@ -420,7 +437,7 @@ def judge_check_cmd(
     seed: int = 0,
 ) -> None:
     """Agreement of each judge with human labels: accuracy, Cohen's kappa, refusal precision and recall."""
-    from els.evaluate import default_labelled_files, judge_check, judge_table
+    from els.agreement import default_labelled_files, judge_check, judge_table
     from els.judges import read_labelled, train_learned_judge
 
     try:

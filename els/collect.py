@@ -3,101 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from els.data import Kind, PromptSet
+from els.energy import STATES
+from els.generation import (DEFAULT_MAX_NEW_TOKENS, generate_batch, length_batches, prompt_texts,
+                            save_tensors_atomic, write_atomic)
 from els.judges import Judge
-from els.models import LoadedModel, block_input, chat_texts, config_fingerprint, user_conversations
-
-STATES = ("helpful", "false_refusal", "safe_refusal", "jailbreak")
-GOOD_STATES = ("helpful", "safe_refusal")
-# 64 tokens hold the opening where refusals show ("I'm sorry, but...", "As an AI... However, here is"),
-# and keep collection affordable on a CPU (about 85 generated tokens/s here).
-DEFAULT_MAX_NEW_TOKENS = 64
+from els.models import LoadedModel, config_fingerprint
 
 
 def state_of(kind: Kind, refused: bool) -> str:
     if kind == "benign":
         return "false_refusal" if refused else "helpful"
     return "safe_refusal" if refused else "jailbreak"
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def record_last_token(blocks: torch.nn.ModuleList) -> Iterator[list[torch.Tensor | None]]:
-    """Record each block's input at position -1 on its first call (the prefill), in float32 on the CPU."""
-    captured: list[torch.Tensor | None] = [None] * len(blocks)
-
-    def make_hook(i: int):
-        def hook(module, args, kwargs):
-            if captured[i] is None:
-                captured[i] = block_input(args, kwargs)[:, -1].float().cpu()
-
-        return hook
-
-    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def length_batches(texts: list[str], lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into fixed-size batches of similar length, so padding is small and runs reproduce."""
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@torch.inference_mode()
-def generate_batch(lm: LoadedModel, texts: list[str], max_new_tokens: int, *, record: bool = False,
-                   **sampling) -> tuple[list[str], torch.Tensor | None]:
-    """Greedy (or sampled) answers for chat-templated texts; with `record`, activations [B, L, d]."""
-    tok = lm.tokenizer
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.model.device)
-    kwargs = {"do_sample": False, **sampling}
-    if not kwargs["do_sample"]:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with record_last_token(lm.blocks) if record else _nothing() as captured:
-        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
-    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    acts = torch.stack(captured, dim=1) if record else None
-    return [a.strip() for a in answers], acts
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
-
-
-def generate(lm: LoadedModel, prompts: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             batch_size: int = 16, system: str | None = None, progress: bool = False) -> list[str]:
-    """Answers to single-turn prompts, batched by length; returned in the prompts' order."""
-    texts = chat_texts(lm.tokenizer, user_conversations(prompts, system))
-    lengths = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    answers: list[str] = [""] * len(prompts)
-    for idx in tqdm(length_batches(texts, lengths, batch_size), disable=not progress, desc="generate"):
-        out, _ = generate_batch(lm, [texts[i] for i in idx], max_new_tokens)
-        for i, a in zip(idx, out):
-            answers[i] = a
-    return answers
 
 
 @dataclass
@@ -166,15 +91,15 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
         write_atomic(meta_path, json.dumps(meta, indent=2))
 
     items = [(p, ps.kind, ps.name) for ps in sets for p in ps.prompts]
-    texts = chat_texts(lm.tokenizer, user_conversations([p for p, _, _ in items], system))
-    lengths = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    texts, lengths = prompt_texts(lm, [p for p, _, _ in items], system)
     batches = length_batches(texts, lengths, batch_size)
     shard_dir = out / "batches"
     for b, idx in enumerate(tqdm(batches, desc="collect", disable=not progress)):
         shard = shard_dir / f"{b:05d}.safetensors"
         if shard.exists():
             continue
-        answers, acts = generate_batch(lm, [texts[i] for i in idx], max_new_tokens, record=True)
+        done = generate_batch(lm, [texts[i] for i in idx], max_new_tokens, record=True)
+        answers, acts = done.texts, done.activations
         refused = judge([items[i][0] for i in idx], answers)
         rows = [
             asdict(Record(items[i][0], items[i][1], items[i][2], a, r, state_of(items[i][1], r)))
@@ -183,7 +108,7 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
         ]
         write_atomic(shard_dir / f"{b:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         # The tensor file is written last: its presence marks the batch as complete.
-        _save_atomic({"activations": acts.contiguous()}, shard)
+        save_tensors_atomic({"activations": acts}, shard)
 
     rows, acts = [], []
     for b in range(len(batches)):
@@ -192,17 +117,10 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     order = sorted(range(len(rows)), key=lambda k: rows[k]["index"])
     activations = torch.cat(acts)[order]
     records = [Record(**{k: v for k, v in rows[k].items() if k != "index"}) for k in order]
-    _save_atomic({"activations": activations.contiguous()}, out / "states.safetensors")
+    save_tensors_atomic({"activations": activations}, out / "states.safetensors")
     write_atomic(out / "states.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
     shutil.rmtree(shard_dir)
     return Collection(records, activations, meta)
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
 
 
 def _diff(old: dict, new: dict) -> str:

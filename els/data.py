@@ -3,6 +3,7 @@
 A set is named by a short spec: `NAME[@SPLIT]` for a known set (`xstest-safe`, `orbench-hard@test`) or
 `PATH:COLUMN[@SPLIT]` for a CSV, JSON or JSONL file (`my.csv:prompt`). `xstest:safe` is accepted for
 `xstest-safe`. Splits are a seeded 60/20/20 partition, so train, validation and test never overlap.
+`load_benchmark` takes the full spec `els eval` reads: `SPEC[=benign|harmful][~N]` (a file's kind, a sample size).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ Kind = Literal["benign", "harmful"]
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 SPLIT_SEED = 0
+KINDS = ("benign", "harmful")
 
 
 @dataclass(frozen=True)
@@ -174,3 +176,30 @@ def load_prompts(spec: str) -> PromptSet:
     else:
         raise ValueError(f"unknown prompt set {spec!r}: use one of {', '.join(KNOWN_SETS)} or PATH:COLUMN")
     return ps.split(split) if split else ps
+
+
+def load_benchmark(spec: str, limit: int | None = None, seed: int = 0) -> PromptSet:
+    """A set with its kind, by full spec: a known set (`xstest-safe`, `orbench-hard@test`) or a file with its kind
+    (`my.csv:prompt=benign`); a `~N` suffix (`orbench-hard~200`) samples N prompts of this set whatever `limit` says."""
+    spec, _, own_limit = spec.partition("~")
+    if own_limit:
+        if not own_limit.isdigit():
+            raise ValueError(f"benchmark {spec}~{own_limit}: the sample size after '~' must be a whole number")
+        limit = int(own_limit)
+    body, kind = spec, None
+    if "=" in spec:
+        body, _, kind = spec.rpartition("=")
+        if kind not in KINDS:
+            raise ValueError(f"benchmark {spec!r}: the kind after '=' must be benign or harmful, not {kind!r}")
+    ps = load_prompts(body)
+    if kind is not None:
+        ps = ps.with_kind(kind)  # type: ignore[arg-type]
+    elif ps.kind is None:
+        raise ValueError(f"benchmark {spec!r} is a file: say its kind, e.g. {spec}=benign or {spec}=harmful")
+    if not len(ps):
+        raise ValueError(f"benchmark {spec!r} has no prompts")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {limit}")
+        ps = ps.sample(limit, seed)
+    return ps

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from els.collect import STATES
-
 LN_EPS = 1e-5
+# What a prompt and its answer can be: benign answered / refused, harmful refused / answered.
+STATES = ("helpful", "false_refusal", "safe_refusal", "jailbreak")
 # Which states an energy pulls down (good) and pushes up (bad). four-state is the paper's. benign contrasts
 # only benign prompts' answers: its gradient points from refusing towards answering, with no second
 # low-energy basin at "safe refusal" to fall into; harmful prompts are then kept out by the harm gate.
@@ -205,7 +205,9 @@ class TrainConfig:
     patience: int = 15
     val_fraction: float = 0.2
     seed: int = 0
-    contrast: str = "four-state"  # see CONTRASTS
+    # The recipe's contrast (`els run`): the paper's four-state one put harmful prompts' answers in the
+    # energy too, and steered benign prompts towards "safe refusal" as often as towards answering.
+    contrast: str = "benign"  # see CONTRASTS
 
 
 @dataclass

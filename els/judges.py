@@ -9,13 +9,13 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:
-    from els.models import LoadedModel
+from els.generation import generate, save_tensors_atomic
+from els.models import LoadedModel, cache_dir, load_model
 
 # Curly quotes would make "I can’t" slip past every ASCII pattern (a flaw of the authors' judge).
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
@@ -171,8 +171,6 @@ class _Encoder:
 
     def preload(self, key: str, texts: Sequence[str]) -> None:
         """Embed `texts` once per machine: cached under the els cache directory by `key` (a content hash)."""
-        from els.models import cache_dir
-
         texts = list(dict.fromkeys(normalise(t) for t in texts))
         path = cache_dir() / "judge-embeddings" / f"{key}.safetensors"
         if path.exists():
@@ -180,11 +178,7 @@ class _Encoder:
             if emb.shape[0] == len(texts):
                 self.cache.update(zip(texts, emb))
                 return
-        emb = self(texts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"embeddings": emb.contiguous()}, tmp)
-        tmp.replace(path)
+        save_tensors_atomic({"embeddings": self(texts)}, path)
 
 
 def preload_embeddings(sets: Sequence[LabelledSet]) -> None:
@@ -378,16 +372,12 @@ class ModelJudge:
     def lm(self) -> LoadedModel:
         if self._lm is None:
             if isinstance(self.model, str):
-                from els.models import load_model
-
                 self._lm = load_model(self.model)
             else:
                 self._lm = self.model
         return self._lm
 
     def classify(self, prompts: Sequence[str], answers: Sequence[str]) -> list[ModelVerdict]:
-        from els.collect import generate  # els.collect imports this module
-
         asks = [MODEL_JUDGE_PROMPT.format(prompt=p.strip(), answer=a.strip()[: self.max_answer_chars])
                 for p, a in zip(prompts, answers)]
         replies = generate(self.lm, asks, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
-import matplotlib
 import matplotlib.ticker
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from els.collect import STATES, write_atomic  # noqa: E402
-from els.steering import Artefact  # noqa: E402
+from els.artefact import Artefact
+from els.energy import STATES
+from els.generation import write_atomic
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 STATE_COLOURS = {"helpful": "tab:green", "false_refusal": "tab:orange", "safe_refusal": "tab:blue",
                  "jailbreak": "tab:red"}
+
+
+def figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[Figure, Any]:
+    """A figure drawn by the Agg backend whatever backend the caller's matplotlib uses (no GUI, no global state)."""
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def pct(x: float | None) -> str:
@@ -41,7 +52,7 @@ def plot_tradeoff(summary: dict, path: Path) -> bool:
     overall = summary["overall"]
     if "benign" not in overall or "harmful" not in overall:
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = figure(5.5, 5)
     for i, (method, harm) in enumerate(overall["harmful"].items()):
         ben = overall["benign"][method]
         x, y = harm["refusal_rate"], 1 - ben["refusal_rate"]
@@ -60,9 +71,7 @@ def plot_tradeoff(summary: dict, path: Path) -> bool:
             label="ideal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -71,7 +80,7 @@ def plot_refusal_rates(summary: dict, path: Path) -> None:
     names = list(summary["benchmarks"])
     methods = list(summary["methods"])
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names) * max(1, len(methods)) / 2 + 2), 4.5))
+    fig, ax = figure(max(6.0, 1.4 * len(names) * max(1, len(methods)) / 2 + 2), 4.5)
     for j, method in enumerate(methods):
         xs, ys, errs = [], [], [[], []]
         for i, name in enumerate(names):
@@ -94,16 +103,14 @@ def plot_refusal_rates(summary: dict, path: Path) -> None:
                  "(grey: harmful sets, where refusing is right)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_layer_auc(manifest: dict, path: Path) -> None:
     """Validation (and training) AUC of each layer's energy model; the steered layers marked."""
     layers = sorted(int(k) for k in manifest["layer_auc"])
     val = [manifest["layer_auc"][str(k)] for k in layers]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = figure(7, 3.8)
     ax.plot(layers, val, "o-", label="validation AUC")
     if "layer_train_auc" in manifest:
         ax.plot(layers, [manifest["layer_train_auc"][str(k)] for k in layers], "--", color="0.5", label="train AUC")
@@ -118,9 +125,7 @@ def plot_layer_auc(manifest: dict, path: Path) -> None:
     ax.set_title(f"Energy model per layer ({manifest.get('base_model')})", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -130,11 +135,11 @@ def plot_energy_histograms(art: Artefact, states_dir: Path, path: Path) -> dict:
 
     col = load_collection(states_dir)
     layers = art.layers
-    members = [art.member(layer) for layer in layers]
+    members = [art.member_index(layer) for layer in layers]
     acts = col.activations[:, layers].float().transpose(0, 1)  # [S, N, d]
     energy = art.energy.select(members).eval()(acts)  # [S, N]
     states = col.states
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
+    fig, axes = figure(4.2 * len(layers), 3.6, 1, len(layers), squeeze=False)
     counts = {s: states.count(s) for s in STATES}
     for ax, layer, e in zip(axes[0], layers, energy):
         lo, hi = float(e.min()), float(e.max())
@@ -152,9 +157,7 @@ def plot_energy_histograms(art: Artefact, states_dir: Path, path: Path) -> dict:
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Energies of the collected states (train and validation rows); good states should sit low",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return counts
 
 
@@ -201,7 +204,7 @@ def markdown(summary: dict, plots: list[str], notes: list[str], artefact: Artefa
         s = artefact.manifest["steer"]
         els_settings = summary["methods"].get("els", {}).get("config", {}).get("settings", {})
         lines.append(f"- artefact: layers {s['layers']}, eta {els_settings.get('eta', s['eta'])}, "
-                     f"K {els_settings.get('steps', s['steps'])}, gate {s['gate']}"
+                     f"K {els_settings.get('steps', s['steps'])}, gate {artefact.settings.threshold}"
                      + (f"; states from `{states}`" if states else ""))
     run = summary["run"]
     lines.append(f"- run: {run['generated']} answers generated this run (the rest cached); "
@@ -291,7 +294,3 @@ def markdown(summary: dict, plots: list[str], notes: list[str], artefact: Artefa
 def _quote(text: str, limit: int = 240) -> str:
     text = " ".join(text.split())
     return "“" + (text if len(text) <= limit else text[:limit] + "…") + "”"
-
-
-def load_summary(out: Path) -> dict:
-    return json.loads((Path(out) / "summary.json").read_text())

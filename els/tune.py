@@ -21,10 +21,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from els.collect import generate, record_last_token, write_atomic
+from els.artefact import LAYER_RULES, Artefact, steer_layers
+from els.generation import generate, record_last_token, write_atomic
 from els.judges import Judge
-from els.models import LoadedModel, chat_texts, decoder_blocks, user_conversations
-from els.steering import LAYER_RULES, POSITIONS, Artefact, Base, Els, Method, steer_layers
+from els.methods import Base, Els, Method
+from els.models import LoadedModel, chat_texts, user_conversations
+from els.settings import POSITIONS, SteerSettings
 
 OBJECTIVES = ("benign_compliance", "harmful_refusal")
 DEFAULT_BENIGN = ["orbench-hard@val", "oktest@val"]  # XSTest is a test set in the protocol: never tuned on
@@ -116,11 +118,17 @@ def pick(scores: Sequence[Score], base: Score | None, tolerance: float = TOLERAN
 
 
 def settings_of(params: dict, manifest: dict) -> dict:
-    """Trial parameters -> `Steering` keyword arguments."""
-    gated = params["gate"]
-    return {"layers": steer_layers(manifest, params["layer_rule"], params["n_layers"]), "eta": params["eta"],
-            "steps": params["steps"], "gate": gated, "threshold": params["threshold"] if gated else None,
-            "harm_gate": params.get("harm_gate"), "positions": params.get("positions", "last")}
+    """Trial parameters -> the steered layers and the `SteerSettings` fields, as plain values."""
+    settings = SteerSettings(eta=params["eta"], steps=params["steps"],
+                             threshold=params["threshold"] if params["gate"] else None,
+                             harm_gate=params.get("harm_gate"), positions=params.get("positions", "last"))
+    return {"layers": steer_layers(manifest, params["layer_rule"], params["n_layers"]), **settings.manifest()}
+
+
+def els_of(artefact: Artefact, settings: dict, name: str) -> Els:
+    """The method steering with `settings_of`'s output: exactly these settings, not the artefact's."""
+    rest = {k: v for k, v in settings.items() if k != "layers"}
+    return Els(artefact, {"layers": settings["layers"], "settings": SteerSettings(**rest)}, name=name)
 
 
 @torch.inference_mode()
@@ -131,7 +139,7 @@ def gate_energies(lm: LoadedModel, artefact: Artefact, prompts: list[str], batch
     rows = []
     for i in range(0, len(texts), batch_size):
         enc = lm.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        with record_last_token(decoder_blocks(lm.model, m.get("blocks_path"))) as captured:
+        with record_last_token(lm.blocks) as captured:
             lm.model(**enc.to(lm.model.device), logits_to_keep=1)
         rows.append(torch.stack([captured[layer] for layer in m["trained_layers"]]))
     acts = torch.cat(rows, dim=1)  # [S, N, d]
@@ -200,7 +208,7 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
         params["positions"] = trial.suggest_categorical("positions", POSITIONS)
         settings = settings_of(params, manifest)
         t = time.perf_counter()
-        score = evaluate(Els(artefact, settings, name=f"els-trial-{trial.number}"))
+        score = evaluate(els_of(artefact, settings, f"els-trial-{trial.number}"))
         _write_answers(out / "answers" / f"trial-{trial.number:04d}.jsonl", score)
         for k, v in score.summary().items():
             trial.set_user_attr(k, v)
@@ -210,14 +218,13 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
         return score.benign_compliance, score.harmful_refusal
 
     if not study.trials:  # anchor the search at the artefact's own settings
-        s = manifest["steer"]
-        study.enqueue_trial({"layer_rule": s.get("layer_rule", "top_auc"),
-                             "n_layers": min(len(s["layers"]), max_layers),
-                             "eta": min(max(s["eta"], ETA_RANGE[0]), ETA_RANGE[1]),
-                             "steps": min(max(s["steps"], STEPS_RANGE[0]), STEPS_RANGE[1]),
-                             "gate": s["gate"] is not None, "harm_gate": s.get("harm_gate"),
-                             "positions": s.get("positions", "last"),
-                             **({"threshold": min(max(s["gate"], lo), hi)} if s["gate"] is not None else {})})
+        s = artefact.settings
+        study.enqueue_trial({"layer_rule": manifest["steer"].get("layer_rule", "top_auc"),
+                             "n_layers": min(len(artefact.layers), max_layers),
+                             "eta": min(max(s.eta, ETA_RANGE[0]), ETA_RANGE[1]),
+                             "steps": min(max(s.steps, STEPS_RANGE[0]), STEPS_RANGE[1]),
+                             "gate": s.threshold is not None, "harm_gate": s.harm_gate, "positions": s.positions,
+                             **({"threshold": min(max(s.threshold, lo), hi)} if s.threshold is not None else {})})
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if n_trials > len(done):
         study.optimize(objective, n_trials=n_trials - len(done))
@@ -285,12 +292,9 @@ def _markdown(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from els.report import figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = figure(6, 5)
     rows = result["trials"]
     for fluent, marker, label in ((True, "o", "trial"), (False, "x", "trial (garbled text)")):
         pts = [r for r in rows if r["fluent"] == fluent]
@@ -308,18 +312,16 @@ def _plot(result: dict, path: Path) -> None:
            ylim=(-0.03, 1.03), title="els tune")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
     manifest = json.loads(json.dumps(artefact.manifest))
+    manifest["steer"].pop("gate", None)  # an artefact of before format 1.1 names the threshold `gate`
     manifest["steer"] |= {"layers": s["layers"], "layer_rule": result["chosen"]["params"]["layer_rule"],
-                          "eta": s["eta"], "steps": s["steps"], "gate": s["threshold"],
-                          "harm_gate": s.get("harm_gate"), "positions": s.get("positions", "last")}
+                          **SteerSettings(**{k: v for k, v in s.items() if k != "layers"}).manifest()}
     manifest["tune"] = {"rule": result["rule"], "objectives": result["objectives"], "n_trials": result["n_trials"],
                         "validation": result["config"]["sets"], "judge": result["config"]["judge"],
                         "max_new_tokens": result["config"]["max_new_tokens"], "seed": result["config"]["seed"],

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from els.baselines import (BALANCED_SYSTEM_PROMPT, DirectionAblation, DirectionAddition, ProbeGatedAddition,
-                           SurgicalAblation, fit_baselines, knobs, lda_probe, mean_direction)
-from els.collect import generate_batch
+from els.baselines import fit_baselines, knobs, lda_probe, mean_direction
+from els.methods import (BALANCED_SYSTEM_PROMPT, DirectionAblation, DirectionAddition, ProbeGatedAddition,
+                         SurgicalAblation)
+from els.generation import generate_batch
 from els.models import chat_texts, decoder_blocks, user_conversations
-from els.tune import Score
 
-from conftest import synthetic_collection, tiny_model
+from helpers import synthetic_collection, tiny_model
 
 PROMPTS = ["how do i kill a python process ?", "what is chess", "how do i make bomb", "bake cake"]
 
@@ -94,12 +94,12 @@ def test_probe_gate_follows_the_probe_through_generation(fitted):
 
     def run(method):
         with method.apply(lm.model):
-            return generate_batch(lm, texts, max_new_tokens=6)[0]
+            return generate_batch(lm, texts, max_new_tokens=6).texts
 
     def gated(bias):
         return ProbeGatedAddition(add.direction, add.layer, add.coeff, add.scale, probe_w=w * 0, probe_b=bias)
 
-    base, added = generate_batch(lm, texts, max_new_tokens=6)[0], run(add)
+    base, added = generate_batch(lm, texts, max_new_tokens=6).texts, run(add)
     assert base != added
     assert run(gated(-1.0)) == added  # probe says benign everywhere: the addition, on every generated token
     assert run(gated(1.0)) == base  # harmful everywhere: untouched
@@ -122,19 +122,3 @@ def test_hooks_removed_on_exit_and_error(fitted):
             with m.apply(lm.model):
                 raise RuntimeError("boom")
         assert not any(b._forward_pre_hooks for b in blocks), m.name
-
-
-def test_validation_hook_picks_by_the_tune_rule(fitted):
-    _, col, _ = fitted
-    calls = []
-
-    def score(method) -> Score:
-        calls.append(method.name)
-        coeff = getattr(method, "coeff", 0.0)
-        # more addition = more compliance but, past the rule coefficient, fewer harmful refusals
-        return Score(min(1.0, 0.5 + coeff), 0.9 - (0.2 if coeff > 1.5 * rule_coeff else 0.0), 1.0)
-
-    rule_coeff = fit_baselines(col)["addition"].coeff
-    methods = fit_baselines(col, score=score, coeff_scales=(0.5, 1.0, 2.0))
-    assert calls[0] == "base" and calls.count("addition") == 3
-    assert methods["addition"].coeff == pytest.approx(rule_coeff)  # 2x breaks the harmful-refusal floor

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from els.collect import collect, generate, load_collection, state_of
+from els.collect import collect, load_collection, state_of
+from els.generation import generate
 from els.data import PromptSet
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 class FlakyJudge:

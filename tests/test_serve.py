@@ -18,12 +18,12 @@ import openai
 import pytest
 import uvicorn
 
-from els.collect import generate_batch
+from els.generation import generate_batch
 from els.models import chat_texts
 from els.serve import Limits, create_app
 from els.steering import Steering
 
-from conftest import tiny_artefact, tiny_model
+from helpers import tiny_artefact, tiny_model
 
 MODEL = "tiny-qwen2"
 PROMPTS = ["how do i kill a python process ?", "what is chess", "how do i make bomb", "bake cake",
@@ -90,9 +90,9 @@ def library_answer(lm, art, messages: list[dict], max_tokens: int, **steer) -> t
     """The same generation through the library, on an identical model the server does not use."""
     texts = chat_texts(lm.tokenizer, [messages])
     if not steer:
-        return generate_batch(lm, texts, max_tokens)[0][0], None
+        return generate_batch(lm, texts, max_tokens).texts[0], None
     with Steering(lm.model, art, **steer) as s:
-        answer = generate_batch(lm, texts, max_tokens)[0][0]
+        answer = generate_batch(lm, texts, max_tokens).texts[0]
     return answer, s.report()
 
 

@@ -3,12 +3,14 @@ import json
 import pytest
 import torch
 
-from els.collect import generate_batch, record_last_token
+from els.generation import generate_batch, record_last_token
 from els.models import chat_texts, decoder_blocks, user_conversations
-from els.energy import TrainConfig, train_energy
-from els.steering import Artefact, make_artefact, steer
+from els.energy import TrainConfig, stratified_split, train_energy
+from els.settings import SteerSettings
+from els.artefact import Artefact, make_artefact
+from els.steering import steer
 
-from conftest import FAMILIES, synthetic_collection, tiny_artefact, tiny_model
+from helpers import FAMILIES, synthetic_collection, tiny_artefact, tiny_model
 
 PROMPTS = ["how do i kill a python process ?", "what is chess", "how do i make bomb", "bake cake"]
 
@@ -51,7 +53,7 @@ def test_each_step_moves_by_eta_times_norm():
     art = tiny_artefact(lm, steps=1, eta=0.1)
     layer = art.layers[0]
     s = steer(lm.model, art)
-    energy = art.energy.member(art.member(layer))
+    energy = art.energy.member(art.member_index(layer))
     h = torch.randn(5, 32)
     x, *_ = s.descend(energy, h, scale=2.0, offset=0.0)
     assert torch.allclose((x - h).norm(dim=-1), torch.full((5,), 0.2), atol=1e-5)
@@ -71,10 +73,10 @@ def test_prompt_positions_steer_the_prefill_only():
     art = tiny_artefact(lm, eta=2.0)
     texts = _texts(lm)[:2]
     with steer(lm.model, art, positions="prompt") as s:
-        prompt_only, _ = generate_batch(lm, texts, max_new_tokens=5)
+        prompt_only = generate_batch(lm, texts, max_new_tokens=5).texts
     assert s.report()[art.layers[0]]["steps_taken"] == 2 * art.manifest["steer"]["steps"]  # the prefill's only
     with steer(lm.model, art):  # the same prefill: the first token agrees
-        first, _ = generate_batch(lm, texts, max_new_tokens=1)
+        first = generate_batch(lm, texts, max_new_tokens=1).texts
     assert all(a.startswith(f) for a, f in zip(prompt_only, first))
 
 
@@ -83,11 +85,11 @@ def test_per_row_positions_match_separate_runs():
     art = tiny_artefact(lm, eta=2.0)
     texts = _texts(lm)[:2]
     with steer(lm.model, art, positions=["last", "prompt"]) as mixed:
-        both, _ = generate_batch(lm, texts, max_new_tokens=6)
+        both = generate_batch(lm, texts, max_new_tokens=6).texts
     with steer(lm.model, art, positions="last"):
-        row0, _ = generate_batch(lm, texts[:1], max_new_tokens=6)
+        row0 = generate_batch(lm, texts[:1], max_new_tokens=6).texts
     with steer(lm.model, art, positions="prompt"):
-        row1, _ = generate_batch(lm, texts[1:], max_new_tokens=6)
+        row1 = generate_batch(lm, texts[1:], max_new_tokens=6).texts
     assert both == row0 + row1
     taken = mixed.stats[art.layers[0]].rows_taken.tolist()
     assert taken[1] == art.manifest["steer"]["steps"] and taken[0] > taken[1]
@@ -101,8 +103,8 @@ def test_batched_equals_single_rows(family):
     art = tiny_artefact(lm)
     texts = _texts(lm)
     with steer(lm.model, art):
-        batched, _ = generate_batch(lm, texts, max_new_tokens=6)
-        single = [generate_batch(lm, [t], max_new_tokens=6)[0][0] for t in texts]
+        batched = generate_batch(lm, texts, max_new_tokens=6).texts
+        single = [generate_batch(lm, [t], max_new_tokens=6).texts[0] for t in texts]
     assert batched == single
 
 
@@ -110,11 +112,11 @@ def test_steered_generation_differs_and_is_deterministic():
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm, eta=2.0)
     texts = _texts(lm)
-    base, _ = generate_batch(lm, texts, max_new_tokens=8)
+    base = generate_batch(lm, texts, max_new_tokens=8).texts
     with steer(lm.model, art):
-        first, _ = generate_batch(lm, texts, max_new_tokens=8)
+        first = generate_batch(lm, texts, max_new_tokens=8).texts
     with steer(lm.model, art):
-        second, _ = generate_batch(lm, texts, max_new_tokens=8)
+        second = generate_batch(lm, texts, max_new_tokens=8).texts
     assert first == second
     assert first != base
 
@@ -202,7 +204,7 @@ def test_artefact_with_nan_weights_is_refused(tmp_path):
 
 
 def test_steering_over_several_generate_calls_of_different_batch_sizes():
-    from els.collect import generate
+    from els.generation import generate
 
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm)
@@ -260,18 +262,23 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
     col = synthetic_collection(lm)
     cfg = TrainConfig(widths=(16,), epochs=3, lr=1e-3, batch_size=16, contrast="benign")
     result = train_energy(col.activations, col.states, cfg)
-    art = make_artefact(result, col, trained_layers=[0, 1, 2], top_n=2, eta=0.1, steps=2, gate=None, train_cfg=cfg,
-                        num_layers=3, harm_gate=0.5, layer_rule="last", positions="prompt")
+    settings = SteerSettings(eta=0.1, steps=2, threshold=None, harm_gate=0.5, positions="prompt")
+    art = make_artefact(result, col, cfg, settings, layer_rule="last", top_n=2)
     art.save(tmp_path / "a")
-    m = Artefact.load(tmp_path / "a").manifest
+    loaded = Artefact.load(tmp_path / "a")
+    m = loaded.manifest
     assert m["steer"]["layers"] == [1, 2] and m["steer"]["positions"] == "prompt"
     assert m["steer"]["layer_rule"] == "last" and m["energy"]["contrast"] == "benign"
-    # the harm probe is fitted and scored on both kinds, whatever rows the energy used
-    assert all(0.0 <= a <= 1.0 for a in m["probe_val_acc"].values())
+    assert loaded.settings == settings and "gate" not in m["steer"] and m["steer"]["threshold"] is None
+    # the harm probe is fitted and scored on both kinds, whatever rows the energy used: its validation split
+    # is drawn over all four states, so it holds harmful and benign rows
+    _, probe_val = stratified_split(col.states, cfg.val_fraction, cfg.seed)
+    assert {col.records[i].kind for i in probe_val} == {"benign", "harmful"}
+    assert set(m["probe_val_acc"]) == {"0", "1", "2"}
+    assert all(a in {round(k / len(probe_val), 4) for k in range(len(probe_val) + 1)} for a in m["probe_val_acc"].values())
     with steer(lm.model, art) as s:  # the manifest's positions apply: one step set per prompt, none per token
         generate_batch(lm, _texts(lm)[:1], max_new_tokens=4)
     assert s.report()[2]["steps_taken"] + s.report()[2]["steps_skipped"] == 2
     with pytest.raises(ValueError, match="layer rule"):
-        make_artefact(result, col, trained_layers=[0, 1, 2], top_n=2, eta=0.1, steps=2, gate=None, train_cfg=cfg,
-                      num_layers=3, layer_rule="best")
+        make_artefact(result, col, cfg, settings, layer_rule="best")
 

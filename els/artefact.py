@@ -1,0 +1,213 @@
+"""The steering artefact: per-layer energy models, the harm probe, and the manifest saying how to steer.
+
+    art = Artefact.load("runs/default/artefact")
+    art.layers, art.settings  # where and how `Steering` steers by default
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from els.energy import CONTRASTS, EnergyStack, TrainConfig, TrainResult, fit_harm_probe, stratified_split
+from els.models import config_fingerprint, decoder_blocks
+from els.settings import SteerSettings
+
+if TYPE_CHECKING:
+    from els.collect import Collection
+
+FORMAT_VERSION = 1
+MANIFEST = "els.json"
+WEIGHTS = "energy.safetensors"
+LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
+# The recipe's layer choice (with SteerSettings' defaults and TrainConfig's, what `els run` does).
+DEFAULT_LAYER_RULE = "top_auc"
+DEFAULT_TOP_N = 2
+
+
+def package_version() -> str:
+    try:
+        return version("els")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Artefact:
+    """Trained energy models for every recorded layer plus the manifest saying how to steer with them."""
+
+    energy: EnergyStack  # member i is the model of layer manifest["trained_layers"][i]
+    manifest: dict
+    probe_weight: torch.Tensor  # [S, d] harm probe per trained layer (see energy.fit_harm_probe)
+    probe_bias: torch.Tensor  # [S]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["steer"]["layers"])
+
+    @property
+    def settings(self) -> SteerSettings:
+        return SteerSettings.from_manifest(self.manifest["steer"])
+
+    def member_index(self, layer: int) -> int:
+        try:
+            return self.manifest["trained_layers"].index(layer)
+        except ValueError:
+            raise ValueError(f"the artefact has no energy model for layer {layer}") from None
+
+    def subset(self, layers: list[int]) -> Artefact:
+        """The same artefact holding only these layers' models (smaller, for serving)."""
+        members = [self.member_index(layer) for layer in layers]
+        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)},
+                        self.probe_weight[members], self.probe_bias[members])
+
+    def save(self, path: Path | str) -> None:
+        """Write the new artefact next to the old, then swap: at every moment `path` holds the old artefact
+        or the new one (a crash mid-swap leaves the old one, restored, or at `.NAME.old-*` beside it)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+        tensors = {k: v.contiguous() for k, v in self.energy.state_dict().items()}
+        tensors |= {"probe.weight": self.probe_weight.contiguous(), "probe.bias": self.probe_bias.contiguous()}
+        save_file(tensors, tmp / WEIGHTS)
+        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Artefact:
+        path = Path(path)
+        if not (path / MANIFEST).exists():
+            raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads {FORMAT_VERSION}")
+        e = manifest["energy"]
+        energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
+        tensors = load_file(path / WEIGHTS)
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
+        probe_weight, probe_bias = tensors.pop("probe.weight"), tensors.pop("probe.bias")
+        energy.load_state_dict(tensors)
+        return cls(energy.eval(), manifest, probe_weight, probe_bias)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose architecture differs from the one the energies were trained on."""
+        m = self.manifest
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        problems = []
+        if (fp := config_fingerprint(model)) != m["model_fingerprint"]:
+            problems.append(f"config fingerprint {fp} != {m['model_fingerprint']}")
+        if hidden != m["hidden_size"]:
+            problems.append(f"hidden size {hidden} != {m['hidden_size']}")
+        if (n := len(decoder_blocks(model))) != m["num_layers"]:
+            problems.append(f"{n} layers != {m['num_layers']}")
+        if problems:
+            raise ValueError(
+                f"this artefact was trained on {m['base_model']!r} and does not fit this model: {'; '.join(problems)}"
+            )
+
+
+def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainConfig,
+                  settings: SteerSettings = SteerSettings(), *, layer_rule: str = DEFAULT_LAYER_RULE,
+                  top_n: int = DEFAULT_TOP_N, trained_layers: list[int] | None = None) -> Artefact:
+    """Record per-layer validation AUC, choose `top_n` layers by `layer_rule` (see `steer_layers`), and
+    calibrate per-layer gate offsets and step scales. `trained_layers`: the collection's layers the energy
+    models belong to (default all)."""
+    if layer_rule not in LAYER_RULES:
+        raise ValueError(f"layer rule must be one of {LAYER_RULES}, got {layer_rule!r}")
+    if not isinstance(settings.positions, str):
+        raise ValueError(f"an artefact steers all rows at the same positions, got {settings.positions!r}")
+    num_layers = collection.activations.shape[1]
+    trained_layers = list(range(num_layers)) if trained_layers is None else list(trained_layers)
+    if not 1 <= top_n <= len(trained_layers):
+        raise ValueError(f"top_n must be between 1 and {len(trained_layers)}, got {top_n}")
+    acts = collection.activations[:, trained_layers].float()
+    good = torch.tensor([s in CONTRASTS[train_cfg.contrast][0] for s in collection.states])
+    va = torch.tensor(result.val_index)
+    with torch.no_grad():
+        e_val = result.energy(acts[va].transpose(0, 1))  # [S, V]
+    offsets = [youden_threshold(e, good[va]) for e in e_val]
+    harmful = torch.tensor([r.kind == "harmful" for r in collection.records])
+    # The probe reads every prompt, whatever rows the energy used: its own split over all states (the same
+    # split as the energy's under the four-state contrast).
+    probe_tr, probe_va = stratified_split(collection.states, train_cfg.val_fraction, train_cfg.seed)
+    probe_w, probe_b = fit_harm_probe(collection.activations[:, trained_layers], harmful, probe_tr)
+    with torch.no_grad():
+        p_val = torch.einsum("nsd,sd->sn", acts[probe_va], probe_w) + probe_b[:, None]
+    probe_acc = ((p_val > 0) == harmful[probe_va]).float().mean(1)
+    m = collection.meta
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "package_version": package_version(),
+        "base_model": m["model"],
+        "model_fingerprint": m["model_fingerprint"],
+        "hidden_size": acts.shape[-1],
+        "num_layers": num_layers,
+        "trained_layers": trained_layers,
+        "layer_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.val_auc)},
+        "layer_train_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.train_auc)},
+        # eta is a fraction of this norm, so one setting means the same push at every layer and model.
+        "hidden_norm": {str(layer): round(float(acts[:, i].norm(dim=-1).mean()), 4)
+                        for i, layer in enumerate(trained_layers)},
+        # The loss is shift-invariant, so energies are only comparable within a layer: the gate compares
+        # E - offset, with offset the layer's best validation split between good and bad.
+        "gate_offset": {str(layer): round(float(o), 6) for layer, o in zip(trained_layers, offsets)},
+        "probe_val_acc": {str(layer): round(float(a), 4) for layer, a in zip(trained_layers, probe_acc)},
+        "steer": {"layers": None, "layer_rule": layer_rule, **settings.manifest()},
+        "energy": {"contrast": train_cfg.contrast, "widths": list(train_cfg.widths), "dropout": train_cfg.dropout,
+                   "tau": train_cfg.tau,
+                   "lr": train_cfg.lr, "batch_size": train_cfg.batch_size, "epochs_run": result.epochs_run,
+                   "seed": train_cfg.seed},
+        "data": {"counts": collection.counts(), "sets": m["sets"], "judge": m["judge"],
+                 "max_new_tokens": m["max_new_tokens"], "system": m["system"]},
+    }
+    manifest["steer"]["layers"] = steer_layers(manifest, layer_rule, top_n)
+    return Artefact(result.energy, manifest, probe_w, probe_b)
+
+
+def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:
+    """top_auc: the n trained layers of best validation AUC. late_block: the n consecutive layers of best mean
+    AUC in the model's second half (steering a block keeps the push coherent from layer to layer). last: the
+    n last trained layers (a push there reaches the logits with the fewest layers left to undo it)."""
+    auc = {int(k): v for k, v in manifest["layer_auc"].items()}
+    if rule == "top_auc":
+        return sorted(sorted(auc, key=lambda layer: (-auc[layer], layer))[:n])
+    if rule == "last":
+        return sorted(auc)[-n:]
+    late = [layer for layer in sorted(auc) if layer >= manifest["num_layers"] // 2] or sorted(auc)
+    n = min(n, len(late))
+    windows = [late[i : i + n] for i in range(len(late) - n + 1) if late[i + n - 1] - late[i] == n - 1]
+    return max(windows or [late[-n:]], key=lambda w: sum(auc[layer] for layer in w))
+
+
+def youden_threshold(score: torch.Tensor, low: torch.Tensor) -> float:
+    """The score that best separates the `low` rows (at or below it) from the rest (above): max TPR - FPR,
+    the lowest such score on ties."""
+    cands = score.sort().values
+    j = (score[~low][:, None] > cands).float().mean(0) - (score[low][:, None] > cands).float().mean(0)
+    return float(cands[j.argmax()])
+
+
