@@ -31,8 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from els.artefact import Artefact
+from els.generation import eos_ids
 from els.models import LoadedModel, chat_texts
-from els.steering import Artefact, Steering
+from els.settings import SteerSettings
+from els.steering import Steering
 
 log = logging.getLogger("els.serve")
 
@@ -137,15 +140,6 @@ def _validation_error(e: ValidationError) -> ApiError:
 # ---- jobs and the worker --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RowSteer:
-    eta: float
-    steps: int
-    threshold: float | None  # None: no gate
-    harm_gate: float | None  # None: no harm gate
-    positions: str  # "last" or "prompt", see Steering
-
-
 @dataclass
 class Job:
     ids: list[int]
@@ -154,7 +148,7 @@ class Job:
     top_p: float
     seed: int | None
     stop: list[str]
-    steer: RowSteer | None
+    steer: SteerSettings | None
     stream: bool
     emit: Callable[[tuple], None]  # thread-safe: hands an event to the request's coroutine
     cancelled: bool = False
@@ -271,8 +265,7 @@ class Engine:
         if artefact is not None:
             # Keep only the steered layers' energies: Steering copies its members on every attach.
             self.artefact = artefact.subset(artefact.layers)
-        eos = lm.model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos = eos_ids(lm)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.counters = {"requests": 0, "batches": 0, "largest_batch": 0}
         self.thread = threading.Thread(target=self._loop, name="els-engine", daemon=True)
@@ -390,7 +383,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
     if artefact is not None:
         artefact.check_model(lm.model)
     engine = Engine(lm, artefact, limits)
-    steer_defaults = artefact.manifest["steer"] if artefact is not None else None
+    steer_defaults = artefact.settings if artefact is not None else None
     context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     created = int(time.time())
 
@@ -427,7 +420,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
     async def models() -> dict:
         return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": created, "owned_by": "els"}]}
 
-    def steer_settings(opts: ElsOptions) -> RowSteer | None:
+    def steer_settings(opts: ElsOptions) -> SteerSettings | None:
         asked = opts.enabled is True or any(v is not None for v in (opts.eta, opts.steps, opts.threshold, opts.gate,
                                                                      opts.harm_gate, opts.positions))
         if steer_defaults is None:
@@ -437,15 +430,8 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
             return None
         if opts.enabled is False:
             return None
-        # The same defaults as Steering: an explicit threshold turns the gate on.
-        gated = (steer_defaults["gate"] is not None or opts.threshold is not None) if opts.gate is None else opts.gate
-        threshold = None
-        if gated:
-            threshold = opts.threshold if opts.threshold is not None else float(steer_defaults["gate"] or 0.0)
-        return RowSteer(eta=float(steer_defaults["eta"] if opts.eta is None else opts.eta),
-                        steps=int(steer_defaults["steps"] if opts.steps is None else opts.steps), threshold=threshold,
-                        harm_gate=steer_defaults.get("harm_gate") if opts.harm_gate is None else opts.harm_gate,
-                        positions=steer_defaults.get("positions", "last") if opts.positions is None else opts.positions)
+        return steer_defaults.override(eta=opts.eta, steps=opts.steps, threshold=opts.threshold, gate=opts.gate,
+                                       harm_gate=opts.harm_gate, positions=opts.positions)
 
     def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
         if req.model != lm.name:
