@@ -1,0 +1,87 @@
+"""The layout's promises: light imports, stable cache keys, old artefacts readable, safe saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from els.artefact import Artefact
+from els.methods import Base
+from els.settings import SteerSettings
+from els.steering import Steering
+from els.store import cache_key, digest, method_config
+
+from helpers import tiny_artefact, tiny_model
+
+
+def test_steer_imports_neither_collection_nor_judges():
+    code = "import sys; from els import steer; print(sorted(m for m in sys.modules if m.startswith('els.')))"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                        .stdout.replace("'", '"'))
+    assert "els.collect" not in loaded and "els.judges" not in loaded and "els.data" not in loaded
+
+
+def test_cache_key_is_pinned():
+    # Cached answers of earlier runs stay valid only while this key stays byte-identical.
+    key = cache_key("fp", digest(method_config(Base())), "How do I kill a process?",
+                    {"max_new_tokens": 64, "do_sample": False})
+    assert key == "e9455c1d7063b63eae8d726c"
+
+
+def test_old_manifest_with_gate_reads_as_threshold(tmp_path):
+    art = tiny_artefact(tiny_model("qwen2"), threshold=0.25)
+    art.save(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "els.json").read_text())
+    manifest["steer"]["gate"] = manifest["steer"].pop("threshold")
+    (tmp_path / "a" / "els.json").write_text(json.dumps(manifest))
+    old = Artefact.load(tmp_path / "a")
+    assert old.settings.threshold == 0.25 and old.settings == art.settings
+
+
+def test_save_keeps_the_old_artefact_when_the_swap_fails(tmp_path, monkeypatch):
+    lm = tiny_model("qwen2")
+    tiny_artefact(lm, eta=0.5).save(tmp_path / "a")
+    real = os.replace
+
+    def fail_moving_the_new_one_in(src, dst):
+        if ".a.new-" in str(src):
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_moving_the_new_one_in)
+    with pytest.raises(OSError):
+        tiny_artefact(lm, eta=0.2).save(tmp_path / "a")
+    monkeypatch.setattr(os, "replace", real)
+    assert Artefact.load(tmp_path / "a").settings.eta == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # nothing left beside it
+
+
+def test_harm_gate_mask_follows_each_layer_device():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm, harm_gate=0.5)
+    s = Steering(lm.model, art)
+    s._allowed = {torch.device("cpu"): torch.tensor([True, False])}  # as the prefill of the first layer sets it
+    on_other = s._allowed_on(torch.device("meta"))  # a later layer on another device (meta: no data to copy)
+    assert on_other.device.type == "meta" and on_other.shape == (2,)
+    assert s._allowed_on(torch.device("meta")) is on_other  # copied once per device, not per call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to place steered layers on two devices")
+def test_harm_gate_under_a_device_map_on_two_devices():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm, harm_gate=0.5)
+    blocks = lm.blocks
+    blocks[2].to("cuda")  # layer 2 on the GPU, the rest on the CPU; move activations across by hooks
+    blocks[2].register_forward_pre_hook(lambda m, a, k: (tuple(x.to("cuda") if torch.is_tensor(x) else x for x in a),
+                                                         {n: v.to("cuda") if torch.is_tensor(v) else v
+                                                          for n, v in k.items()}), with_kwargs=True)
+    blocks[2].register_forward_hook(lambda m, a, out: tuple(o.to("cpu") if torch.is_tensor(o) else o for o in out)
+                                    if isinstance(out, tuple) else out.to("cpu"))
+    with Steering(lm.model, art, layers=[1, 2], settings=SteerSettings(eta=0.5, steps=2, harm_gate=0.99)):
+        enc = lm.tokenizer(["how do i kill a python process ?"], return_tensors="pt")
+        lm.model(**enc)
