@@ -49,7 +49,7 @@ def test_save_keeps_the_old_artefact_when_the_swap_fails(tmp_path, monkeypatch):
     real = os.replace
 
     def fail_moving_the_new_one_in(src, dst):
-        if ".a.new-" in str(src):
+        if str(dst) == str(tmp_path / "a") and ".a.old-" not in str(src):
             raise OSError("disk gone")
         return real(src, dst)
 
