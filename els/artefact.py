@@ -1,4 +1,4 @@
-"""The steering artefact: per-layer energy models, the harm probe, and the manifest saying how to steer.
+"""The steering artefact: per-layer energy models, the harm gate, and the manifest saying how to steer.
 
     art = Artefact.load("runs/default/artefact")
     art.layers, art.settings  # where and how `Steering` steers by default
@@ -20,13 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from els.energy import CONTRASTS, EnergyStack, TrainConfig, TrainResult, fit_harm_probe, stratified_split
+from els.gating import TENSOR_PREFIX, HarmGate
 from els.models import config_fingerprint, decoder_blocks
 from els.settings import SteerSettings
 
 if TYPE_CHECKING:
     from els.collect import Collection
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the harm gate is a HarmGate of its own layer (1: a probe per trained layer)
+READABLE_FORMATS = (1, 2)
 MANIFEST = "els.json"
 WEIGHTS = "energy.safetensors"
 LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
@@ -48,8 +50,7 @@ class Artefact:
 
     energy: EnergyStack  # member i is the model of layer manifest["trained_layers"][i]
     manifest: dict
-    probe_weight: torch.Tensor  # [S, d] harm probe per trained layer (see energy.fit_harm_probe)
-    probe_bias: torch.Tensor  # [S]
+    gate: HarmGate  # which prompts are left unsteered (els.gating)
 
     @property
     def layers(self) -> list[int]:
@@ -68,8 +69,11 @@ class Artefact:
     def subset(self, layers: list[int]) -> Artefact:
         """The same artefact holding only these layers' models (smaller, for serving)."""
         members = [self.member_index(layer) for layer in layers]
-        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)},
-                        self.probe_weight[members], self.probe_bias[members])
+        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)}, self.gate)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the weights file holds: the energy models and the harm gate."""
+        return {k: v.contiguous() for k, v in self.energy.state_dict().items()} | self.gate.to_tensors()
 
     def save(self, path: Path | str) -> None:
         """Write the new artefact next to the old, then swap: at every moment `path` holds the old artefact
@@ -77,9 +81,7 @@ class Artefact:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
-        tensors = {k: v.contiguous() for k, v in self.energy.state_dict().items()}
-        tensors |= {"probe.weight": self.probe_weight.contiguous(), "probe.bias": self.probe_bias.contiguous()}
-        save_file(tensors, tmp / WEIGHTS)
+        save_file(self.tensors(), tmp / WEIGHTS)
         (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
         if not path.exists():
             os.replace(tmp, path)
@@ -100,17 +102,22 @@ class Artefact:
         if not (path / MANIFEST).exists():
             raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
         manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads {FORMAT_VERSION}")
+        if manifest.get("format_version") not in READABLE_FORMATS:
+            raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads "
+                             f"{READABLE_FORMATS}")
         e = manifest["energy"]
         energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
         tensors = load_file(path / WEIGHTS)
         for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
-        probe_weight, probe_bias = tensors.pop("probe.weight"), tensors.pop("probe.bias")
+        if manifest["format_version"] == 1:
+            gate = _gate_of_format_1(manifest, tensors.pop("probe.weight"), tensors.pop("probe.bias"))
+        else:
+            gate = HarmGate.from_tensors(tensors, manifest.get("harm_gate_probe", {}))
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
         energy.load_state_dict(tensors)
-        return cls(energy.eval(), manifest, probe_weight, probe_bias)
+        return cls(energy.eval(), manifest, gate)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose architecture differs from the one the energies were trained on."""
@@ -132,10 +139,12 @@ class Artefact:
 
 def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainConfig,
                   settings: SteerSettings = SteerSettings(), *, layer_rule: str = DEFAULT_LAYER_RULE,
-                  top_n: int = DEFAULT_TOP_N, trained_layers: list[int] | None = None) -> Artefact:
+                  top_n: int = DEFAULT_TOP_N, trained_layers: list[int] | None = None,
+                  gate: HarmGate | None = None) -> Artefact:
     """Record per-layer validation AUC, choose `top_n` layers by `layer_rule` (see `steer_layers`), and
     calibrate per-layer gate offsets and step scales. `trained_layers`: the collection's layers the energy
-    models belong to (default all)."""
+    models belong to (default all). `gate`: the harm gate (els.gate_training.fit_gate); without one, a probe
+    fitted on the collection's own prompts at the first steered layer (weaker: see docs/design.md)."""
     if layer_rule not in LAYER_RULES:
         raise ValueError(f"layer rule must be one of {LAYER_RULES}, got {layer_rule!r}")
     if not isinstance(settings.positions, str):
@@ -185,7 +194,28 @@ def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainC
                  "max_new_tokens": m["max_new_tokens"], "system": m["system"]},
     }
     manifest["steer"]["layers"] = steer_layers(manifest, layer_rule, top_n)
-    return Artefact(result.energy, manifest, probe_w, probe_b)
+    if gate is None:
+        threshold = settings.harm_gate if isinstance(settings.harm_gate, float) else 0.5
+        gate = _layer_probes_gate(trained_layers, num_layers, manifest["steer"]["layers"][0], probe_w, probe_b,
+                                  threshold)
+    manifest["harm_gate_probe"] = gate.report
+    return Artefact(result.energy, manifest, gate)
+
+
+def _layer_probes_gate(trained_layers: list[int], num_layers: int, layer: int, probe_w: torch.Tensor,
+                       probe_b: torch.Tensor, threshold: float) -> HarmGate:
+    """A gate from one probe per trained layer, fitted on the collection's prompts, read at `layer` (what
+    format 1 stored, and the fallback without a pooled gate)."""
+    directions = torch.zeros(num_layers, probe_w.shape[-1])
+    directions[trained_layers] = probe_w.float()
+    i = trained_layers.index(layer)
+    return HarmGate(layer, probe_w[i].float(), float(probe_b[i]), float(threshold), directions,
+                    {"source": "collection", "layer": layer, "threshold": float(threshold)})
+
+
+def _gate_of_format_1(manifest: dict, probe_w: torch.Tensor, probe_b: torch.Tensor) -> HarmGate:
+    return _layer_probes_gate(manifest["trained_layers"], manifest["num_layers"], min(manifest["steer"]["layers"]),
+                              probe_w, probe_b, manifest["steer"].get("harm_gate") or 0.5)
 
 
 def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 from els.artefact import youden_threshold
 from els.collect import Collection, load_collection
 from els.energy import stratified_split
-from els.methods import (DirectionAblation, DirectionAddition, Method, MethodContext, ProbeGatedAddition,
+from els.methods import (DirectionAblation, DirectionAddition, Gated, Method, MethodContext, ProbeGatedAddition,
                          SurgicalAblation, SystemPrompt, register_method)
 
 # Arditi et al. drop directions from the last 20% of layers: there they mostly encode the next token.
@@ -86,7 +86,7 @@ def fit_baselines(collection: Collection, *, seed: int = 0) -> dict[str, Method]
 
     layer = best_layer(mean_direction(acts[fit], harmful[fit], ~harmful[fit]), harmful, ~harmful)
     out["ablation"] = DirectionAblation(refusal[layer], layer)
-    # Arditi et al. use one layer's direction for both ablation and addition  # Arditi et al. use one layer's direction for both ablation and addition
+    # Arditi et al. use one layer's direction for both ablation and addition
 
     def gap(a: torch.Tensor, b: torch.Tensor) -> float:
         proj = acts[:, layer] @ refusal[layer]
@@ -133,5 +133,22 @@ def _fitted(name: str):
     return factory
 
 
+def _gated(name: str):
+    """`name` behind the artefact's harm gate, at the threshold ELS itself uses in this run."""
+    inner = _fitted(name)
+
+    def factory(ctx: MethodContext) -> Method:
+        if ctx.artefact is None:
+            raise ValueError(f"method '{name}-gated' uses the artefact's harm gate: pass --steer DIR")
+        threshold = ctx.els_settings.get("harm_gate", ctx.artefact.settings.harm_gate)
+        if not isinstance(threshold, (int, float)):
+            threshold = ctx.artefact.gate.threshold  # ELS runs ungated here: the gate's own threshold
+        return Gated(inner(ctx), ctx.artefact.gate, float(threshold))  # type: ignore[arg-type]
+
+    return factory
+
+
 for _name in ("ablation", "addition", "surgical", "probe-gated"):
     register_method(_name, _fitted(_name))
+for _name in ("ablation", "addition", "surgical"):
+    register_method(f"{_name}-gated", _gated(_name))

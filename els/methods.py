@@ -7,15 +7,16 @@ under which `model.generate` runs with the method in effect. Methods are made by
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from els.artefact import Artefact
+from els.gating import HarmGate, read_gate
 from els.generation import pre_hooks
 from els.models import block_input, decoder_blocks, with_block_input
 from els.steering import Steering
@@ -115,9 +116,11 @@ class DirectionAblation:
     system: str | None = None
     blocks_path: str | None = None
 
+    def hooks(self, model: nn.Module) -> dict[int, Hook]:
+        return {i: _ablate(self.direction) for i in range(len(decoder_blocks(model, self.blocks_path)))}
+
     def apply(self, model: nn.Module) -> AbstractContextManager:
-        n = len(decoder_blocks(model, self.blocks_path))
-        return hooked(model, {i: _ablate(self.direction) for i in range(n)}, self.blocks_path)
+        return hooked(model, self.hooks(model), self.blocks_path)
 
 
 @dataclass
@@ -139,8 +142,54 @@ class DirectionAddition:
     system: str | None = None
     blocks_path: str | None = None
 
+    def hooks(self, model: nn.Module) -> dict[int, Hook]:
+        return {self.layer: _add(-self.coeff * self.scale * self.direction)}
+
     def apply(self, model: nn.Module) -> AbstractContextManager:
-        return hooked(model, {self.layer: _add(-self.coeff * self.scale * self.direction)}, self.blocks_path)
+        return hooked(model, self.hooks(model), self.blocks_path)
+
+
+class HookMethod(Method, Protocol):
+    """A method that is a set of block-input rewrites (the activation baselines)."""
+
+    def hooks(self, model: nn.Module) -> dict[int, Hook]: ...
+
+
+@dataclass
+class Gated:
+    """`inner` applied only to the rows the harm gate lets through, the gate ELS uses (els.gating): the
+    comparison then asks what steering adds over the gate itself."""
+
+    inner: HookMethod
+    gate: HarmGate
+    threshold: float  # p(harmful) at or above which a row is left alone
+    name: str = ""
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"{self.inner.name}-gated"
+        self.system = self.inner.system
+
+    def config(self) -> dict:
+        inner = {f.name: getattr(self.inner, f.name) for f in fields(self.inner)}  # type: ignore[arg-type]
+        return {"inner": inner, "gate": self.gate.to_tensors(), "threshold": self.threshold}
+
+    @contextmanager
+    def apply(self, model: nn.Module) -> Iterator[None]:
+        def threshold(batch: int, device: torch.device) -> torch.Tensor:
+            return torch.full((batch,), self.threshold, device=device)
+
+        with read_gate(model, self.gate, threshold) as state:
+            def masked(fn: Hook) -> Hook:
+                def rewrite(h: torch.Tensor) -> torch.Tensor:
+                    if state.busy or state.allowed is None:
+                        return h  # the gate's own pre-pass reads the unchanged model
+                    return torch.where(state.allowed.to(h.device)[:, None, None], fn(h), h)
+
+                return rewrite
+
+            with hooked(model, {layer: masked(fn) for layer, fn in self.inner.hooks(model).items()}):
+                yield
 
 
 @dataclass

@@ -28,9 +28,12 @@ class SteerSettings:
     - `threshold`: the energy gate. A row is stepped only while its energy exceeds the layer's calibrated
       offset plus `threshold`; None: no gate.
     - `harm_gate`: a probability. At the prefill, the harm probe of the lowest steered layer reads each
-      prompt; rows it finds harmful with at least this probability are left alone. None: no harm gate.
+      prompt (els.gating); rows it finds harmful with at least this probability are left alone for the whole
+      generation. None: no harm gate.
     - `positions`: "last" steps position -1 of every forward pass, the last prompt token and then each new
       token (the paper); "prompt" steps only the last prompt token, so the rest is decoded unchanged.
+    - `project`: keep each step orthogonal to the harm probe's direction at the steered layer, so steering
+      cannot make a prompt look less harmful there (one value for all rows).
 
     The defaults are the recipe `els run` writes into an artefact: the point `els tune` chose on
     validation prompts for the default model (docs/results.md).
@@ -41,6 +44,7 @@ class SteerSettings:
     threshold: RowValue = None
     harm_gate: RowValue = 0.5
     positions: str | Sequence[str] = "last"
+    project: bool = False
 
     def __post_init__(self) -> None:
         for name in ("eta", "steps", "threshold"):
@@ -51,6 +55,8 @@ class SteerSettings:
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
             if name != "threshold" and any(x < 0 for x in vals):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.project, bool):
+            raise ValueError(f"project must be true or false, got {self.project!r}")
         if any(x is not None and not 0.0 <= x <= 1.0 for x in _values(self.harm_gate)):
             raise ValueError(f"harm_gate is a probability in [0, 1], got {self.harm_gate}")
         asked = [self.positions] if isinstance(self.positions, str) else list(self.positions)
@@ -64,21 +70,23 @@ class SteerSettings:
     def from_manifest(cls, steer: dict) -> SteerSettings:
         """The settings an artefact's manifest holds (before format 1.1 the gate threshold was named `gate`)."""
         return cls(eta=steer["eta"], steps=steer["steps"], threshold=steer.get("threshold", steer.get("gate")),
-                   harm_gate=steer.get("harm_gate"), positions=steer.get("positions", "last"))
+                   harm_gate=steer.get("harm_gate"), positions=steer.get("positions", "last"),
+                   project=bool(steer.get("project", False)))
 
     def manifest(self) -> dict:
         return asdict(self)
 
     def override(self, *, eta: RowValue = None, steps: RowValue = None, threshold: RowValue = None,
                  gate: bool | None = None, harm_gate: RowValue = None,
-                 positions: str | Sequence[str] | None = None) -> SteerSettings:
+                 positions: str | Sequence[str] | None = None, project: bool | None = None) -> SteerSettings:
         """These settings with the given values instead; None keeps the current one. An explicit `threshold`
         turns the gate on; `gate=False` turns it off, `gate=True` on (at threshold 0 if none is set)."""
         gated = (self.threshold is not None or threshold is not None) if gate is None else gate
         new_threshold = (threshold if threshold is not None else (self.threshold or 0.0)) if gated else None
         return replace(self, eta=self.eta if eta is None else eta, steps=self.steps if steps is None else steps,
                        threshold=new_threshold, harm_gate=self.harm_gate if harm_gate is None else harm_gate,
-                       positions=self.positions if positions is None else positions)
+                       positions=self.positions if positions is None else positions,
+                       project=self.project if project is None else project)
 
     @property
     def harm_gated(self) -> bool:

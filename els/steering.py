@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ from torch import nn
 
 from els.artefact import Artefact
 from els.energy import EnergyMember
+from els.gating import GateState, read_gate
 from els.generation import add_pre_hooks
 from els.models import block_input, decoder_blocks, with_block_input
 from els.settings import RowValue, SteerSettings
@@ -45,20 +47,25 @@ class Steering:
     def __init__(self, model: nn.Module, artefact: Artefact, *, layers: Sequence[int] | None = None,
                  settings: SteerSettings | None = None, eta: RowValue = None, steps: RowValue = None,
                  threshold: RowValue = None, gate: bool | None = None, harm_gate: RowValue = None,
-                 positions: str | Sequence[str] | None = None, energy_dtype: torch.dtype = torch.float32,
+                 positions: str | Sequence[str] | None = None, project: bool | None = None,
+                 energy_dtype: torch.dtype = torch.float32,
                  check: bool = True):
         if check:
             artefact.check_model(model)
         self.model, self.artefact = model, artefact
         self.layers = sorted(layers) if layers is not None else artefact.layers
-        self.settings = (settings or artefact.settings).override(eta=eta, steps=steps, threshold=threshold, gate=gate,
-                                                                 harm_gate=harm_gate, positions=positions)
+        self.settings = (settings or artefact.settings).override(
+            eta=eta, steps=steps, threshold=threshold, gate=gate, harm_gate=harm_gate, positions=positions,
+            project=project)
         self.energy_dtype = energy_dtype
         self.stats: dict[int, LayerStats] = {}
         self._rows: dict[tuple, tuple] = {}
-        # [B] rows the harm gate lets through, set at the prefill, one copy per device: under a device_map
-        # the steered layers may sit on different devices.
+        self._gate: GateState | None = None  # set at each prefill by the harm gate's pre-pass
+        # The gate's [B] mask, one copy per device: under a device_map the steered layers may sit on
+        # different devices. Keyed by the mask it copies, so a new prefill's mask replaces the copies.
         self._allowed: dict[torch.device, torch.Tensor] = {}
+        self._allowed_of: torch.Tensor | None = None
+        self._exit = ExitStack()
         self._handles: list = []
 
     def attach(self) -> Steering:
@@ -71,13 +78,16 @@ class Steering:
             member = self.artefact.member_index(layer)
             device = next(blocks[layer].parameters()).device
             energy = self.artefact.energy.member(member, device, self.energy_dtype)
-            probe = None
-            if self.settings.harm_gated and layer == self.layers[0]:
-                probe = (self.artefact.probe_weight[member].to(device), self.artefact.probe_bias[member].to(device))
+            direction = self.artefact.gate.direction(layer) if self.settings.project else None
+            if self.settings.project and direction is None:
+                raise ValueError(f"project=True needs a harm-probe direction at layer {layer}; the artefact has none")
             self.stats[layer] = LayerStats()
             hook = self._make_hook(energy, m["hidden_norm"][str(layer)], m["gate_offset"][str(layer)],
-                                   self.stats[layer], probe)
+                                   self.stats[layer], None if direction is None else direction.to(device))
             hooks.append((blocks[layer], hook))
+        if self.settings.harm_gated:
+            self._gate = self._exit.enter_context(
+                read_gate(self.model, self.artefact.gate, lambda batch, device: self._settings(batch, device)[3]))
         self._handles += add_pre_hooks(hooks)
         return self
 
@@ -85,6 +95,8 @@ class Steering:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._exit.close()
+        self._gate = None
 
     def __enter__(self) -> Steering:
         return self.attach()
@@ -93,17 +105,17 @@ class Steering:
         self.remove()
 
     def _make_hook(self, energy: EnergyMember, scale: float, offset: float, stats: LayerStats,
-                   probe: tuple[torch.Tensor, torch.Tensor] | None):
+                   direction: torch.Tensor | None):
         def hook(module, args, kwargs):
+            if self._gate is not None and self._gate.busy:
+                return None  # the harm gate's pre-pass reads the unsteered model
             h = block_input(args, kwargs)
             # The prefill sees the whole prompt; each decode step after it sees one new token.
             prefill = h.shape[1] > 1 or stats.rows_taken is None or stats.rows_taken.shape[0] != h.shape[0]
             if not prefill and self.settings.positions == "prompt":
                 return None  # nothing to do per new token: skip even the energy
-            if prefill and probe is not None:
-                p_harm = torch.sigmoid(h[:, -1].float() @ probe[0] + probe[1])
-                self._allowed = {p_harm.device: p_harm < self._settings(h.shape[0], p_harm.device)[3]}
-            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, prefill=prefill)
+            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, prefill=prefill,
+                                                            direction=direction)
             if prefill:
                 stats.energy_before, stats.energy_after = before, after
                 stats.rows_taken, stats.rows_skipped = taken, skipped
@@ -118,9 +130,11 @@ class Steering:
         return hook
 
     @torch.inference_mode()
-    def descend(self, energy: EnergyMember, h: torch.Tensor, scale: float, offset: float, prefill: bool = True):
+    def descend(self, energy: EnergyMember, h: torch.Tensor, scale: float, offset: float, prefill: bool = True,
+                direction: torch.Tensor | None = None):
         """K normalised gradient steps on rows h [B, d]. Returns the new rows, the energies before and (at the
-        prefill) after, and the steps taken and skipped by the gates per row ([B]).
+        prefill) after, and the steps taken and skipped by the gates per row ([B]). With a unit `direction`
+        [d], each step is kept orthogonal to it.
 
         Gating is by masks, so there is no host sync per step; one check per call skips all the work when
         the gates close every row (the common case for benign tokens)."""
@@ -150,6 +164,8 @@ class Steering:
                 active = active & allowed
             if gate is not None:
                 active = active & (e > gate)
+            if direction is not None:
+                g = g - (g @ direction)[:, None] * direction
             x = x - torch.where(active, eta / (g.norm(dim=-1) + 1e-8), 0.0)[:, None] * g
             taken = taken + active
         after = energy(x.to(energy.dtype)).float() if prefill else None
@@ -164,10 +180,13 @@ class Steering:
         return self._rows[key]
 
     def _allowed_on(self, device: torch.device) -> torch.Tensor | None:
-        if not self._allowed:
+        allowed = None if self._gate is None else self._gate.allowed
+        if allowed is None:
             return None
+        if allowed is not self._allowed_of:
+            self._allowed, self._allowed_of = {allowed.device: allowed}, allowed
         if device not in self._allowed:
-            self._allowed[device] = next(iter(self._allowed.values())).to(device)
+            self._allowed[device] = allowed.to(device)
         return self._allowed[device]
 
     def _energy_grad(self, energy: EnergyMember, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,9 +41,10 @@ def model_fingerprint(lm: LoadedModel) -> str:
     return h.hexdigest()[:16]
 
 
-def artefactdigest(art: Artefact) -> str:
+def artefact_digest(art: Artefact) -> str:
+    """The manifest and every tensor, the harm gate's included: a retrained gate must not reuse answers."""
     h = hashlib.sha256(json.dumps(art.manifest, sort_keys=True).encode())
-    for name, t in sorted(art.energy.state_dict().items()):
+    for name, t in sorted(art.tensors().items()):
         h.update(name.encode())
         h.update(t.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -59,7 +60,7 @@ def _jsonable(v: object) -> object:
     if isinstance(v, torch.Tensor):
         return hashlib.sha256(v.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
     if isinstance(v, Artefact):
-        return artefactdigest(v)
+        return artefact_digest(v)
     return repr(v)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from els.artefact import Artefact
+from els.gating import GateState
 from els.methods import Base
 from els.settings import SteerSettings
 from els.steering import Steering
@@ -65,10 +66,12 @@ def test_harm_gate_mask_follows_each_layer_device():
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm, harm_gate=0.5)
     s = Steering(lm.model, art)
-    s._allowed = {torch.device("cpu"): torch.tensor([True, False])}  # as the prefill of the first layer sets it
+    s._gate = GateState(allowed=torch.tensor([True, False]))  # as the gate's pre-pass sets it at the prefill
     on_other = s._allowed_on(torch.device("meta"))  # a later layer on another device (meta: no data to copy)
     assert on_other.device.type == "meta" and on_other.shape == (2,)
     assert s._allowed_on(torch.device("meta")) is on_other  # copied once per device, not per call
+    s._gate = GateState(allowed=torch.tensor([False, True]))  # the next prefill's mask replaces the copies
+    assert torch.equal(s._allowed_on(torch.device("cpu")), torch.tensor([False, True]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to place steered layers on two devices")
