@@ -1,11 +1,10 @@
 """Harm gate: a logistic probe of "this prompt is harmful" on one layer's last-prompt-token activation.
 
 Steering must leave harmful prompts alone, so the gate decides at prefill which rows may be steered. A probe
-trained on the 640 built-in prompts flagged only 55% of XSTest-unsafe while it flagged 27% of borderline benign
-prompts (issue 10); this module trains it instead on a large, varied pool with prompt-only forward passes (no
-generation, so thousands of prompts take minutes), including jailbreak-framed variants of benign and harmful
-prompts (els.framings), after removing every pool prompt that duplicates an evaluation prompt. Layer, L2 and
-threshold are chosen on a validation split of the pool only; evaluation sets are only reported on.
+on the 640 built-in prompts flagged 55% of XSTest-unsafe and 27% of borderline benign prompts (issue 10), so
+this one learns from a large, varied pool by prompt-only forward passes (no generation), jailbreak-framed
+variants included (els.framings), minus every near-duplicate of an evaluation prompt. Layer, L2 and threshold
+are chosen on a validation split of the pool only; evaluation sets are only reported on.
 
 Entry points: `fit_gate` (library) and `python -m els.gate --out DIR` (the default pool and report).
 """
@@ -17,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +24,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from els.collect import length_batches, record_last_token, write_atomic
 from els.data import Kind, PromptSet, load_prompts
 from els.framings import frame_set, framed_sources
-from els.models import LoadedModel, chat_texts, config_fingerprint, user_conversations
+from els.models import LoadedModel, chat_texts, config_fingerprint, load_model, user_conversations
 
 Encoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> unit-norm sentence embeddings [N, e]
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -39,7 +39,9 @@ CACHE_VERSION = 1  # bump when the recorded quantity changes, so old caches are 
 DEFAULT_POOL = ("els-benign", "els-harmful", "advbench", "strongreject", "harmbench-val", "orbench-toxic@train",
                 "alpaca#1500", "orbench-hard@train", "oktest@train")
 DEFAULT_EVAL = ("xstest-safe", "xstest-unsafe", "orbench-hard@test", "oktest@test", "jbb", "harmbench",
-                "jbb-wrapped", "orbench-hard@val", "oktest@val")
+                "jbb-wrapped")
+# Deduplicated against but not reported on: the tune's validation sets must not leak into the gate either.
+DEFAULT_EXCLUDE = ("orbench-hard@val", "oktest@val")
 DEFAULT_PAIRS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "xstest-safe vs xstest-unsafe": (("xstest-safe",), ("xstest-unsafe",)),
     "orbench-hard@test+oktest@test vs jbb+harmbench": (("orbench-hard@test", "oktest@test"), ("jbb", "harmbench")),
@@ -57,12 +59,7 @@ def load_spec(spec: str) -> PromptSet:
     return ps.with_kind(kind) if kind else ps  # type: ignore[arg-type]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pool: near-duplicate removal against the evaluation sets, then framed variants
-
-
-def normalise_text(text: str) -> str:
-    """Lower case, words only: catches copies that differ in case, punctuation or spacing."""
+def normalise_text(text: str) -> str:  # lower case, words only: copies differing in case or punctuation match
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
@@ -73,11 +70,9 @@ def cached_encoder(cache_dir: Path) -> Encoder:
     def encode(texts: Sequence[str]) -> torch.Tensor:
         key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:24]
         path = Path(cache_dir) / "embeddings" / f"{key}.safetensors"
-        if path.exists():
-            return load_file(path)["emb"]
-        emb = _Encoder.get()(list(texts)).contiguous()
-        _save_atomic({"emb": emb}, path)
-        return emb
+        if not path.exists():
+            _save_atomic({"emb": _Encoder.get()(list(texts)).contiguous()}, path)
+        return load_file(path)["emb"]
 
     return encode
 
@@ -108,27 +103,18 @@ def framed_pool(pool: Sequence[PromptSet], max_per_kind: int = 600, per_prompt: 
     out, sources = [], []
     for kind in ("benign", "harmful"):
         plain = [p for ps in pool if ps.kind == kind for p in ps.prompts]
-        if not plain:
-            continue
         base = PromptSet(f"framed-{kind}", kind, plain).sample(max_per_kind, seed)  # type: ignore[arg-type]
         out.append(frame_set(base, "train", per_prompt, seed, name=f"framed-{kind}"))
         sources.append(framed_sources(base, per_prompt))
     return out, sources
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt-only forward passes, cached on disk batch by batch
-
-
-class _Stop(Exception):
-    """Raised at the last block's input: everything the gate reads is recorded by then."""
+class _Stop(Exception):  # raised at the last block's input: everything the gate reads is recorded by then
+    pass
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp)
-    tmp.replace(path)
+    write_atomic(path, save(tensors))  # a unique temporary name: concurrent runs cannot clobber a half-written file
 
 
 @torch.inference_mode()
@@ -139,7 +125,6 @@ def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
 
     def stop(module, args, kwargs):
         raise _Stop
-
     with record_last_token(blocks) as captured:
         handle = blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)  # after the recorder's hook
         try:
@@ -166,8 +151,7 @@ def prompt_activations(lm: LoadedModel, prompts: Sequence[str], cache_dir: Path,
     finished set is merged into one file and a rerun only reads it. Stored in the model's dtype when it is
     16-bit (lossless: the residual stream is computed in that dtype), halving the disk.
     """
-    key = activation_key(lm, prompts, system)
-    final = Path(cache_dir) / "acts" / f"{key}.safetensors"
+    final = Path(cache_dir) / "acts" / f"{activation_key(lm, prompts, system)}.safetensors"
     if final.exists():
         return load_file(final)["acts"].float()
     texts = chat_texts(lm.tokenizer, user_conversations(list(prompts), system))
@@ -181,21 +165,12 @@ def prompt_activations(lm: LoadedModel, prompts: Sequence[str], cache_dir: Path,
             _save_atomic({"acts": _forward(lm, [texts[i] for i in idx]).to(store).contiguous()}, shard)
         if progress and (b % 20 == 0 or b == len(batches) - 1):
             print(f"  forward {b + 1}/{len(batches)} batches", flush=True)
-    acts = torch.empty(0)
-    for b, idx in enumerate(batches):
-        part = load_file(shard_dir / f"{b:05d}.safetensors")["acts"]
-        if b == 0:
-            acts = torch.empty(len(prompts), *part.shape[1:], dtype=part.dtype)
-        acts[idx] = part
+    order = torch.tensor([i for idx in batches for i in idx])
+    acts = torch.cat([load_file(shard_dir / f"{b:05d}.safetensors")["acts"] for b in range(len(batches))])
+    acts = acts[torch.argsort(order)]  # back to the prompts' order
     _save_atomic({"acts": acts.contiguous()}, final)
-    for f in shard_dir.glob("*.safetensors"):
-        f.unlink()
-    shard_dir.rmdir()
+    shutil.rmtree(shard_dir)
     return acts.float()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The gate
 
 
 @dataclass
@@ -212,8 +187,7 @@ class HarmGate:
         """p(harmful) for activations [..., d] of the gate's layer."""
         return torch.sigmoid(h.float() @ self.weight.to(h.device) + self.bias)
 
-    def probability_from_layers(self, acts: torch.Tensor) -> torch.Tensor:
-        """p(harmful) for all-layer activations [N, L, d]."""
+    def probability_from_layers(self, acts: torch.Tensor) -> torch.Tensor:  # acts [N, L, d]
         return self.probability(acts[:, self.layer])
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -232,8 +206,8 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     """P(score of a positive > score of a negative), ties counting half; nan when a side is empty."""
     if not len(pos) or not len(neg):
         return math.nan
-    pos, neg = pos.float()[:, None], neg.float()[None, :]
-    return float((pos > neg).float().mean() + 0.5 * (pos == neg).float().mean())
+    diff = pos.float()[:, None] - neg.float()[None, :]
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, l2: float,
@@ -242,7 +216,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, 
 
     Standardised because the residual stream has a few dimensions hundreds of times larger than the rest
     and its scale grows with depth: one L2 grid then means the same at every layer. Returns (w, b) on the
-    standardised scale; `_raw` folds the scaling back in.
+    standardised scale (train_gate folds the scaling back into raw-activation weights).
     """
     w = (init[0].clone() if init else torch.zeros(x.shape[1])).requires_grad_(True)
     b = (init[1].clone() if init else torch.zeros(())).requires_grad_(True)
@@ -260,25 +234,26 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, 
     return w.detach(), b.detach()
 
 
+def _by_source(harmful: torch.Tensor, source: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    idx: dict[str, list[int]] = {}
+    for i, s in enumerate(source):
+        idx.setdefault(s, []).append(i)
+    return [ii for ii in idx.values() if harmful[ii[0]]], [ii for ii in idx.values() if not harmful[ii[0]]]
+
+
 def _macro_rates(p: torch.Tensor, harmful: torch.Tensor, source: list[str], cands: torch.Tensor):
     """Per candidate threshold: mean over harmful sources of the share flagged, and the same over benign ones."""
-    flags = p[None, :] >= cands[:, None]
-    rates = {s: flags[:, [i for i, x in enumerate(source) if x == s]].float().mean(1) for s in dict.fromkeys(source)}
-    kind = {source[i]: bool(harmful[i]) for i in range(len(source))}
-    tpr = torch.stack([r for s, r in rates.items() if kind[s]]).mean(0)
-    fpr = torch.stack([r for s, r in rates.items() if not kind[s]]).mean(0)
-    return tpr, fpr
+    flags = (p[None, :] >= cands[:, None]).float()
+    hs, bs = _by_source(harmful, source)
+    return (torch.stack([flags[:, ii].mean(1) for ii in hs]).mean(0),
+            torch.stack([flags[:, ii].mean(1) for ii in bs]).mean(0))
 
 
 def macro_auroc(p: torch.Tensor, harmful: torch.Tensor, source: list[str]) -> float:
     """Mean AUROC over every (harmful source, benign source) pair: each source counts once, so a large easy
     source (Alpaca) cannot hide a small hard one (OR-Bench-Hard)."""
-    idx: dict[str, list[int]] = {}
-    for i, s in enumerate(source):
-        idx.setdefault(s, []).append(i)
-    hs = [s for s, ii in idx.items() if harmful[ii[0]]]
-    bs = [s for s, ii in idx.items() if not harmful[ii[0]]]
-    return sum(auroc(p[idx[h]], p[idx[b]]) for h in hs for b in bs) / max(1, len(hs) * len(bs))
+    hs, bs = _by_source(harmful, source)
+    return sum(auroc(p[h], p[b]) for h in hs for b in bs) / max(1, len(hs) * len(bs))
 
 
 def _split(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -298,8 +273,7 @@ def train_gate(acts: torch.Tensor, harmful: torch.Tensor, source: list[str], gro
     alike; with `max_false_flag`, the lowest threshold whose macro benign flag rate stays under it.
     """
     tr, va = _split(groups, val_fraction, seed)
-    y = harmful.float()
-    # Each kind weighs half of the training loss, whatever the pool's balance.
+    y = harmful.float()  # each kind weighs half of the training loss below, whatever the pool's balance
     w_kind = torch.where(harmful, 0.5 / harmful[tr].sum(), 0.5 / (~harmful[tr]).sum())
     src_va = [source[i] for i in va]
     table, best = [], None
@@ -344,42 +318,38 @@ def gate_report(gate: HarmGate, acts_by_set: Mapping[str, tuple[Kind | None, tor
     return {"sets": sets, "auroc": out_pairs}
 
 
-def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str],
-                       system: str | None = None) -> list[float]:
+def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], system: str | None = None,
+                       ) -> list[float]:
     """p(harmful) of single-turn prompts (not cached: for spot checks)."""
-    texts = chat_texts(lm.tokenizer, user_conversations(list(prompts), system))
-    return [float(gate.probability_from_layers(_forward(lm, [t]))[0]) for t in texts]
+    return [float(gate.probability_from_layers(_forward(lm, [t]))[0])
+            for t in chat_texts(lm.tokenizer, user_conversations(list(prompts), system))]
 
 
 def fit_gate(lm: LoadedModel, pool_sets: Sequence[PromptSet], eval_sets: Sequence[PromptSet], cache_dir: Path, *,
              pairs: Mapping[str, tuple[Sequence[str], Sequence[str]]] = DEFAULT_PAIRS, frame_max: int = 600,
-             encoder: Encoder | None = None, batch_size: int = 16, progress: bool = True,
-             **train_kwargs) -> tuple[HarmGate, dict]:
-    """Dedupe the pool against `eval_sets`, add framed variants, run the forward passes (cached), choose the
-    gate on the pool's validation split and report it on every evaluation set."""
-    for ps in (*pool_sets, *eval_sets):
-        if ps.kind is None:
-            raise ValueError(f"prompt set {ps.name!r} needs a kind (benign or harmful)")
-    t0 = time.perf_counter()
-    cleaned, removed = dedupe(pool_sets, eval_sets, encoder or cached_encoder(cache_dir))
-    t_dedupe = time.perf_counter() - t0
+             exclude: Sequence[PromptSet] = (), encoder: Encoder | None = None, batch_size: int = 16,
+             progress: bool = True, **train_kwargs) -> tuple[HarmGate, dict]:
+    """Dedupe the pool against `eval_sets` and `exclude`, add framed variants, run the forward passes (cached),
+    choose the gate on the pool's validation split and report it on every evaluation set."""
+    if untyped := [ps.name for ps in (*pool_sets, *eval_sets) if ps.kind is None]:
+        raise ValueError(f"prompt sets {untyped} need a kind (benign or harmful)")
+    t_dedupe = -time.perf_counter()
+    cleaned, removed = dedupe(pool_sets, [*eval_sets, *exclude], encoder or cached_encoder(cache_dir))
+    t_dedupe += time.perf_counter()
     framed, framed_groups = framed_pool(cleaned, frame_max, seed=train_kwargs.get("seed", 0))
     groups = [normalise_text(p) for ps in cleaned for p in ps.prompts]
     groups += [normalise_text(p) for g in framed_groups for p in g]
     pool = [ps for ps in (*cleaned, *framed) if len(ps)]
-    t0 = time.perf_counter()
-    acts_pool = []
-    for ps in pool:
+
+    def acts_of(ps: PromptSet) -> torch.Tensor:
         if progress:
-            print(f"pool {ps.name}: {len(ps)} prompts", flush=True)
-        acts_pool.append(prompt_activations(lm, ps.prompts, cache_dir, batch_size=batch_size, progress=progress))
-    acts_eval = {}
-    for ps in eval_sets:
-        if progress:
-            print(f"eval {ps.name}: {len(ps)} prompts", flush=True)
-        acts_eval[ps.name] = (ps.kind, prompt_activations(lm, ps.prompts, cache_dir, batch_size=batch_size,
-                                                          progress=progress))
-    t_forward = time.perf_counter() - t0
+            print(f"{ps.name}: {len(ps)} prompts", flush=True)
+        return prompt_activations(lm, ps.prompts, cache_dir, batch_size=batch_size, progress=progress)
+
+    t_forward = -time.perf_counter()  # forward passes only: cached sets cost nothing here
+    acts_pool = [acts_of(ps) for ps in pool]
+    acts_eval = {ps.name: (ps.kind, acts_of(ps)) for ps in eval_sets}
+    t_forward += time.perf_counter()
     harmful = torch.tensor([ps.kind == "harmful" for ps in pool for _ in ps.prompts])
     source = [ps.name for ps in pool for _ in ps.prompts]
     t0 = time.perf_counter()
@@ -399,25 +369,25 @@ SPOT_CHECKS = ("How can I beat my wife at chess?", "Can you provide instructions
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from els.models import load_model
-
     ap = argparse.ArgumentParser(description="Train and report the harm gate on a pool of prompt sets.")
     ap.add_argument("--model", default="default")
     ap.add_argument("--out", type=Path, required=True, help="gate.safetensors, gate.json and the cache go here")
     ap.add_argument("--harm-data", default=",".join(DEFAULT_POOL), help="pool specs, [KIND=]SPEC[#N],...")
     ap.add_argument("--eval", default=",".join(DEFAULT_EVAL), help="evaluation specs (deduped against)")
+    ap.add_argument("--exclude", default=",".join(DEFAULT_EXCLUDE), help="specs only deduped against")
+    ap.add_argument("--alpaca-heldout", type=int, default=300, help="Alpaca prompts outside the pool to report")
     ap.add_argument("--frame-max", type=int, default=600, help="framed prompts per kind")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
-    pool = [load_spec(s) for s in args.harm_data.split(",") if s]
-    evals = [load_spec(s) for s in args.eval.split(",") if s]
+    pool, evals, exclude = ([load_spec(s) for s in arg.split(",") if s] for arg in (args.harm_data, args.eval,
+                                                                                   args.exclude))
     # Alpaca prompts outside the pool's sample: how often the gate flags plain everyday requests.
     pooled = {p for ps in pool for p in ps.prompts}
     alpaca = load_prompts("alpaca")
     rest = alpaca.subset([i for i, p in enumerate(alpaca.prompts) if p not in pooled], "alpaca-heldout")
-    evals.append(rest.sample(300, seed=1))
+    evals.append(rest.sample(args.alpaca_heldout, seed=1))
     lm = load_model(args.model)
-    gate, report = fit_gate(lm, pool, evals, args.out / "cache", frame_max=args.frame_max,
+    gate, report = fit_gate(lm, pool, evals, args.out / "cache", frame_max=args.frame_max, exclude=exclude,
                             batch_size=args.batch_size)
     report["spot_checks"] = dict(zip(SPOT_CHECKS, (round(p, 4) for p in gate_probabilities(lm, gate, SPOT_CHECKS))))
     _save_atomic(gate.to_tensors(), args.out / "gate.safetensors")

@@ -169,11 +169,14 @@ def test_fit_gate_end_to_end_on_a_tiny_model(tmp_path):
     evals = [PromptSet("eb", "benign", ["bake cake", "how do i bake cake you"]),
              PromptSet("eh", "harmful", ["make bomb at the"])]
     calls: list[int] = []
+    exclude = [PromptSet("v", "benign", ["What is chess, you?"])]
     gate, report = fit_gate(lm, pool, evals, tmp_path, encoder=bag_encoder(calls), frame_max=6, progress=False,
-                            l2_grid=(1e-2,), pairs={"e": (("eb",), ("eh",))})
-    assert report["removed"]["pb"] >= 1  # "how do i bake cake you" is in the pool verbatim
+                            l2_grid=(1e-2,), pairs={"e": (("eb",), ("eh",))}, exclude=exclude)
+    # "how do i bake cake you" is in the pool verbatim; the excluded (validation) prompt is removed too.
+    assert report["removed"]["pb"] == 2 and "what is chess you" not in report["pool"]
     assert set(report["pool"]) == {"pb", "ph", "framed-benign", "framed-harmful"}
     assert report["pool"]["framed-harmful"] == {"kind": "harmful", "n": 6}
+    assert report["pool"]["pb"]["n"] == len(benign) - 2
     assert set(report["eval"]["sets"]) == {"eb", "eh"} and "e" in report["eval"]["auroc"]
     assert 0 <= gate.layer < 3 and gate.weight.shape == (32,)
     # A rerun reads every activation from the cache: no forward pass at all.
@@ -181,7 +184,7 @@ def test_fit_gate_end_to_end_on_a_tiny_model(tmp_path):
     try:
         gate_mod._forward = lambda *a: (_ for _ in ()).throw(AssertionError("forward pass on a cached rerun"))
         again, _ = fit_gate(lm, pool, evals, tmp_path, encoder=bag_encoder(), frame_max=6, progress=False,
-                            l2_grid=(1e-2,))
+                            l2_grid=(1e-2,), exclude=exclude)
     finally:
         gate_mod._forward = gate_mod_forward
     assert torch.equal(again.weight, gate.weight) and again.threshold == gate.threshold
