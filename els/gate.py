@@ -1,12 +1,9 @@
 """Harm gate: a logistic probe of "this prompt is harmful" on one layer's last-prompt-token activation.
 
-Steering must leave harmful prompts alone, so the gate decides at prefill which rows may be steered. A probe
-on the 640 built-in prompts flagged 55% of XSTest-unsafe and 27% of borderline benign prompts (issue 10), so
-this one learns from a large, varied pool by prompt-only forward passes (no generation), jailbreak-framed
-variants included (els.framings), minus every near-duplicate of an evaluation prompt. Layer, L2 and threshold
-are chosen on a validation split of the pool only; evaluation sets are only reported on.
-
-Entry points: `fit_gate` (library) and `python -m els.gate --out DIR` (the default pool and report).
+Steering must leave harmful prompts alone, so the gate decides at prefill which rows may be steered. It learns
+from a large, varied pool by prompt-only forward passes (no generation), jailbreak-framed variants included
+(els.framings), minus every near-duplicate of an evaluation prompt; layer, L2 and threshold are chosen on a
+validation split of the pool only. Entry points: `fit_gate` and `python -m els.gate --out DIR`.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
 import shutil
 import time
@@ -32,7 +28,7 @@ from els.framings import frame_set, framed_sources
 from els.models import LoadedModel, chat_texts, config_fingerprint, load_model, user_conversations
 
 Encoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> unit-norm sentence embeddings [N, e]
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 COSINE_DUPLICATE = 0.9
 CACHE_VERSION = 1  # bump when the recorded quantity changes, so old caches are not reused
 
@@ -42,7 +38,7 @@ DEFAULT_EVAL = ("xstest-safe", "xstest-unsafe", "orbench-hard@test", "oktest@tes
                 "jbb-wrapped")
 # Deduplicated against but not reported on: the tune's validation sets must not leak into the gate either.
 DEFAULT_EXCLUDE = ("orbench-hard@val", "oktest@val")
-DEFAULT_PAIRS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+DEFAULT_PAIRS = {  # label: (benign sets, harmful sets)
     "xstest-safe vs xstest-unsafe": (("xstest-safe",), ("xstest-unsafe",)),
     "orbench-hard@test+oktest@test vs jbb+harmbench": (("orbench-hard@test", "oktest@test"), ("jbb", "harmbench")),
     "orbench-hard@test+oktest@test vs jbb-wrapped": (("orbench-hard@test", "oktest@test"), ("jbb-wrapped",)),
@@ -55,8 +51,7 @@ def load_spec(spec: str) -> PromptSet:
     kind, name = (head, tail) if sep and head in ("benign", "harmful") else ("", spec)
     base, _, n = name.partition("#")
     ps = load_prompts(base).sample(int(n) if n else None)
-    ps = PromptSet(name, ps.kind, ps.prompts, ps.categories)
-    return ps.with_kind(kind) if kind else ps  # type: ignore[arg-type]
+    return PromptSet(name, kind or ps.kind, ps.prompts, ps.categories)  # type: ignore[arg-type]
 
 
 def normalise_text(text: str) -> str:  # lower case, words only: copies differing in case or punctuation match
@@ -125,6 +120,7 @@ def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
 
     def stop(module, args, kwargs):
         raise _Stop
+
     with record_last_token(blocks) as captured:
         handle = blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)  # after the recorder's hook
         try:
@@ -205,7 +201,7 @@ class HarmGate:
 def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     """P(score of a positive > score of a negative), ties counting half; nan when a side is empty."""
     if not len(pos) or not len(neg):
-        return math.nan
+        return float("nan")
     diff = pos.float()[:, None] - neg.float()[None, :]
     return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
@@ -241,12 +237,10 @@ def _by_source(harmful: torch.Tensor, source: list[str]) -> tuple[list[list[int]
     return [ii for ii in idx.values() if harmful[ii[0]]], [ii for ii in idx.values() if not harmful[ii[0]]]
 
 
-def _macro_rates(p: torch.Tensor, harmful: torch.Tensor, source: list[str], cands: torch.Tensor):
+def _macro_rates(p: torch.Tensor, harmful: torch.Tensor, source: list[str], cands: torch.Tensor) -> tuple:
     """Per candidate threshold: mean over harmful sources of the share flagged, and the same over benign ones."""
     flags = (p[None, :] >= cands[:, None]).float()
-    hs, bs = _by_source(harmful, source)
-    return (torch.stack([flags[:, ii].mean(1) for ii in hs]).mean(0),
-            torch.stack([flags[:, ii].mean(1) for ii in bs]).mean(0))
+    return tuple(torch.stack([flags[:, ii].mean(1) for ii in side]).mean(0) for side in _by_source(harmful, source))
 
 
 def macro_auroc(p: torch.Tensor, harmful: torch.Tensor, source: list[str]) -> float:
@@ -265,7 +259,7 @@ def _split(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[
 
 def train_gate(acts: torch.Tensor, harmful: torch.Tensor, source: list[str], groups: list[str], *,
                l2_grid: Sequence[float] = L2_GRID, layers: Sequence[int] | None = None, val_fraction: float = 0.2,
-               seed: int = 0, max_false_flag: float | None = None) -> HarmGate:
+               seed: int = 0, max_false_flag: float | None = None, balance: str = "source") -> HarmGate:
     """Fit a probe per (layer, L2) on the train split; keep the best macro AUROC on the validation split.
 
     Threshold: by default Youden's J on source-macro rates (max mean share of harmful sources flagged minus
@@ -273,8 +267,13 @@ def train_gate(acts: torch.Tensor, harmful: torch.Tensor, source: list[str], gro
     alike; with `max_false_flag`, the lowest threshold whose macro benign flag rate stays under it.
     """
     tr, va = _split(groups, val_fraction, seed)
-    y = harmful.float()  # each kind weighs half of the training loss below, whatever the pool's balance
-    w_kind = torch.where(harmful, 0.5 / harmful[tr].sum(), 0.5 / (~harmful[tr]).sum())
+    # Each kind weighs half of the loss; with balance="source" each source weighs the same within its kind, so
+    # the small contrast sets (built-in homonym pairs) are not drowned by Alpaca and OR-Bench-toxic.
+    y = harmful.float()
+    w_kind = torch.zeros(len(harmful))
+    for side in _by_source(harmful[tr], [source[i] if balance == "source" else str(harmful[i]) for i in tr]):
+        for ii in side:
+            w_kind[[tr[i] for i in ii]] = 0.5 / (len(side) * len(ii))
     src_va = [source[i] for i in va]
     table, best = [], None
     for layer in layers if layers is not None else range(acts.shape[1]):
