@@ -159,6 +159,15 @@ _BUILTIN = {
     "els-benign": lambda: _builtin("benign.jsonl", "benign", "els-benign"),
     "els-harmful": lambda: _builtin("harmful.jsonl", "harmful", "els-harmful"),
 }
+_KNOWN["jbb-wrapped"] = lambda d: _jbb_wrapped(_KNOWN["jbb"](d))
+
+
+def _jbb_wrapped(jbb: PromptSet) -> PromptSet:
+    from els.framings import jbb_wrapped  # framings builds on PromptSet: imported late to avoid a cycle
+
+    return jbb_wrapped(jbb)
+
+
 KNOWN_SETS = tuple(_KNOWN) + tuple(_BUILTIN)
 
 
