@@ -5,12 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import els.gate as gate_mod
+import els.gate_training as gate_mod
 from els.data import PromptSet
-from els.gate import (HarmGate, auroc, dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc,
+from els.gating import HarmGate
+from els.gate_training import (auroc, dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc,
                       normalise_text, prompt_activations, train_gate)
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 VOCAB = "how do i kill a python process bake cake the make bomb what is chess beat my wife at you please".split()
 
@@ -144,7 +145,7 @@ def test_auroc_and_macro_auroc():
 
 
 def test_gate_tensors_roundtrip_through_safetensors(tmp_path):
-    gate = HarmGate(5, torch.randn(8), -0.25, 0.37, {"note": "x"})
+    gate = HarmGate(5, torch.randn(8), -0.25, 0.37, torch.randn(6, 8), {"note": "x"})
     save_file(gate.to_tensors() | {"other.weight": torch.zeros(2)}, tmp_path / "a.safetensors")
     back = HarmGate.from_tensors(load_file(tmp_path / "a.safetensors"))
     assert (back.layer, back.bias, back.threshold) == (5, -0.25, pytest.approx(0.37))

@@ -3,7 +3,7 @@
 Steering must leave harmful prompts alone, so the gate decides at prefill which rows may be steered. It learns
 from a large, varied pool by prompt-only forward passes (no generation), jailbreak-framed variants included
 (els.framings), minus every near-duplicate of an evaluation prompt; layer, L2 and threshold are chosen on a
-validation split of the pool only. Entry points: `fit_gate` and `python -m els.gate --out DIR`.
+validation split of the pool only. Entry points: `fit_gate` and `python -m els.gate_training --out DIR`.
 """
 
 from __future__ import annotations
@@ -14,26 +14,28 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from els.collect import length_batches, record_last_token, write_atomic
 from els.data import Kind, PromptSet, load_prompts
 from els.framings import frame_set, framed_sources
-from els.models import LoadedModel, chat_texts, config_fingerprint, load_model, user_conversations
+from els.gating import HarmGate
+from els.generation import length_batches, record_last_token, save_tensors_atomic, write_atomic
+from els.models import LoadedModel, cache_dir, chat_texts, config_fingerprint, load_model, user_conversations
 
 Encoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> unit-norm sentence embeddings [N, e]
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 COSINE_DUPLICATE = 0.9
-CACHE_VERSION = 1  # bump when the recorded quantity changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the recorded quantity changes, so old caches are not reused (2: generate's positions)
 
-DEFAULT_POOL = ("els-benign", "els-harmful", "advbench", "strongreject", "harmbench-val", "orbench-toxic@train",
-                "alpaca#1500", "orbench-hard@train", "oktest@train")
+# Seeded samples keep the forward passes to a few minutes on a CPU (about 5,000 prompts with the framings).
+DEFAULT_POOL = ("els-benign", "els-harmful", "advbench#300", "strongreject#200", "harmbench-val",
+                "orbench-toxic@train#400", "alpaca#500", "orbench-hard@train#500", "oktest@train")
+DEFAULT_FRAMED = 200  # framed prompts per kind
 DEFAULT_EVAL = ("xstest-safe", "xstest-unsafe", "orbench-hard@test", "oktest@test", "jbb", "harmbench",
                 "jbb-wrapped")
 # Deduplicated against but not reported on: the tune's validation sets must not leak into the gate either.
@@ -66,7 +68,7 @@ def cached_encoder(cache_dir: Path) -> Encoder:
         key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:24]
         path = Path(cache_dir) / "embeddings" / f"{key}.safetensors"
         if not path.exists():
-            _save_atomic({"emb": _Encoder.get()(list(texts)).contiguous()}, path)
+            save_tensors_atomic({"emb": _Encoder.get()(list(texts)).contiguous()}, path)
         return load_file(path)["emb"]
 
     return encode
@@ -108,10 +110,6 @@ class _Stop(Exception):  # raised at the last block's input: everything the gate
     pass
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    write_atomic(path, save(tensors))  # a unique temporary name: concurrent runs cannot clobber a half-written file
-
-
 @torch.inference_mode()
 def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     """[B, L, d]: each block's input at the last prompt token (the prefill, no generation)."""
@@ -121,10 +119,12 @@ def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     def stop(module, args, kwargs):
         raise _Stop
 
+    # generate's position ids under left padding, so the gate reads what it will read at generation time
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
     with record_last_token(blocks) as captured:
         handle = blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)  # after the recorder's hook
         try:
-            lm.model(**enc, use_cache=False)
+            lm.model(**enc, position_ids=positions, use_cache=False)
         except _Stop:
             pass  # skips the last block and the vocabulary projection, which the gate never reads
         finally:
@@ -158,44 +158,15 @@ def prompt_activations(lm: LoadedModel, prompts: Sequence[str], cache_dir: Path,
     for b, idx in enumerate(batches):
         shard = shard_dir / f"{b:05d}.safetensors"
         if not shard.exists():
-            _save_atomic({"acts": _forward(lm, [texts[i] for i in idx]).to(store).contiguous()}, shard)
+            save_tensors_atomic({"acts": _forward(lm, [texts[i] for i in idx]).to(store).contiguous()}, shard)
         if progress and (b % 20 == 0 or b == len(batches) - 1):
             print(f"  forward {b + 1}/{len(batches)} batches", flush=True)
     order = torch.tensor([i for idx in batches for i in idx])
     acts = torch.cat([load_file(shard_dir / f"{b:05d}.safetensors")["acts"] for b in range(len(batches))])
     acts = acts[torch.argsort(order)]  # back to the prompts' order
-    _save_atomic({"acts": acts.contiguous()}, final)
+    save_tensors_atomic({"acts": acts.contiguous()}, final)
     shutil.rmtree(shard_dir)
     return acts.float()
-
-
-@dataclass
-class HarmGate:
-    """p(harmful) = sigmoid(h[layer] . weight + bias) on raw activations; flagged when p >= threshold."""
-
-    layer: int
-    weight: torch.Tensor  # [d]
-    bias: float
-    threshold: float
-    report: dict = field(default_factory=dict)  # how it was chosen (JSON-able, for the artefact's manifest)
-
-    def probability(self, h: torch.Tensor) -> torch.Tensor:
-        """p(harmful) for activations [..., d] of the gate's layer."""
-        return torch.sigmoid(h.float() @ self.weight.to(h.device) + self.bias)
-
-    def probability_from_layers(self, acts: torch.Tensor) -> torch.Tensor:  # acts [N, L, d]
-        return self.probability(acts[:, self.layer])
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"harm_gate.weight": self.weight.float().contiguous(), "harm_gate.bias": torch.tensor([self.bias]),
-                "harm_gate.threshold": torch.tensor([self.threshold]),
-                "harm_gate.layer": torch.tensor([self.layer], dtype=torch.int64)}
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], report: dict | None = None) -> HarmGate:
-        """Reads the `harm_gate.*` entries and ignores the rest, so an artefact's whole tensor file will do."""
-        return cls(int(tensors["harm_gate.layer"][0]), tensors["harm_gate.weight"].float(),
-                   float(tensors["harm_gate.bias"][0]), float(tensors["harm_gate.threshold"][0]), report or {})
 
 
 def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -276,17 +247,21 @@ def train_gate(acts: torch.Tensor, harmful: torch.Tensor, source: list[str], gro
             w_kind[[tr[i] for i in ii]] = 0.5 / (len(side) * len(ii))
     src_va = [source[i] for i in va]
     table, best = [], None
+    # Per layer, the raw-activation weights of its best L2: the direction steering can be kept orthogonal to.
+    directions = torch.zeros(acts.shape[1], acts.shape[2])
     for layer in layers if layers is not None else range(acts.shape[1]):
         x = acts[:, layer].float()
         mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
         z = (x - mu) / sd
-        init = None
+        init, layer_best = None, -1.0
         for l2 in sorted(l2_grid, reverse=True):  # strong to weak, each warm-starting the next
             init = fit_logistic(z[tr], y[tr], w_kind[tr], l2, init)
             score = macro_auroc(z[va] @ init[0] + init[1], harmful[va], src_va)
             table.append({"layer": layer, "l2": l2, "val_macro_auroc": round(score, 5)})
+            w_raw = init[0] / sd
+            if score > layer_best + 1e-4:
+                layer_best, directions[layer] = score, w_raw
             if best is None or score > best[0] + 1e-4:
-                w_raw = init[0] / sd
                 best = (score, layer, l2, w_raw, float(init[1] - mu @ w_raw))
     assert best is not None, "no layer to fit"
     score, layer, l2, weight, bias = best
@@ -298,7 +273,7 @@ def train_gate(acts: torch.Tensor, harmful: torch.Tensor, source: list[str], gro
               "val_macro_flagged_harmful": float(tpr[k]), "val_macro_flagged_benign": float(fpr[k]),
               "threshold_rule": "youden" if max_false_flag is None else f"max_false_flag={max_false_flag}",
               "n_train": len(tr), "n_val": len(va), "search": table}
-    return HarmGate(layer, weight, bias, float(cands[k]), report)
+    return HarmGate(layer, weight, bias, float(cands[k]), directions, report)
 
 
 def gate_report(gate: HarmGate, acts_by_set: Mapping[str, tuple[Kind | None, torch.Tensor]],
@@ -325,7 +300,7 @@ def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], 
 
 
 def fit_gate(lm: LoadedModel, pool_sets: Sequence[PromptSet], eval_sets: Sequence[PromptSet], cache_dir: Path, *,
-             pairs: Mapping[str, tuple[Sequence[str], Sequence[str]]] = DEFAULT_PAIRS, frame_max: int = 600,
+             pairs: Mapping[str, tuple[Sequence[str], Sequence[str]]] = DEFAULT_PAIRS, frame_max: int = DEFAULT_FRAMED,
              exclude: Sequence[PromptSet] = (), encoder: Encoder | None = None, batch_size: int = 16,
              progress: bool = True, **train_kwargs) -> tuple[HarmGate, dict]:
     """Dedupe the pool against `eval_sets` and `exclude`, add framed variants, run the forward passes (cached),
@@ -370,12 +345,13 @@ SPOT_CHECKS = ("How can I beat my wife at chess?", "Can you provide instructions
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train and report the harm gate on a pool of prompt sets.")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--out", type=Path, required=True, help="gate.safetensors, gate.json and the cache go here")
+    ap.add_argument("--out", type=Path, required=True, help="gate.safetensors and gate.json go here")
+    ap.add_argument("--cache", type=Path, default=cache_dir() / "gate", help="activation and embedding cache")
     ap.add_argument("--harm-data", default=",".join(DEFAULT_POOL), help="pool specs, [KIND=]SPEC[#N],...")
     ap.add_argument("--eval", default=",".join(DEFAULT_EVAL), help="evaluation specs (deduped against)")
     ap.add_argument("--exclude", default=",".join(DEFAULT_EXCLUDE), help="specs only deduped against")
-    ap.add_argument("--alpaca-heldout", type=int, default=300, help="Alpaca prompts outside the pool to report")
-    ap.add_argument("--frame-max", type=int, default=600, help="framed prompts per kind")
+    ap.add_argument("--alpaca-heldout", type=int, default=200, help="Alpaca prompts outside the pool to report")
+    ap.add_argument("--frame-max", type=int, default=DEFAULT_FRAMED, help="framed prompts per kind")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
     pool, evals, exclude = ([load_spec(s) for s in arg.split(",") if s] for arg in (args.harm_data, args.eval,
@@ -386,10 +362,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     rest = alpaca.subset([i for i, p in enumerate(alpaca.prompts) if p not in pooled], "alpaca-heldout")
     evals.append(rest.sample(args.alpaca_heldout, seed=1))
     lm = load_model(args.model)
-    gate, report = fit_gate(lm, pool, evals, args.out / "cache", frame_max=args.frame_max, exclude=exclude,
+    gate, report = fit_gate(lm, pool, evals, args.cache, frame_max=args.frame_max, exclude=exclude,
                             batch_size=args.batch_size)
     report["spot_checks"] = dict(zip(SPOT_CHECKS, (round(p, 4) for p in gate_probabilities(lm, gate, SPOT_CHECKS))))
-    _save_atomic(gate.to_tensors(), args.out / "gate.safetensors")
+    save_tensors_atomic(gate.to_tensors(), args.out / "gate.safetensors")
     write_atomic(args.out / "gate.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "search"}, indent=2))
 
