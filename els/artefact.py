@@ -198,7 +198,7 @@ def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainC
         threshold = settings.harm_gate if isinstance(settings.harm_gate, float) else 0.5
         gate = _layer_probes_gate(trained_layers, num_layers, manifest["steer"]["layers"][0], probe_w, probe_b,
                                   threshold)
-    manifest["harm_gate_probe"] = gate.report
+    manifest["harm_gate_probe"] = {k: v for k, v in gate.report.items() if k != "search"}
     return Artefact(result.energy, manifest, gate)
 
 

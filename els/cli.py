@@ -49,6 +49,10 @@ Contrast = Annotated[str, typer.Option(help="States the energy contrasts: four-s
                                            "false refusal; pair it with --harm-gate).")]
 Positions = Annotated[str, typer.Option(help="'last': step position -1 of every forward pass (the paper); "
                                              "'prompt': only the last prompt token.")]
+HarmData = Annotated[str, typer.Option(help="The harm gate's pool: comma-separated [KIND=]SET[#N] specs, prompt-only "
+                                            "forward passes (els.gate_training); 'none': a probe on the collection's "
+                                            "own prompts.")]
+DEFAULT_HARM_DATA = ",".join(recipe.Recipe().harm_data)
 
 
 def _parse_ints(text: str, name: str) -> tuple[int, ...]:
@@ -127,26 +131,36 @@ def train_cmd(
     widths: Annotated[str, typer.Option(help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = DEFAULT_WIDTHS,
     epochs: int = _TRAIN.epochs,
     seed: int = 0,
+    harm_data: HarmData = DEFAULT_HARM_DATA,
+    model: Model = DEFAULT_MODEL,
+    device: Device = None,
+    dtype: Dtype = "auto",
 ) -> None:
-    """Train the per-layer energy models and write the steering artefact."""
-    _train(load_collection(states), out, _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate,
-                                                 harm_gate, positions))
+    """Train the per-layer energy models and the harm gate and write the steering artefact (the gate's
+    forward passes need the collection's model)."""
+    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
+    col = load_collection(states)
+    lm = load_model(model, device=device, dtype=dtype) if how.harm_data else None
+    _train(col, out, how, lm)
 
 
-def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions) -> recipe.Recipe:
+def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions,
+            harm_data) -> recipe.Recipe:
     try:
         settings = SteerSettings(eta=eta, steps=steps, threshold=gate, harm_gate=None if harm_gate >= 1 else harm_gate,
                                  positions=positions)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     cfg = TrainConfig(_parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
-    return recipe.Recipe(cfg, settings, layer_rule=layer_rule, top_n=top_n)
+    pool = () if harm_data.strip().lower() == "none" else tuple(s.strip() for s in harm_data.split(",") if s.strip())
+    return recipe.Recipe(cfg, settings, layer_rule=layer_rule, top_n=top_n, harm_data=pool)
 
 
-def _train(col: Collection, out: Path, how: recipe.Recipe) -> Artefact:
+def _train(col: Collection, out: Path, how: recipe.Recipe, lm=None) -> Artefact:
     try:
-        art = recipe.fit(col, how)
-    except ValueError as e:
+        gate = recipe.fit_harm_gate(lm, how) if lm is not None else None
+        art = recipe.fit(col, how, gate)
+    except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     art.save(out)
     m = art.manifest
@@ -156,8 +170,12 @@ def _train(col: Collection, out: Path, how: recipe.Recipe) -> Artefact:
                       "*" if layer in art.layers else "")
     console.print(table)
     st = art.settings
+    g = art.gate.report.get("gate", art.gate.report)
+    console.print(f"harm gate: layer {art.gate.layer}, threshold {art.gate.threshold:.3f}"
+                  + (f", validation macro AUROC {g['val_macro_auroc']:.3f}" if "val_macro_auroc" in g else
+                     " (probe on the collection's prompts)"))
     console.print(f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
-                  f"positions {st.positions}, harm gate {st.harm_gate})")
+                  f"positions {st.positions}, harm gate {st.harm_gate}, project {st.project})")
     return art
 
 
@@ -183,12 +201,13 @@ def run_cmd(
     widths: str = DEFAULT_WIDTHS,
     epochs: int = _TRAIN.epochs,
     seed: int = 0,
+    harm_data: HarmData = DEFAULT_HARM_DATA,
     device: Device = None,
     dtype: Dtype = "auto",
     device_map: DeviceMap = None,
 ) -> None:
-    """The whole pipeline: collect states, train energies, write OUT/artefact (manifest els.json)."""
-    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions)
+    """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json)."""
+    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
     times = {}
     t = time.perf_counter()
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -197,7 +216,7 @@ def run_cmd(
     col = _collect(lm, out / "collect", benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    art = _train(col, out / "artefact", how)
+    art = _train(col, out / "artefact", how, lm)
     times["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = recipe.held_out(col, how.train)

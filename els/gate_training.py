@@ -301,7 +301,8 @@ def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], 
 
 def fit_gate(lm: LoadedModel, pool_sets: Sequence[PromptSet], eval_sets: Sequence[PromptSet], cache_dir: Path, *,
              pairs: Mapping[str, tuple[Sequence[str], Sequence[str]]] = DEFAULT_PAIRS, frame_max: int = DEFAULT_FRAMED,
-             exclude: Sequence[PromptSet] = (), encoder: Encoder | None = None, batch_size: int = 16,
+             exclude: Sequence[PromptSet] = (), report_only: Sequence[PromptSet] = (),
+             encoder: Encoder | None = None, batch_size: int = 16,
              progress: bool = True, **train_kwargs) -> tuple[HarmGate, dict]:
     """Dedupe the pool against `eval_sets` and `exclude`, add framed variants, run the forward passes (cached),
     choose the gate on the pool's validation split and report it on every evaluation set."""
@@ -322,7 +323,7 @@ def fit_gate(lm: LoadedModel, pool_sets: Sequence[PromptSet], eval_sets: Sequenc
 
     t_forward = -time.perf_counter()  # forward passes only: cached sets cost nothing here
     acts_pool = [acts_of(ps) for ps in pool]
-    acts_eval = {ps.name: (ps.kind, acts_of(ps)) for ps in eval_sets}
+    acts_eval = {ps.name: (ps.kind, acts_of(ps)) for ps in (*eval_sets, *report_only)}
     t_forward += time.perf_counter()
     harmful = torch.tensor([ps.kind == "harmful" for ps in pool for _ in ps.prompts])
     source = [ps.name for ps in pool for _ in ps.prompts]
@@ -360,9 +361,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     pooled = {p for ps in pool for p in ps.prompts}
     alpaca = load_prompts("alpaca")
     rest = alpaca.subset([i for i, p in enumerate(alpaca.prompts) if p not in pooled], "alpaca-heldout")
-    evals.append(rest.sample(args.alpaca_heldout, seed=1))
+    heldout = rest.sample(args.alpaca_heldout, seed=1)
     lm = load_model(args.model)
+    # Alpaca's held-out sample is disjoint from the pool's already: not deduplicated against, so the pool,
+    # and the gate, are exactly those of `els run` with the same --harm-data.
     gate, report = fit_gate(lm, pool, evals, args.cache, frame_max=args.frame_max, exclude=exclude,
+                            report_only=[heldout],
                             batch_size=args.batch_size)
     report["spot_checks"] = dict(zip(SPOT_CHECKS, (round(p, 4) for p in gate_probabilities(lm, gate, SPOT_CHECKS))))
     save_tensors_atomic(gate.to_tensors(), args.out / "gate.safetensors")

@@ -7,16 +7,18 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from els.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, Artefact, make_artefact
 from els.collect import Collection, collect
 from els.data import PromptSet, load_prompts
 from els.energy import CONTRASTS, TrainConfig, stratified_split, train_energy
+from els.gate_training import DEFAULT_EVAL, DEFAULT_EXCLUDE, DEFAULT_POOL, fit_gate, load_spec
+from els.gating import HarmGate
 from els.generation import DEFAULT_MAX_NEW_TOKENS, generate
 from els.judges import Judge, get_judge
-from els.models import LoadedModel
+from els.models import LoadedModel, cache_dir
 from els.settings import SteerSettings
 from els.steering import Steering
 
@@ -40,13 +42,38 @@ class Recipe:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 32
     system: str | None = None
+    # The harm gate's pool (els.gate_training specs); empty: a probe on the collection's own prompts instead.
+    harm_data: tuple[str, ...] = DEFAULT_POOL
+    # Removed from the pool with their near-duplicates: the evaluation and tuning sets.
+    harm_exclude: tuple[str, ...] = DEFAULT_EVAL + DEFAULT_EXCLUDE
 
 
-def fit(collection: Collection, recipe: Recipe = Recipe()) -> Artefact:
-    """Train the energies on a finished collection and build the artefact."""
+def fit_harm_gate(lm: LoadedModel, recipe: Recipe = Recipe(), cache: Path | None = None,
+                  progress: bool = True) -> HarmGate | None:
+    """The recipe's harm gate, from prompt-only forward passes of its pool (cached); None without a pool."""
+    if not recipe.harm_data:
+        return None
+    pool = [load_spec(s) for s in recipe.harm_data]
+    exclude = []
+    for spec in recipe.harm_exclude:
+        try:
+            exclude.append(load_spec(spec))
+        except FileNotFoundError:
+            pass  # a set that cannot be read here cannot be evaluated on here either
+    gate, _ = fit_gate(lm, pool, [], cache or cache_dir() / "gate", exclude=exclude, progress=progress,
+                       seed=recipe.train.seed)
+    return gate
+
+
+def fit(collection: Collection, recipe: Recipe = Recipe(), gate: HarmGate | None = None) -> Artefact:
+    """Train the energies on a finished collection and build the artefact. With a pooled `gate`, the harm
+    gate's threshold is the one chosen on the pool's validation split (unless the recipe turns it off)."""
     result = train_energy(collection.activations, collection.states, recipe.train)
-    return make_artefact(result, collection, recipe.train, recipe.settings, layer_rule=recipe.layer_rule,
-                         top_n=recipe.top_n)
+    settings = recipe.settings
+    if gate is not None and settings.harm_gated:
+        settings = replace(settings, harm_gate=gate.threshold)
+    return make_artefact(result, collection, recipe.train, settings, layer_rule=recipe.layer_rule,
+                         top_n=recipe.top_n, gate=gate)
 
 
 def train(lm: LoadedModel, out: Path | str, *, benign: list[PromptSet] | None = None,
@@ -58,7 +85,7 @@ def train(lm: LoadedModel, out: Path | str, *, benign: list[PromptSet] | None = 
     col = collect(lm, [*benign, *harmful], out / "collect", judge=get_judge(recipe.judge),
                   max_new_tokens=recipe.max_new_tokens, batch_size=recipe.batch_size, system=recipe.system,
                   progress=progress)
-    art = fit(col, recipe)
+    art = fit(col, recipe, fit_harm_gate(lm, recipe, progress=progress))
     art.save(out / "artefact")
     return art
 

@@ -33,7 +33,7 @@ DEFAULT_BENIGN = ["orbench-hard@val", "oktest@val"]  # XSTest is a test set in t
 DEFAULT_HARMFUL = ["harmbench-val", "orbench-toxic@val"]
 ETA_RANGE = (0.005, 0.5)
 STEPS_RANGE = (1, 10)
-# Harm-probe gate probabilities (None: off); see Steering.
+# Harm-gate probabilities (None: off), besides the artefact's own threshold; see els.gating.
 HARM_GATES = (None, 0.3, 0.5, 0.7)
 TOLERANCE = 0.03
 MAX_NLL_INCREASE = 1.0
@@ -121,7 +121,8 @@ def settings_of(params: dict, manifest: dict) -> dict:
     """Trial parameters -> the steered layers and the `SteerSettings` fields, as plain values."""
     settings = SteerSettings(eta=params["eta"], steps=params["steps"],
                              threshold=params["threshold"] if params["gate"] else None,
-                             harm_gate=params.get("harm_gate"), positions=params.get("positions", "last"))
+                             harm_gate=params.get("harm_gate"), positions=params.get("positions", "last"),
+                             project=params.get("project", False))
     return {"layers": steer_layers(manifest, params["layer_rule"], params["n_layers"]), **settings.manifest()}
 
 
@@ -196,6 +197,7 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
     lo, hi = study.user_attrs["threshold_range"]
     num_trained = len(manifest["trained_layers"])
     max_layers = min(max_layers, num_trained)
+    harm_gates = sorted({*HARM_GATES, round(artefact.gate.threshold, 4)}, key=lambda g: -1.0 if g is None else g)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         params = {"layer_rule": trial.suggest_categorical("layer_rule", LAYER_RULES),
@@ -204,8 +206,9 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
                   "steps": trial.suggest_int("steps", *STEPS_RANGE),
                   "gate": trial.suggest_categorical("gate", [False, True])}
         params["threshold"] = trial.suggest_float("threshold", lo, hi) if params["gate"] else None
-        params["harm_gate"] = trial.suggest_categorical("harm_gate", HARM_GATES)
+        params["harm_gate"] = trial.suggest_categorical("harm_gate", harm_gates)
         params["positions"] = trial.suggest_categorical("positions", POSITIONS)
+        params["project"] = trial.suggest_categorical("project", [False, True])
         settings = settings_of(params, manifest)
         t = time.perf_counter()
         score = evaluate(els_of(artefact, settings, f"els-trial-{trial.number}"))
@@ -223,7 +226,8 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
                              "n_layers": min(len(artefact.layers), max_layers),
                              "eta": min(max(s.eta, ETA_RANGE[0]), ETA_RANGE[1]),
                              "steps": min(max(s.steps, STEPS_RANGE[0]), STEPS_RANGE[1]),
-                             "gate": s.threshold is not None, "harm_gate": s.harm_gate, "positions": s.positions,
+                             "gate": s.threshold is not None, "positions": s.positions, "project": s.project,
+                             "harm_gate": None if s.harm_gate is None else round(s.harm_gate, 4),
                              **({"threshold": min(max(s.threshold, lo), hi)} if s.threshold is not None else {})})
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if n_trials > len(done):
