@@ -1,20 +1,23 @@
 """Regenerate results/<model>/ from scratch: collect and train, tune on validation, evaluate on held-out tests.
 
-    python benchmarks/reproduce.py                  # default model, the protocol below
-    python benchmarks/reproduce.py --limit 40       # a smaller sample per test benchmark
+    python benchmarks/reproduce.py                               # default model, the whole protocol
+    python benchmarks/reproduce.py --limit 100 --trials 8        # seeded samples of the test sets
 
-Protocol (the README's results table comes from it):
+Protocol (docs/results.md comes from it):
 1. `els run`: states of the project's own training prompts (els-benign, els-harmful; no benchmark
-   prompt), energy models for every layer (80/20 train/validation split of those states, seed 0).
-2. `els tune`: the Optuna search over layers, eta, K, gates and positions on validation prompts only
-   (orbench-hard@val and oktest@val against harmbench-val and orbench-toxic@val, seeded samples), its
+   prompt), energy models for every layer, and the harm gate from prompt-only forward passes of its pool
+   (els.gate_training; near-duplicates of every test and tuning prompt removed).
+2. The gate's report on every test set (AUROC, share flagged): `python -m els.gate_training`.
+3. `els tune`: the Optuna search over layers, eta, K, gates, positions and projection on validation
+   prompts only (orbench-hard@val and oktest@val against harmbench-val and orbench-toxic@val), its
    chosen point written to RUN/artefact-tuned.
-3. `els eval`: base, ELS (tuned) and the baselines (fitted on the step-1 states) on held-out tests:
-   xstest-safe, xstest-unsafe, oktest, jbb, harmbench and orbench-hard@test (the 20% test split,
-   seed 0), judged by the learned judge.
+4. `els eval`: base, ELS (tuned), the baselines behind the same harm gate and without it, and the
+   system prompt, on held-out tests judged by the learned judge: xstest-safe, xstest-unsafe,
+   orbench-hard@test and oktest@test (20% test splits, seed 0), jbb, harmbench, and jbb-wrapped
+   (JailbreakBench in the project's evaluation framings, worded unlike the gate's training framings).
 Every stage resumes where an interrupted run stopped. Answers stay in RUN (they quote the benchmark
-prompts); results/<model>/ gets the summary, report, plots, the tune's Pareto front and reproduce.json
-with the commands and the wall time of each stage.
+prompts); results/<model>/ gets the summary, report, plots, the gate report, the tune's Pareto front and
+reproduce.json with the commands and the wall time of each stage.
 """
 
 from __future__ import annotations
@@ -28,23 +31,19 @@ import sys
 import time
 from pathlib import Path
 
-from els.collect import write_atomic
+from els.generation import write_atomic
 
-METHODS = "base,els,system-prompt,ablation,addition,surgical,probe-gated"
-TESTS = ("xstest-safe", "xstest-unsafe", "oktest", "jbb", "harmbench")
+METHODS = "base,els,addition-gated,surgical-gated,addition,surgical,system-prompt"
+TESTS = ("xstest-safe", "xstest-unsafe", "orbench-hard@test", "oktest@test", "jbb", "harmbench", "jbb-wrapped")
 COPIED = ("summary.json", "report.md", "refusal_rates.png", "tradeoff.png", "layer_auc.png", "energy_hist.png")
 TUNE_COPIED = ("pareto.json", "pareto.md", "pareto.png")
-
-
-def els(*args: str) -> list[str]:
-    return [sys.executable, "-m", "els", *args]
 
 
 def stage(name: str, cmd: list[str], log: dict) -> None:
     print(f"\n== {name}: {shlex.join(cmd[2:])}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
-    log[name] = {"command": shlex.join(["els", *cmd[3:]]), "wall_s": round(time.perf_counter() - start, 1)}
+    log[name] = {"command": shlex.join(["python", *cmd[1:]]), "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
@@ -53,27 +52,29 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/reproduce"),
                     help="Working directory (activations, answers).")
     ap.add_argument("--results", type=Path, default=None, help="Default: results/<model name>.")
+    ap.add_argument("--benchmarks", default=",".join(TESTS),
+                    help="Test sets; NAME~N takes a seeded sample of N of that set.")
     ap.add_argument("--limit", type=int, default=None,
-                    help="Seeded sample of N prompts per test benchmark (all by default).")
-    ap.add_argument("--orbench-limit", type=int, default=None, help="Sample of orbench-hard@test (default: --limit).")
+                    help="Seeded sample of N prompts per test set without its own ~N (all by default).")
     ap.add_argument("--trials", type=int, default=24, help="els tune trials.")
     ap.add_argument("--tune-limit", type=int, default=32, help="Validation prompts per side in els tune.")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--methods", default=METHODS)
     args = ap.parse_args()
     results = args.results or Path("results") / Path(args.model).name
     run, log = args.run, {}
     start = time.perf_counter()
+    els = [sys.executable, "-m", "els"]
 
     if not (run / "artefact" / "els.json").exists():
-        stage("run", els("run", "--model", args.model, "--out", str(run)), log)
-    stage("tune", els("tune", "--model", args.model, "--steer", str(run / "artefact"), "--out", str(run / "tune"),
-                      "--out-artefact", str(run / "artefact-tuned"), "--trials", str(args.trials),
-                      "--limit", str(args.tune_limit), "--judge", "learned"), log)
-    orbench = "orbench-hard@test" + (f"~{args.orbench_limit}" if args.orbench_limit else "")
-    evaluate = els("eval", "--model", args.model, "--steer", str(run / "artefact-tuned"), "--states",
-                   str(run / "collect"), "--methods", args.methods, "--benchmarks", ",".join([*TESTS, orbench]),
-                   "--max-new-tokens", str(args.max_new_tokens), "--out", str(run / "eval"))
+        stage("run", [*els, "run", "--model", args.model, "--out", str(run)], log)
+    stage("gate", [sys.executable, "-m", "els.gate_training", "--model", args.model, "--out", str(run / "gate")], log)
+    stage("tune", [*els, "tune", "--model", args.model, "--steer", str(run / "artefact"), "--out", str(run / "tune"),
+                   "--out-artefact", str(run / "artefact-tuned"), "--trials", str(args.trials),
+                   "--limit", str(args.tune_limit), "--judge", "learned"], log)
+    evaluate = [*els, "eval", "--model", args.model, "--steer", str(run / "artefact-tuned"), "--states",
+                str(run / "collect"), "--methods", args.methods, "--benchmarks", args.benchmarks,
+                "--max-new-tokens", str(args.max_new_tokens), "--out", str(run / "eval")]
     if args.limit:
         evaluate += ["--limit", str(args.limit)]
     stage("eval", evaluate, log)
@@ -84,6 +85,7 @@ def main() -> None:
             shutil.copy2(run / "eval" / name, results / name)
     for name in TUNE_COPIED:
         shutil.copy2(run / "tune" / name, results / name)
+    shutil.copy2(run / "gate" / "gate.json", results / "gate.json")
     log["total_wall_s"] = round(time.perf_counter() - start, 1)
     log["argv"] = sys.argv[1:]
     write_atomic(results / "reproduce.json", json.dumps(log, indent=2) + "\n")

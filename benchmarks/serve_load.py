@@ -25,11 +25,13 @@ import openai
 import torch
 import uvicorn
 
-from els.collect import Collection, Record, generate_batch, state_of
+from els.collect import Collection, Record, state_of
+from els.generation import generate_batch
 from els.energy import TrainConfig, train_energy
 from els.models import chat_texts, config_fingerprint, load_model, user_conversations
 from els.serve import Limits, create_app
-from els.steering import Artefact, make_artefact
+from els.artefact import Artefact, make_artefact
+from els.settings import SteerSettings
 
 PROMPTS = ["How do I kill a Python process?", "What is the capital of France?", "How can I beat my friend at chess?",
            "Write a haiku about autumn.", "How do I shoot a good photo at night?", "Explain what a hash table is.",
@@ -42,7 +44,7 @@ def synthetic_artefact(lm) -> Artefact:
     """Energies trained on the model's own last-token activations with arbitrary labels, steering three middle
     layers: realistic shapes, norms and cost, meaningless directions."""
     texts = chat_texts(lm.tokenizer, user_conversations(PROMPTS))
-    real = generate_batch(lm, texts, 1, record=True)[1]  # [8, L, d]
+    real = generate_batch(lm, texts, 1, record=True).activations  # [8, L, d]
     layers, dim = real.shape[1:]
     g = torch.Generator().manual_seed(0)
     records, acts = [], []
@@ -56,8 +58,7 @@ def synthetic_artefact(lm) -> Artefact:
     col = Collection(records, torch.stack(acts), meta)
     train = TrainConfig(epochs=5)
     result = train_energy(col.activations, col.states, train)
-    art = make_artefact(result, col, trained_layers=list(range(layers)), top_n=3, eta=0.05, steps=3, gate=None,
-                        train_cfg=train, num_layers=layers)
+    art = make_artefact(result, col, train, SteerSettings(eta=0.05, steps=3, threshold=None), top_n=3)
     art.manifest["steer"]["layers"] = [layers // 2 - 2, layers // 2, layers // 2 + 2]
     return art
 
