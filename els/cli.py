@@ -244,6 +244,8 @@ def generate_cmd(
     harm_gate: Annotated[Optional[float], typer.Option(help="Override the artefact's harm gate.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Override the steered layers, e.g. 21,22,23.")] = None,
     positions: Annotated[Optional[str], typer.Option(help="Override the artefact's positions: last, prompt.")] = None,
+    project: Annotated[Optional[bool], typer.Option(help="Override whether steps are kept orthogonal to the harm "
+                                                         "probe's direction.")] = None,
     max_new_tokens: int = 128,
     system: Optional[str] = None,
     device: Device = None,
@@ -259,7 +261,8 @@ def generate_cmd(
         try:
             art = Artefact.load(steer_dir)
             chosen = None if layers is None else _parse_ints(layers, "--layers")
-            with steer(lm.model, art, eta=eta, steps=steps, harm_gate=harm_gate, layers=chosen, positions=positions):
+            with steer(lm.model, art, eta=eta, steps=steps, harm_gate=harm_gate, layers=chosen, positions=positions,
+                       project=project):
                 steered = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system)
         except (FileNotFoundError, ValueError) as e:
             raise typer.BadParameter(str(e)) from None
