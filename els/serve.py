@@ -312,9 +312,11 @@ class Engine:
         self._pending: list[Job] = []  # taken from the queue, not yet in a batch
         self._running: list[Job] = []  # the batch being generated
         self._lock = threading.Lock()
+        self._dying = False  # an error is ending the worker thread
         self.thread = self._new_thread()
 
     def _new_thread(self) -> threading.Thread:
+        self._dying = False
         return threading.Thread(target=self._main, name="els-engine", daemon=True)
 
     def start(self) -> None:
@@ -328,8 +330,10 @@ class Engine:
     def ensure_running(self) -> None:
         """Replaces a worker thread that died (an error escaped `_main`), failing the requests it held."""
         with self._lock:
-            if self.stopping or self.thread.ident is None or self.thread.is_alive():
+            if self.stopping or self.thread.ident is None or (self.thread.is_alive() and not self._dying):
                 return
+            self.thread.join(5)  # a dying one is on its way out
+            log.error("the generation worker thread died (%s); starting a new one", self.last_error)
             self._worker_failed(self.last_error or "the worker thread ended")
             self.thread = self._new_thread()
             self.thread.start()
@@ -363,17 +367,21 @@ class Engine:
                 self.last_error = f"{type(e).__name__}: {e}"
                 self._worker_failed(self.last_error)
             except BaseException as e:
-                self.last_error = f"{type(e).__name__}: {e}"
+                self.last_error, self._dying = f"{type(e).__name__}: {e}", True
+                self._fail_held(self.last_error)  # their clients must not wait for the next request to notice
                 raise  # the thread ends; ensure_running replaces it
         self._drain()
 
     def _worker_failed(self, why: str) -> None:
         self.restarts += 1
+        self._fail_held(why)
+
+    def _fail_held(self, why: str) -> None:
         error = ApiError(500, f"the generation worker failed ({why}) and was restarted; retry the request",
                          type="server_error", code="worker_restarted")
-        for job in self._pending + self._running:
+        held, self._pending, self._running = self._pending + self._running, [], []
+        for job in held:
             job.answer(("error", error))
-        self._pending, self._running = [], []
 
     def _drain(self) -> None:
         """After stop: refuse whatever is still held or queued."""
