@@ -650,7 +650,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
 
 def _parse(obj: Any) -> ChatRequest:
     if not isinstance(obj, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
         return ChatRequest.model_validate(obj)
     except ValidationError as e:
