@@ -17,6 +17,7 @@ import json
 import logging
 import queue
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -41,6 +42,8 @@ log = logging.getLogger("els.serve")
 
 MAX_ETA = 4.0  # eta is a fraction of the layer's hidden norm per step; beyond this the model only babbles
 MAX_STEPS = 32
+MIN_TEMPERATURE = 0.01  # a positive temperature below this is raised to it (as vLLM does): 1/T overflows the logits
+INT64 = (-(1 << 63), (1 << 63) - 1)  # the seed's range, as torch.Generator.manual_seed takes it
 # Per-row gate thresholds standing for "no gate" and "closed" when rows of one batch differ.
 _OPEN, _CLOSED = -1e30, 1e30
 
@@ -78,23 +81,26 @@ class ElsOptions(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. "name"
+    model_config = ConfigDict(extra="ignore", strict=True)  # e.g. "name"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     # Unknown parameters are refused rather than ignored: silently dropping e.g. `tools` would be a wrong answer.
-    model_config = ConfigDict(extra="forbid")
+    # Strict types, as the OpenAI API: "2" or true is not a max_tokens, "0" not a temperature (an int is a float).
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -102,7 +108,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -152,6 +158,18 @@ class Job:
     stream: bool
     emit: Callable[[tuple], None]  # thread-safe: hands an event to the request's coroutine
     cancelled: bool = False
+    answered: bool = False  # its "done" or "error" event is out
+    delivered: str = ""  # the text streamed so far, which a retry must reproduce
+
+    def answer(self, event: tuple) -> None:
+        """The job's last event ("done", result) or ("error", ApiError); any later one is dropped."""
+        if not self.answered:
+            self.answered = True
+            self.emit(event)
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
 
 
 @dataclass
@@ -166,6 +184,7 @@ class _Row:
     sent: int = 0
     generated: int = 0
     done: bool = False
+    resumed: bool = False  # a retry of a streamed row: its text must begin with what was already sent
 
 
 class _RowSampler(LogitsProcessor):
@@ -210,6 +229,9 @@ class _RowTracker(StoppingCriteria):
         if job.cancelled:
             row.done = True
             return
+        if self.engine.stopping:  # SIGTERM: end every row at its next token
+            row.done = True
+            return job.answer(("error", _shutting_down()))
         row.generated += 1
         if token in self.engine.eos:
             return self.finish(row, "stop")
@@ -230,7 +252,12 @@ class _RowTracker(StoppingCriteria):
 
     def _send(self, row: _Row, upto: int) -> None:
         if row.job.stream and upto > row.sent:
+            if row.resumed:
+                if row.text[: row.sent] != row.job.delivered:
+                    raise RuntimeError("its retry did not reproduce the text already streamed")
+                row.resumed = False
             row.job.emit(("delta", row.text[row.sent : upto]))
+            row.job.delivered += row.text[row.sent : upto]
             row.sent = upto
 
     def finish(self, row: _Row, reason: str) -> None:
@@ -238,7 +265,7 @@ class _RowTracker(StoppingCriteria):
         row.done = True
         result = {"text": row.text, "finish_reason": reason, "prompt_tokens": len(row.job.ids),
                   "completion_tokens": row.generated, "els": self.diagnostics(row)}
-        row.job.emit(("done", result))
+        row.job.answer(("done", result))
 
     def diagnostics(self, row: _Row) -> dict:
         s = row.job.steer
@@ -257,7 +284,11 @@ class _RowTracker(StoppingCriteria):
 
 
 class Engine:
-    """The worker thread that owns the model, and the queue feeding it."""
+    """The worker thread that owns the model, and the queue feeding it.
+
+    Nothing a request holds can stop it: a failed batch is retried row by row so that only the faulty
+    request gets an error, an error outside a batch fails the requests the worker held and restarts its
+    loop, and a worker thread that died all the same is replaced on the next request or /health call."""
 
     def __init__(self, lm: LoadedModel, artefact: Artefact | None, limits: Limits):
         self.lm, self.limits = lm, limits
@@ -267,32 +298,104 @@ class Engine:
             self.artefact = artefact.subset(artefact.layers)
         self.eos = eos_ids(lm)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.counters = {"requests": 0, "batches": 0, "largest_batch": 0}
-        self.thread = threading.Thread(target=self._loop, name="els-engine", daemon=True)
+        self.counters = {"requests": 0, "batches": 0, "largest_batch": 0, "failed_batches": 0, "retried_rows": 0}
+        self.restarts = 0  # times the worker failed outside a batch and was restarted
+        self.last_error: str | None = None
+        self.stopping = False  # set on SIGTERM (from a signal handler: a flag only) and by stop()
+        self._pending: list[Job] = []  # taken from the queue, not yet in a batch
+        self._running: list[Job] = []  # the batch being generated
+        self._lock = threading.Lock()
+        self._dying = False  # an error is ending the worker thread
+        self.thread = self._new_thread()
+
+    def _new_thread(self) -> threading.Thread:
+        self._dying = False
+        return threading.Thread(target=self._main, name="els-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    @property
+    def state(self) -> str:
+        """"ok"; "restarted" once the worker has failed and been restarted (it serves); "stopping"."""
+        return "stopping" if self.stopping else "restarted" if self.restarts else "ok"
+
+    def ensure_running(self) -> None:
+        """Replaces a worker thread that died (an error escaped `_main`), failing the requests it held."""
+        with self._lock:
+            if self.stopping or self.thread.ident is None or (self.thread.is_alive() and not self._dying):
+                return
+            self.thread.join(5)  # a dying one is on its way out
+            log.error("the generation worker thread died (%s); starting a new one", self.last_error)
+            self._worker_failed(self.last_error or "the worker thread ended")
+            self.thread = self._new_thread()
+            self.thread.start()
+
+    def abort(self) -> None:
+        """Stop generating: running rows end at their next token and held ones get 503. Safe in a signal handler."""
+        self.stopping = True
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self.stopping = True
         self.jobs.put(None)
-        self.thread.join(timeout=60)
+        self.thread.join(timeout=timeout)  # a daemon: a forward pass still running does not hold the process
+        self._drain()
 
     def submit(self, job: Job) -> None:
-        if not self.thread.is_alive():
-            raise ApiError(503, "the generation worker is not running", type="server_error", code="unavailable")
+        if self.stopping:
+            raise _shutting_down()
+        self.ensure_running()
         if self.jobs.qsize() >= self.limits.max_queue:
             raise ApiError(503, "server overloaded: too many queued requests, retry later", type="server_error",
                            code="overloaded")
         self.jobs.put(job)
 
-    def _loop(self) -> None:
-        pending: list[Job] = []
+    def _main(self) -> None:
         while True:
-            if not pending:
+            try:
+                self._loop()
+                break  # stop() asked
+            except Exception as e:  # noqa: BLE001 - a bug outside a batch: fail what is held, then carry on
+                log.exception("the generation worker failed; restarting it")
+                self.last_error = f"{type(e).__name__}: {e}"
+                self._worker_failed(self.last_error)
+            except BaseException as e:
+                self.last_error, self._dying = f"{type(e).__name__}: {e}", True
+                self._fail_held(self.last_error)  # their clients must not wait for the next request to notice
+                raise  # the thread ends; ensure_running replaces it
+        self._drain()
+
+    def _worker_failed(self, why: str) -> None:
+        self.restarts += 1
+        self._fail_held(why)
+
+    def _fail_held(self, why: str) -> None:
+        error = ApiError(500, f"the generation worker failed ({why}) and was restarted; retry the request",
+                         type="server_error", code="worker_restarted")
+        held, self._pending, self._running = self._pending + self._running, [], []
+        for job in held:
+            job.answer(("error", error))
+
+    def _drain(self) -> None:
+        """After stop: refuse whatever is still held or queued."""
+        held, self._pending, self._running = self._pending + self._running, [], []
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                held.append(job)
+        for job in held:
+            job.answer(("error", _shutting_down()))
+
+    def _loop(self) -> None:
+        while True:
+            if not self._pending:
                 first = self.jobs.get()
                 if first is None:
                     return
-                pending.append(first)
+                self._pending.append(first)
                 time.sleep(self.limits.batch_window_ms / 1000)  # let a burst arrive
             while True:
                 try:
@@ -300,16 +403,21 @@ class Engine:
                 except queue.Empty:
                     break
                 if job is None:
-                    for j in pending:
-                        j.emit(("error", "server shutting down"))
                     return
-                pending.append(job)
-            pending = [j for j in pending if not j.cancelled]
-            if not pending:
+                self._pending.append(job)
+            if self.stopping:
+                held, self._pending = self._pending, []
+                for job in held:
+                    job.answer(("error", _shutting_down()))
                 continue
-            batch = self._pick(pending)
-            pending = [j for j in pending if all(j is not b for b in batch)]
+            self._pending = [j for j in self._pending if not j.cancelled]
+            if not self._pending:
+                continue
+            batch = self._pick(self._pending)
+            self._running = batch
+            self._pending = [j for j in self._pending if all(j is not b for b in batch)]
             self._run(batch)
+            self._running = []
 
     def _pick(self, pending: list[Job]) -> list[Job]:
         """The oldest job and, up to max_batch, later ones whose prompts pad well with it."""
@@ -337,19 +445,24 @@ class Engine:
                         harm_gate=[r.harm_gate if r else None for r in rows],
                         positions=[r.positions if r else "prompt" for r in rows], check=False)
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job], retry: bool = False) -> None:
+        """One generate call for `batch`. If it fails, each unanswered row is run again alone, so only the
+        faulty request gets the error (and a fault of the batch as a whole, e.g. its size, answers none)."""
         model, tok = self.lm.model, self.lm.tokenizer
-        device = model.device
-        width = max(len(j.ids) for j in batch)
-        pad = tok.pad_token_id
-        # Left padding built by hand: the tokenizer is not touched here while request threads encode with it.
-        input_ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch], device=device)
-        rows = [_Row(j, i, self._generator(j, device)) for i, j in enumerate(batch)]
         self.counters["batches"] += 1
-        self.counters["requests"] += len(batch)
-        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(batch))
+        if not retry:
+            self.counters["requests"] += len(batch)
+            self.counters["largest_batch"] = max(self.counters["largest_batch"], len(batch))
+        rows: list[_Row] = []
         try:
+            device = model.device
+            width = max(len(j.ids) for j in batch)
+            pad = tok.pad_token_id
+            # Left padding built by hand: the tokenizer is not touched here while request threads encode with it.
+            input_ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch], device=device)
+            rows = [_Row(j, i, self._generator(j, device), sent=len(j.delivered), resumed=bool(j.delivered))
+                    for i, j in enumerate(batch)]
             steering = self._steering(batch)
             tracker = _RowTracker(rows, self, steering)
             with steering if steering is not None else nullcontext(), torch.inference_mode():
@@ -362,11 +475,22 @@ class Engine:
                 if not row.done:  # generate stopped on its own (e.g. the model's max_length)
                     tracker.finish(row, "length")
         except Exception as e:  # noqa: BLE001 - a failed batch must not stop the server
-            log.exception("generation failed")
             for row in rows:
-                if not row.done:
-                    row.done = True
-                    row.job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+                row.done = True  # a row the tracker still holds must not be answered twice
+            left = [j for j in batch if not j.answered and not j.cancelled]
+            if len(batch) > 1 and not self.stopping:
+                log.warning("a batch of %d failed (%s: %s); retrying its %d unanswered rows one by one",
+                            len(batch), type(e).__name__, e, len(left))
+                self.counters["failed_batches"] += 1
+                for job in left:
+                    self.counters["retried_rows"] += 1
+                    self._run([job], retry=True)
+                return
+            log.exception("generation failed")
+            error = _shutting_down() if self.stopping else ApiError(
+                500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed")
+            for job in left:
+                job.answer(("error", error))
 
     @staticmethod
     def _generator(job: Job, device: torch.device) -> torch.Generator | None:
@@ -390,8 +514,12 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        yield
-        await asyncio.to_thread(engine.stop)
+        restore = _on_termination(engine.abort)
+        try:
+            yield
+        finally:
+            restore()
+            await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="els", lifespan=lifespan)
     app.state.engine = engine
@@ -412,9 +540,12 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = engine.thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "dead", "model": lm.name, "steering": artefact is not None,
-                             "queued": engine.jobs.qsize(), **engine.counters}, status_code=200 if alive else 503)
+        engine.ensure_running()
+        serving = not engine.stopping and engine.thread.is_alive()
+        return JSONResponse({"status": "ok" if serving else engine.state, "model": lm.name,
+                             "steering": artefact is not None, "worker": engine.state,
+                             "worker_restarts": engine.restarts, "worker_last_error": engine.last_error,
+                             "queued": engine.jobs.qsize(), **engine.counters}, status_code=200 if serving else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -451,14 +582,22 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
             text = chat_texts(lm.tokenizer, [conversation])[0]
         except Exception as e:  # noqa: BLE001 - templates raise their own errors, e.g. on role order
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        try:
+            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as e:  # noqa: BLE001 - e.g. text the tokenizer cannot encode
+            raise ApiError(400, f"the tokenizer refused these messages: {type(e).__name__}: {e}",
+                           param="messages") from None
         if len(ids) > limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, this server allows at most "
                            f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
         if context is not None and len(ids) + max_tokens > context:
             raise ApiError(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
                            f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
-        return Job(ids=ids, max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if 0 < temperature < MIN_TEMPERATURE:
+            log.warning("temperature %g raised to %g", temperature, MIN_TEMPERATURE)
+            temperature = MIN_TEMPERATURE
+        return Job(ids=ids, max_tokens=max_tokens, temperature=temperature,
                    top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
                    steer=steer_settings(req.els or ElsOptions()), stream=req.stream, emit=emit)
 
@@ -485,7 +624,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         finally:
             job.cancelled = True  # no-op once done; frees the row if the client went away
         if event[0] == "error":
-            raise ApiError(500, event[1], type="server_error")
+            raise event[1]
         r = event[1]
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
@@ -497,7 +636,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
 
 def _parse(obj: Any) -> ChatRequest:
     if not isinstance(obj, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
         return ChatRequest.model_validate(obj)
     except ValidationError as e:
@@ -515,9 +654,67 @@ async def _read_json(request: Request, cap: int) -> Any:
         if len(body) > cap:
             raise too_big
     try:
-        return json.loads(body)
-    except ValueError as e:
+        obj = json.loads(body, parse_constant=_no_constant)
+    except ValueError as e:  # UnicodeDecodeError included
         raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON in the request body: nested too deeply", code="invalid_json") from None
+    if (where := _lone_surrogate(obj)) is not None:
+        raise ApiError(400, f"{where or 'the body'}: a string holds a lone UTF-16 surrogate (e.g. \\ud800 "
+                       "without its pair), which is not text", param=where or None, code="invalid_unicode")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json takes NaN and Infinity; the standard does not
+
+
+def _lone_surrogate(obj: Any, where: str = "") -> str | None:
+    """The path of the first string (or key) in `obj` that is not valid Unicode text, else None."""
+    stack = [(obj, where)]
+    while stack:
+        obj, where = stack.pop()
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                path = f"{where}.{k}" if where else str(k)
+                if _lone_surrogate(k) is not None:
+                    return path.encode("utf-8", "backslashreplace").decode()
+                stack.append((v, path))
+        elif isinstance(obj, list):
+            stack.extend((v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj))
+    return None
+
+
+def _on_termination(callback: Callable[[], None]) -> Callable[[], None]:
+    """Calls `callback` on SIGTERM and SIGINT before the handler in place (uvicorn's, which starts its
+    graceful shutdown), and returns what undoes that. uvicorn waits for open requests to end before it
+    shuts the app down, so without this a long generation would hold a SIGTERM for minutes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals are the main thread's; a server run elsewhere is stopped by its owner
+    installed = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue  # default or ignored: no graceful shutdown to hurry
+
+        def handler(signum: int, frame: Any, previous: Callable = previous) -> None:
+            callback()
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
+        installed[sig] = (handler, previous)
+
+    def restore() -> None:
+        for sig, (handler, previous) in installed.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, previous)
+
+    return restore
 
 
 def _usage(r: dict) -> dict:
@@ -545,7 +742,7 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool)
                 yield "data: [DONE]\n\n"
                 return
             else:
-                yield f"data: {json.dumps(ApiError(500, payload, type='server_error').body())}\n\n"
+                yield f"data: {json.dumps(payload.body())}\n\n"
                 return
     finally:
         job.cancelled = True  # the client went away mid-stream: stop generating for it
