@@ -24,7 +24,7 @@ from starlette.testclient import TestClient
 
 from els.serve import Limits, create_app
 
-from conftest import tiny_artefact, tiny_model
+from helpers import tiny_artefact, tiny_model
 from test_serve import Server
 
 MODEL = "tiny-qwen2"
