@@ -102,6 +102,7 @@ def test_kappa_and_agreement_match_hand_values():
 # --- benchmarks and methods ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_data
 def test_benchmark_specs_and_bad_input(tmp_path, files):
     assert len(load_benchmark("xstest-safe")) == 250 and load_benchmark("xstest-safe").kind == "benign"
     assert len(load_benchmark("jbb", limit=7)) == 7
@@ -304,6 +305,7 @@ def test_learned_judge_knows_terse_refusals():
     assert p[0] > 0.8 and p[1] > 0.8 and p[2] < 0.5
 
 
+@pytest.mark.needs_data
 def test_learned_judge_generalises_to_an_unseen_file():
     files = sorted((data_dir() / "xstest" / "labelled_completions").glob("*.csv"))
     sets = {f.name: read_labelled(f) for f in files}
@@ -314,6 +316,7 @@ def test_learned_judge_generalises_to_an_unseen_file():
     assert agreement(test.refused, pred)["accuracy"] > 0.85
 
 
+@pytest.mark.needs_data
 def test_judge_check_leaves_the_scored_file_out(tmp_path):
     f = sorted((data_dir() / "xstest" / "labelled_completions").glob("*.csv"))[0]
     rows = judge_check([f], ["prefix", "learned"], log=lambda s: None)
@@ -395,7 +398,7 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, files, saved_tiny):
 @pytest.mark.parametrize("change, message", [
     ({"--benchmarks": "nonsense"}, "unknown prompt set"),
     ({"--benchmarks": "missing.csv:prompt=benign"}, "not found"),
-    ({"--benchmarks": "xstest-safe,xstest-safe"}, "named twice"),
+    ({"--benchmarks": "els-benign,els-benign"}, "named twice"),
     ({"--methods": "base,bogus"}, "unknown method"),
     ({"--judge": "oracle"}, "unknown judge"),
     ({"--steer": "no/such/artefact"}, "not an ELS artefact"),
@@ -405,7 +408,7 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, files, saved_tiny):
 def test_cli_eval_bad_input(tmp_path, saved_tiny, change, message):
     other = tmp_path / "other"
     tiny_artefact(tiny_model("llama")).save(other)  # same sizes, another architecture
-    args = {"--model": str(saved_tiny), "--benchmarks": "xstest-safe", "--out": str(tmp_path / "eval"),
+    args = {"--model": str(saved_tiny), "--benchmarks": "els-benign", "--out": str(tmp_path / "eval"),
             "--quality-n": "0", "--speed-n": "0"}
     args.update({k: (str(other) if v == "OTHER" else v) for k, v in change.items()})
     result = CliRunner().invoke(app, ["eval", *[x for kv in args.items() for x in kv]])
@@ -414,6 +417,7 @@ def test_cli_eval_bad_input(tmp_path, saved_tiny, change, message):
     assert not (tmp_path / "eval" / "completions").exists()
 
 
+@pytest.mark.needs_data
 def test_cli_judge_check_writes_markdown(tmp_path):
     f = sorted((data_dir() / "xstest" / "labelled_completions").glob("*.csv"))[2]
     md = tmp_path / "judges.md"
@@ -427,6 +431,7 @@ def test_cli_judge_check_writes_markdown(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_data
 def test_eval_end_to_end_on_the_default_model(tmp_path):
     from els.models import load_model
 
