@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -448,3 +449,28 @@ def test_eval_end_to_end_on_the_default_model(tmp_path):
     assert all(b["n"] == 4 and set(b["methods"]) == {"base", "els"} for b in s["benchmarks"].values())
     assert s["quality"]["els"]["kl_mean"] >= 0 and s["speed"]["els"][0]["tokens_per_s"] > 0
     assert (out / "report.md").exists() and (out / "tradeoff.png").exists()
+
+    # The stored answers are what the library gives for the same prompts: base = a plain generate, els = a
+    # generate under `steer` with the artefact; each refusal rate is the learned judge's share of refusals.
+    from els.generation import generate
+    from els.judges import LearnedJudge
+    from els.steering import steer
+
+    judge = LearnedJudge()
+    for name, bench in s["benchmarks"].items():
+        for method in ("base", "els"):
+            path = next((out / "completions" / method).glob(f"{name}*.jsonl"))
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            prompts = [r["prompt"] for r in rows]
+            with steer(lm.model, art_dir) if method == "els" else contextlib.nullcontext():
+                direct = generate(lm, prompts, max_new_tokens=8, batch_size=4)
+            assert [r["answer"] for r in rows] == direct, (name, method)
+            refused = judge(prompts, direct)
+            assert bench["methods"][method]["refusal_rate"] == pytest.approx(sum(refused) / len(refused))
+
+    # A rerun takes every answer from the cache and gives the same numbers.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["run"]["generated"] == 0 and s["run"]["generated"] > 0
+    assert s2["benchmarks"] == s["benchmarks"]
