@@ -3,7 +3,7 @@
     python benchmarks/reproduce.py                  # default model, the protocol below
     python benchmarks/reproduce.py --limit 40       # a smaller sample per test benchmark
 
-Protocol (the README's results table comes from it):
+Protocol (docs/results.md's tables come from it):
 1. `els run`: states of the project's own training prompts (els-benign, els-harmful; no benchmark
    prompt), energy models for every layer (80/20 train/validation split of those states, seed 0).
 2. `els tune`: the Optuna search over layers, eta, K, gates and positions on validation prompts only
