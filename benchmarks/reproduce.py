@@ -3,7 +3,7 @@
     python benchmarks/reproduce.py                               # default model, the whole protocol
     python benchmarks/reproduce.py --limit 100 --trials 8        # seeded samples of the test sets
 
-Protocol (docs/results.md comes from it):
+Protocol (docs/results.md's tables come from it):
 1. `els run`: states of the project's own training prompts (els-benign, els-harmful; no benchmark
    prompt), energy models for every layer, and the harm gate from prompt-only forward passes of its pool
    (els.gate_training; near-duplicates of every test and tuning prompt removed).

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from els.data import data_dir
-from els.judges import LearnedJudge, ModelJudge, get_judge, preload_embeddings, read_labelled, train_learned_judge
+from els.judges import ModelJudge, get_judge
+from els.learned_judge import LearnedJudge, preload_embeddings, read_labelled, train_learned_judge
 
 Log = Callable[[str], None]
 

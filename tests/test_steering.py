@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from els.generation import generate_batch, record_last_token
 from els.models import chat_texts, decoder_blocks, user_conversations
@@ -35,7 +36,7 @@ def test_blocks_found_and_recorded(tiny):
 def test_steering_changes_only_the_last_position_and_lowers_energy(tiny):
     art = tiny_artefact(tiny)
     enc = tiny.tokenizer(_texts(tiny), return_tensors="pt", padding=True, add_special_tokens=False)
-    layer = art.layers[0]
+    layer = min(art.layers)  # no steered layer before it, so its input is the unsteered model's
     with record_last_token(decoder_blocks(tiny.model)) as base_caps, torch.no_grad():
         base = tiny.model(**enc).logits
     with steer(tiny.model, art) as s, torch.no_grad():
@@ -43,9 +44,12 @@ def test_steering_changes_only_the_last_position_and_lowers_energy(tiny):
     assert torch.allclose(base[:, :-1], steered[:, :-1], atol=1e-5)  # earlier positions untouched
     assert not torch.allclose(base[:, -1], steered[:, -1])
     rep = s.report()[layer]
+    # The energy steering started from is the energy of the unsteered residual at the last position...
+    energy = art.energy.member(art.member_index(layer))
+    assert torch.allclose(torch.tensor(rep["energy_before"]), energy(base_caps[layer]).float(), atol=1e-4)
+    # ... and every row ended lower, after all K steps.
     assert all(a < b for a, b in zip(rep["energy_after"], rep["energy_before"]))
     assert rep["steps_taken"] == len(PROMPTS) * art.manifest["steer"]["steps"]
-    assert base_caps[layer] is not None
 
 
 def test_each_step_moves_by_eta_times_norm():
@@ -180,7 +184,18 @@ def test_artefact_roundtrip_and_mismatch(tmp_path):
     assert loaded.manifest == json.loads((tmp_path / "a" / "els.json").read_text())
     h = torch.randn(3, 4, 32)
     assert torch.allclose(loaded.energy(h), art.energy.eval()(h))
-    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
+    # No pickle: the weights are a safetensors file (8-byte header length, then a JSON header) ...
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["els.json", "energy.safetensors"]
+    raw = (tmp_path / "a" / "energy.safetensors").read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and json.loads(raw[8 : 8 + header])
+    # ... and a pickle under that name is refused, not unpickled.
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "els.json").write_bytes((tmp_path / "a" / "els.json").read_bytes())
+    torch.save(art.energy.state_dict(), pickled / "energy.safetensors")
+    with pytest.raises(SafetensorError, match="deserializing header"):
+        Artefact.load(pickled)
     with pytest.raises(ValueError, match="does not fit this model"):
         steer(tiny_model("llama").model, loaded)
     other = tiny_model("qwen2")

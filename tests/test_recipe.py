@@ -1,0 +1,97 @@
+"""The one-call recipe (els.recipe): train, fit, held_out and validate on a tiny model."""
+
+from __future__ import annotations
+
+import torch
+
+from els import recipe
+from els.artefact import Artefact
+from els.data import PromptSet
+from els.energy import CONTRASTS, TrainConfig, stratified_split, train_energy
+from els.generation import generate
+from els.judges import PrefixJudge
+from els.recipe import Recipe, fit, held_out, train, validate
+from els.settings import SteerSettings
+from els.steering import steer
+
+from helpers import synthetic_collection, tiny_model
+
+TINY = Recipe(train=TrainConfig(widths=(16, 8), epochs=4, lr=1e-3, batch_size=8), top_n=2, judge="prefix",
+              max_new_tokens=4, batch_size=4)
+
+
+def test_fit_uses_the_recipe_defaults_and_matches_the_steps_it_chains():
+    lm = tiny_model("qwen2")
+    col = synthetic_collection(lm)
+    art = fit(col, TINY)
+    assert art.manifest["energy"]["contrast"] == TrainConfig().contrast == "benign"
+    assert art.settings == TINY.settings == SteerSettings()  # the library's defaults are the recipe's
+    assert len(art.layers) == TINY.top_n
+    again = fit(col, TINY)  # deterministic: the same artefact twice
+    h = torch.randn(3, 5, 32)
+    assert torch.equal(art.energy(h), again.energy(h)) and art.manifest["steer"] == again.manifest["steer"]
+
+
+def _trained_rows(col, cfg: TrainConfig) -> tuple[set[int], set[int]]:
+    """The rows the energy and the harm probe learned from, drawn as train_energy and make_artefact draw them."""
+    states = col.states
+    good, bad = CONTRASTS[cfg.contrast]
+    used = {i for i, s in enumerate(states) if s in good + bad}
+    energy_train = used - set(train_energy(col.activations, states, cfg).val_index)
+    probe_train = set(stratified_split(states, cfg.val_fraction, cfg.seed)[0])
+    return energy_train, probe_train
+
+
+def test_held_out_rows_are_disjoint_from_every_training_row():
+    lm = tiny_model("qwen2")
+    col = synthetic_collection(lm, n=128)
+    for contrast in ("benign", "four-state"):
+        cfg = TrainConfig(widths=(8,), epochs=1, batch_size=8, contrast=contrast)
+        rows = held_out(col, cfg)
+        energy_train, probe_train = _trained_rows(col, cfg)
+        assert rows and not set(rows) & (energy_train | probe_train), contrast
+        kinds = {col.records[i].kind for i in rows}
+        assert kinds == {"benign", "harmful"}, contrast
+
+
+def test_validate_reports_both_kinds_and_base_equals_a_direct_generate_and_judge():
+    lm = tiny_model("qwen2")
+    col = synthetic_collection(lm)
+    art = fit(col, TINY)
+    rows = list(range(len(col.records)))
+    judge = PrefixJudge()
+    out = validate(lm, art, col, rows, judge, n=5, max_new_tokens=4)
+    assert set(out) == {"base", "steered"}
+    for name in out:
+        assert out[name]["benign_n"] == out[name]["harmful_n"] == 5
+    for kind, key in (("benign", "benign_compliance"), ("harmful", "harmful_refusal")):
+        prompts = [r.prompt for r in col.records if r.kind == kind][:5]
+        for name in ("base", "steered"):
+            with steer(lm.model, art) if name == "steered" else torch.no_grad():
+                refused = judge(prompts, generate(lm, prompts, max_new_tokens=4))
+            share = sum(refused) / len(prompts)
+            assert out[name][key] == (1 - share if kind == "benign" else share)
+
+
+class _Alternating:
+    """Refuses every other prompt, so the collection has all four states whatever the tiny model says."""
+
+    name = "alternating"
+
+    def __call__(self, prompts, answers):
+        return [int(p.split()[-1]) % 2 == 0 for p in prompts]
+
+
+def test_train_collects_fits_and_saves_a_steerable_artefact(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "get_judge", lambda name: _Alternating())
+    lm = tiny_model("qwen2")
+    benign = PromptSet("b", "benign", [f"what is chess {i}" for i in range(12)])
+    harmful = PromptSet("h", "harmful", [f"how do i make bomb {i}" for i in range(12)])
+    art = train(lm, tmp_path, benign=[benign], harmful=[harmful], recipe=TINY, progress=False)
+    assert (tmp_path / "collect" / "states.jsonl").exists()
+    loaded = Artefact.load(tmp_path / "artefact")
+    assert loaded.manifest == art.manifest and art.manifest["data"]["counts"] == {
+        "helpful": 6, "false_refusal": 6, "safe_refusal": 6, "jailbreak": 6}
+    with steer(lm.model, loaded, harm_gate=1.0) as s:  # harm gate open (None would keep the artefact's 0.5)
+        generate(lm, ["what is chess"], max_new_tokens=2)
+    assert sum(layer["steps_taken"] for layer in s.report().values()) > 0
