@@ -62,7 +62,7 @@ def normalise_text(text: str) -> str:  # lower case, words only: copies differin
 
 def cached_encoder(cache_dir: Path) -> Encoder:
     """The learned judge's sentence encoder, with each call's embeddings kept on disk by content hash."""
-    from els.judges import _Encoder
+    from els.learned_judge import _Encoder
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
         key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:24]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from els import recipe
@@ -17,7 +20,7 @@ from els.steering import steer
 from helpers import synthetic_collection, tiny_model
 
 TINY = Recipe(train=TrainConfig(widths=(16, 8), epochs=4, lr=1e-3, batch_size=8), top_n=2, judge="prefix",
-              max_new_tokens=4, batch_size=4)
+              max_new_tokens=4, batch_size=4, harm_data=())
 
 
 def test_fit_uses_the_recipe_defaults_and_matches_the_steps_it_chains():
@@ -95,3 +98,20 @@ def test_train_collects_fits_and_saves_a_steerable_artefact(tmp_path, monkeypatc
     with steer(lm.model, loaded, harm_gate=1.0) as s:  # harm gate open (None would keep the artefact's 0.5)
         generate(lm, ["what is chess"], max_new_tokens=2)
     assert sum(layer["steps_taken"] for layer in s.report().values()) > 0
+
+
+def test_train_fits_the_pooled_harm_gate_deterministically_from_its_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELS_CACHE", str(tmp_path / "cache"))  # the gate's activations are cached there
+    monkeypatch.setattr(recipe, "get_judge", lambda name: _Alternating())
+    lm = tiny_model("qwen2")
+    benign = PromptSet("b", "benign", [f"what is chess {i}" for i in range(12)])
+    harmful = PromptSet("h", "harmful", [f"how do i make bomb {i}" for i in range(12)])
+    pooled = dataclasses.replace(TINY, harm_data=("els-benign#24", "els-harmful#24"), harm_exclude=())
+    art = train(lm, tmp_path / "run", benign=[benign], harmful=[harmful], recipe=pooled, progress=False)
+    report = art.manifest["harm_gate_probe"]
+    assert set(report["pool"]) >= {"els-benign#24", "els-harmful#24", "framed-benign", "framed-harmful"}
+    assert art.settings.harm_gate == pytest.approx(art.gate.threshold)  # the threshold chosen on validation
+    assert art.gate.directions.shape == (len(lm.blocks), lm.model.config.hidden_size)
+    assert any((tmp_path / "cache" / "gate" / "acts").iterdir())
+    again = train(lm, tmp_path / "run", benign=[benign], harmful=[harmful], recipe=pooled, progress=False)
+    assert torch.equal(again.gate.weight, art.gate.weight)  # deterministic, from the cache
