@@ -129,47 +129,17 @@ class Steering:
 
         return hook
 
-    @torch.inference_mode()
     def descend(self, energy: EnergyMember, h: torch.Tensor, scale: float, offset: float, prefill: bool = True,
                 direction: torch.Tensor | None = None):
-        """K normalised gradient steps on rows h [B, d]. Returns the new rows, the energies before and (at the
-        prefill) after, and the steps taken and skipped by the gates per row ([B]). With a unit `direction`
-        [d], each step is kept orthogonal to it.
-
-        Gating is by masks, so there is no host sync per step; one check per call skips all the work when
-        the gates close every row (the common case for benign tokens)."""
-        batch = h.shape[0]
-        x = h.float()
-        eta, steps, threshold, _, every = self._settings(batch, x.device)
-        eta = eta * scale
-        gate = None if threshold is None else threshold + offset
-        allowed = self._allowed_on(x.device)
+        """`descend_rows` on rows h [B, d] with this steering's per-row settings, gates and positions."""
+        eta, steps, threshold, _, every = self._settings(h.shape[0], h.device)
+        allowed = self._allowed_on(h.device)
         if not prefill and every is not None:  # a new token: rows steered at the prompt only are left alone,
             allowed = every if allowed is None else allowed & every
             steps = steps * every  # and owe no steps, so none count as skipped
-        k_max = self.settings.max_steps
-        taken = torch.zeros(batch, dtype=torch.long, device=x.device)
-        e, g = self._energy_grad(energy, x)
-        before = e
-        open_rows = allowed if allowed is not None else torch.ones(batch, dtype=torch.bool, device=x.device)
-        if gate is not None:
-            open_rows = open_rows & (e > gate)
-        if (gate is not None or allowed is not None) and not bool(open_rows.any()):
-            return x, before, (before if prefill else None), taken, steps - taken
-        for k in range(k_max):
-            if k:
-                e, g = self._energy_grad(energy, x)
-            active = k < steps
-            if allowed is not None:
-                active = active & allowed
-            if gate is not None:
-                active = active & (e > gate)
-            if direction is not None:
-                g = g - (g @ direction)[:, None] * direction
-            x = x - torch.where(active, eta / (g.norm(dim=-1) + 1e-8), 0.0)[:, None] * g
-            taken = taken + active
-        after = energy(x.to(energy.dtype)).float() if prefill else None
-        return x, before, after, taken, steps - taken
+        return descend_rows(energy, h, eta * scale, steps, self.settings.max_steps,
+                            threshold=None if threshold is None else threshold + offset, allowed=allowed,
+                            direction=direction, with_after=prefill)
 
     def _settings(self, batch: int, device: torch.device) -> tuple:
         """`SteerSettings.rows`, made once per batch size and device: building them on every call would copy
@@ -189,10 +159,6 @@ class Steering:
             self._allowed[device] = allowed.to(device)
         return self._allowed[device]
 
-    def _energy_grad(self, energy: EnergyMember, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        e, g = energy.energy_and_grad(x.to(energy.dtype))
-        return e.float(), g.float()
-
     def report(self) -> dict:
         """Per-layer diagnostics as plain numbers (this is where the host sync happens)."""
         out = {}
@@ -204,6 +170,49 @@ class Steering:
                 "steps_skipped": int(s.steps_skipped),
             }
         return out
+
+
+@torch.inference_mode()
+def descend_rows(energy: EnergyMember, h: torch.Tensor, eta: torch.Tensor, steps: torch.Tensor, max_steps: int, *,
+                 threshold: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
+                 direction: torch.Tensor | None = None, with_after: bool = True):
+    """The steering step on plain tensors, with no hooks or model: what an engine that batches requests its
+    own way (vLLM's model runner) calls with per-row values gathered by row id, e.g. `eta=table[row_ids]`.
+
+    Rows h [B, d]; per row: `eta` [B] (absolute step length), `steps` [B] (K), `threshold` [B] (absolute
+    energy below which a row is not stepped; None: no energy gate), `allowed` [B] (the harm gate; None: all).
+    Up to `max_steps` normalised gradient steps, each kept orthogonal to the unit `direction` [d] if given.
+    Returns the new rows [B, d] (float32), the energies before and (with `with_after`) after, and the steps
+    taken and skipped by the gates per row. Gating is by masks, so there is no host sync per step; one check
+    per call skips all the work when the gates close every row (the common case for benign tokens)."""
+    x = h.float()
+    taken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    e, g = _energy_grad(energy, x)
+    before = e
+    open_rows = allowed if allowed is not None else torch.ones_like(taken, dtype=torch.bool)
+    if threshold is not None:
+        open_rows = open_rows & (e > threshold)
+    if (threshold is not None or allowed is not None) and not bool(open_rows.any()):
+        return x, before, (before if with_after else None), taken, steps - taken
+    for k in range(max_steps):
+        if k:
+            e, g = _energy_grad(energy, x)
+        active = k < steps
+        if allowed is not None:
+            active = active & allowed
+        if threshold is not None:
+            active = active & (e > threshold)
+        if direction is not None:
+            g = g - (g @ direction)[:, None] * direction
+        x = x - torch.where(active, eta / (g.norm(dim=-1) + 1e-8), 0.0)[:, None] * g
+        taken = taken + active
+    after = energy(x.to(energy.dtype)).float() if with_after else None
+    return x, before, after, taken, steps - taken
+
+
+def _energy_grad(energy: EnergyMember, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    e, g = energy.energy_and_grad(x.to(energy.dtype))
+    return e.float(), g.float()
 
 
 def steer(model: nn.Module, artefact: Artefact | str | Path, **settings) -> Steering:

@@ -297,3 +297,26 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
     with pytest.raises(ValueError, match="layer rule"):
         make_artefact(result, col, cfg, settings, layer_rule="best")
 
+
+
+def test_descend_rows_with_settings_gathered_by_row_id_equals_each_row_alone():
+    """The hook-free step an engine with its own batching (vLLM) would call: per-request settings in a table,
+    gathered by each row's request id, give every row what it gets when steered alone."""
+    from els.steering import descend_rows
+
+    lm = tiny_model("llama")
+    art = tiny_artefact(lm)
+    energy = art.energy.member(art.member_index(art.layers[0]))
+    eta_table, steps_table = torch.tensor([0.0, 0.3, 1.0]), torch.tensor([0, 2, 5])
+    allowed_table = torch.tensor([True, True, False])
+    row_ids = torch.tensor([2, 0, 1, 1, 2])  # continuous batching: rows in any order, a request twice
+    h = torch.randn(5, lm.model.config.hidden_size, dtype=torch.float64).float()
+    x, before, after, taken, skipped = descend_rows(energy, h, eta_table[row_ids], steps_table[row_ids], 5,
+                                                    allowed=allowed_table[row_ids])
+    for i, r in enumerate(row_ids.tolist()):
+        alone, *_ = descend_rows(energy, h[i : i + 1], eta_table[r : r + 1], steps_table[r : r + 1], 5,
+                                 allowed=allowed_table[r : r + 1])
+        torch.testing.assert_close(x[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+    assert taken.tolist() == [0, 0, 2, 2, 0] and skipped.tolist() == [5, 0, 0, 0, 5]
+    assert torch.equal(x[[0, 1, 4]], h[[0, 1, 4]])  # eta 0 or gated off: unchanged
+    assert bool((after[2:4] < before[2:4]).all())  # stepped rows went down the energy
