@@ -1,0 +1,169 @@
+"""The request side of `els serve`: limits, the chat request schema, API errors and the strict parsing of
+request bodies (size cap, JSON without NaN, no lone surrogates, OpenAI's strict types)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_ETA = 4.0  # eta is a fraction of the layer's hidden norm per step; beyond this the model only babbles
+MAX_STEPS = 32
+MIN_TEMPERATURE = 0.01  # a positive temperature below this is raised to it (as vLLM does): 1/T overflows the logits
+INT64 = (-(1 << 63), (1 << 63) - 1)  # the seed's range, as torch.Generator.manual_seed takes it
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024  # the most a request may ask for
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    max_batch: int = 16
+    batch_window_ms: float = 5.0
+    max_queue: int = 256
+
+    def __post_init__(self) -> None:
+        if min(self.max_prompt_tokens, self.max_tokens, self.default_max_tokens, self.max_body_bytes, self.max_batch,
+               self.max_queue) < 1 or self.batch_window_ms < 0:
+            raise ValueError(f"limits must be positive: {self}")
+
+
+# ---- request schema -------------------------------------------------------------------------------------
+
+
+class ElsOptions(BaseModel):
+    """Per-request steering; unset fields take the artefact's settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    enabled: bool | None = None  # default: on when the server has an artefact
+    eta: float | None = Field(None, ge=0, le=MAX_ETA, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS)
+    threshold: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)  # gate on, at this threshold
+    gate: bool | None = None  # false: no gate even if the artefact has one
+    harm_gate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # skip prompts the probe finds harmful
+    positions: Literal["last", "prompt"] | None = None  # "prompt": steer the last prompt token only
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # e.g. "name"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    # Unknown parameters are refused rather than ignored: silently dropping e.g. `tools` would be a wrong answer.
+    # Strict types, as the OpenAI API: "2" or true is not a max_tokens, "0" not a temperature (an int is a float).
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    els: ElsOptions | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            if loc.startswith("els."):
+                parts.append(f"unknown field {loc!r} (allowed in 'els': {', '.join(ElsOptions.model_fields)})")
+            else:
+                parts.append(f"unsupported parameter {loc!r}")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 80 else ""
+            parts.append(f"{loc}: {err['msg']}{shown}")
+    first = e.errors()[0]
+    return ApiError(400, "; ".join(parts), param=".".join(str(x) for x in first["loc"]) or None, code=first["type"])
+
+
+def _parse(obj: Any) -> ChatRequest:
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatRequest.model_validate(obj)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+async def _read_json(request: Request, cap: int) -> Any:
+    length = request.headers.get("content-length")
+    too_big = ApiError(413, f"request body exceeds {cap} bytes", code="request_too_large")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise too_big
+    try:
+        obj = json.loads(body, parse_constant=_no_constant)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON in the request body: nested too deeply", code="invalid_json") from None
+    if (where := _lone_surrogate(obj)) is not None:
+        raise ApiError(400, f"{where or 'the body'}: a string holds a lone UTF-16 surrogate (e.g. \\ud800 "
+                       "without its pair), which is not text", param=where or None, code="invalid_unicode")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json takes NaN and Infinity; the standard does not
+
+
+def _lone_surrogate(obj: Any, where: str = "") -> str | None:
+    """The path of the first string (or key) in `obj` that is not valid Unicode text, else None."""
+    stack = [(obj, where)]
+    while stack:
+        obj, where = stack.pop()
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                path = f"{where}.{k}" if where else str(k)
+                if _lone_surrogate(k) is not None:
+                    return path.encode("utf-8", "backslashreplace").decode()
+                stack.append((v, path))
+        elif isinstance(obj, list):
+            stack.extend((v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj))
+    return None
+
+
