@@ -177,8 +177,8 @@ class RayExecutor:
     """`workers` Ray actors generating batches of `spec`'s model (see the module's docstring).
 
     `address`: join that cluster; None: the one this process is connected to, else a new local one.
-    `workers`: default one per GPU of the cluster (a GPU model), else 1. On CPUs each actor gets an equal
-    share of the cluster's CPU slots as its torch thread count. `gpus_per_worker` > 1 (with a `device_map`)
+    `workers`: default one per free GPU of the cluster (a GPU model), else 1. On CPUs each actor gets an
+    equal share of the cluster's free CPU slots as its torch thread count. `gpus_per_worker` > 1 (with a `device_map`)
     gives each actor several GPUs for a model larger than one. `expect_fingerprint`: the driver's
     `store.model_fingerprint`; an actor whose model differs fails the run before any batch.
     """
@@ -204,17 +204,20 @@ class RayExecutor:
             return self
         ray = self.ray
         self._started = connect(self.address)
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+        # Free slots, not the cluster's total: actors that cannot be placed would wait for ever.
+        free = ray.available_resources()
+        gpus, cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
         if self.spec.on_gpu:
             n = self.workers or max(1, gpus // self.gpus_per_worker)
-            if gpus < n * self.gpus_per_worker:
-                raise ValueError(f"{n} worker(s) of {self.gpus_per_worker} GPU(s) need {n * self.gpus_per_worker}"
-                                 f" GPUs; the Ray cluster has {gpus}")
+            if gpus < n * self.gpus_per_worker or cpus < n:
+                raise ValueError(f"{n} worker(s) of {self.gpus_per_worker} GPU(s) need {n * self.gpus_per_worker} "
+                                 f"GPUs and {n} CPUs; the Ray cluster has {gpus} and {cpus} free")
             options, threads = {"num_gpus": self.gpus_per_worker, "num_cpus": 1}, None
         else:
             n = self.workers or 1
-            threads = max(1, cpus // n)
+            if cpus < n:
+                raise ValueError(f"{n} worker(s) need {n} CPU slots; the Ray cluster has {cpus} free")
+            threads = cpus // n
             options = {"num_cpus": threads}
         actor = ray.remote(_Worker).options(max_restarts=self.max_restarts, max_task_retries=self.max_restarts,
                                             **options)
