@@ -14,7 +14,8 @@ from tqdm import tqdm
 from els.data import Kind, PromptSet
 from els.distributed import Batch, Executor, LocalExecutor
 from els.energy import STATES
-from els.generation import DEFAULT_MAX_NEW_TOKENS, length_batches, prompt_texts, save_tensors_atomic, write_atomic
+from els.generation import (DEFAULT_MAX_NEW_TOKENS, generate_batch, length_batches, prompt_texts,  # noqa: F401
+                            save_tensors_atomic, write_atomic)
 from els.judges import Judge
 from els.models import LoadedModel, config_fingerprint
 
