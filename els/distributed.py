@@ -18,6 +18,7 @@ result arrives, so nothing is lost and nothing is written twice. Ray is optional
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ class ModelSpec:
 
     @property
     def on_gpu(self) -> bool:
-        return (self.device or "").startswith("cuda") or self.device_map is not None
+        return (self.device or "").startswith("cuda")
 
 
 class _Worker:
@@ -204,10 +205,16 @@ class RayExecutor:
             return self
         ray = self.ray
         self._started = connect(self.address)
-        # Free slots, not the cluster's total: actors that cannot be placed would wait for ever.
-        free = ray.available_resources()
-        gpus, cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
-        if self.spec.on_gpu:
+        # Free slots, not the cluster's total: actors that cannot be placed would wait for ever. Killed actors
+        # (a previous executor's) release theirs asynchronously: wait for them a little.
+        deadline = time.monotonic() + 30
+        while True:
+            free = ray.available_resources()
+            gpus, cpus = int(free.get("GPU", 0)), int(free.get("CPU", 0))
+            if cpus >= (self.workers or 1) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if self.spec.on_gpu or (self.spec.device_map is not None and gpus > 0):
             n = self.workers or max(1, gpus // self.gpus_per_worker)
             if gpus < n * self.gpus_per_worker or cpus < n:
                 raise ValueError(f"{n} worker(s) of {self.gpus_per_worker} GPU(s) need {n * self.gpus_per_worker} "
