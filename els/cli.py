@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +16,7 @@ from els import recipe
 from els.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
 from els.collect import Collection, collect, load_collection
 from els.data import load_prompts
+from els.distributed import RayMissing, import_ray, make_executor
 from els.energy import TrainConfig
 from els.generation import DEFAULT_MAX_NEW_TOKENS, generate, write_atomic
 from els.judges import JUDGES, get_judge
@@ -53,6 +55,12 @@ HarmData = Annotated[str, typer.Option(help="The harm gate's pool: comma-separat
                                             "forward passes (els.gate_training); 'none': a probe on the collection's "
                                             "own prompts.")]
 DEFAULT_HARM_DATA = ",".join(recipe.Recipe().harm_data)
+Ray = Annotated[bool, typer.Option("--ray", help="Generate on Ray workers in a local Ray cluster started here "
+                                                 "(pip install 'els[ray]'; see docs/scale.md).")]
+RayAddress = Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead (auto, HOST:PORT, "
+                                                        "ray://HOST:10001); implies --ray.")]
+Workers = Annotated[Optional[int], typer.Option(help="Ray workers, each loading the model once (default: one per "
+                                                     "GPU, else 1; on CPUs each gets an equal share of the threads).")]
 
 
 def _parse_ints(text: str, name: str) -> tuple[int, ...]:
@@ -67,6 +75,32 @@ def _parse_widths(text: str) -> tuple[int, ...]:
     if not widths or min(widths) < 1:
         raise typer.BadParameter("widths must be positive")
     return widths
+
+
+def _need_ray(ray: bool, ray_address: Optional[str], workers: Optional[int]) -> None:
+    """Fail before the model loads: Ray asked for but missing (one line), or --workers without Ray."""
+    if ray or ray_address:
+        try:
+            import_ray()
+        except RayMissing as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(1) from None
+    elif workers not in (None, 1):
+        raise typer.BadParameter("--workers needs --ray (or --ray-address)")
+
+
+@contextmanager
+def _executor(lm, ray: bool, ray_address: Optional[str], workers: Optional[int], device, dtype, device_map):
+    """Where batches are generated: here, or on Ray workers (els.distributed), closed after the block."""
+    try:
+        ex = make_executor(lm, ray, ray_address, workers, device=device, dtype=dtype, device_map=device_map)
+        ex.__enter__()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        yield ex
+    finally:
+        ex.close()
 
 
 def _sets(specs: list[str], kind: str, limit: Optional[int], seed: int):
@@ -98,17 +132,23 @@ def collect_cmd(
     device: Device = None,
     dtype: Dtype = "auto",
     device_map: DeviceMap = None,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
 ) -> None:
     """Generate, judge and record the four states."""
+    _need_ray(ray, ray_address, workers)
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
-    _collect(lm, out, benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed)
+    with _executor(lm, ray, ray_address, workers, device, dtype, device_map) as ex:
+        _collect(lm, out, benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed, ex)
 
 
-def _collect(lm, out, benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed) -> Collection:
+def _collect(lm, out, benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed,
+             executor=None) -> Collection:
     sets = _sets(benign, "benign", limit, seed) + _sets(harmful, "harmful", limit, seed)
     try:
         col = collect(lm, sets, out, judge=get_judge(judge), max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, system=system)
+                      batch_size=batch_size, system=system, executor=executor)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     console.print(f"states: {col.counts()}")
@@ -205,15 +245,21 @@ def run_cmd(
     device: Device = None,
     dtype: Dtype = "auto",
     device_map: DeviceMap = None,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
 ) -> None:
     """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json)."""
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
+    _need_ray(ray, ray_address, workers)
     times = {}
     t = time.perf_counter()
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
     times["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    col = _collect(lm, out / "collect", benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed)
+    with _executor(lm, ray, ray_address, workers, device, dtype, device_map) as ex:
+        col = _collect(lm, out / "collect", benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed,
+                       ex)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
     art = _train(col, out / "artefact", how, lm)
@@ -386,6 +432,9 @@ def eval_cmd(
     seed: int = 0,
     device: Device = None,
     dtype: Dtype = "auto",
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
 ) -> None:
     """Compare base and methods on benchmarks: refusal rates with intervals, quality, speed, report and plots."""
     from els.data import load_benchmark
@@ -395,6 +444,7 @@ def eval_cmd(
     from els.report import write_report
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
+    _need_ray(ray, ray_address, workers)
     if max_new_tokens < 1 or batch_size < 1:
         raise typer.BadParameter("--max-new-tokens and --batch-size must be at least 1")
     try:  # everything that can be wrong with the input fails here, before any generation
@@ -427,7 +477,8 @@ def eval_cmd(
     console.print(f"evaluating {', '.join(m.name for m in chosen)} on {', '.join(ps.name for ps in sets)} "
                   f"({sum(map(len, sets))} prompts per method), judge {judges[0].name}; "
                   f"answers cached in {out}/completions")
-    summary = evaluate(lm, chosen, sets, out, cfg, judges, log=console.print)
+    with _executor(lm, ray, ray_address, workers, device, dtype, None) as ex:
+        summary = evaluate(lm, chosen, sets, out, cfg, judges, log=console.print, executor=ex)
     plots = write_report(summary, out, art, states)
     table = Table("benchmark", "kind", "n", *[m.name for m in chosen], title=f"refusal rate (judge {summary['judge']})")
     for name, b in summary["benchmarks"].items():

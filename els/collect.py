@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from els.data import Kind, PromptSet
+from els.distributed import Batch, Executor, LocalExecutor
 from els.energy import STATES
-from els.generation import (DEFAULT_MAX_NEW_TOKENS, generate_batch, length_batches, prompt_texts,
+from els.generation import (DEFAULT_MAX_NEW_TOKENS, generate_batch, length_batches, prompt_texts,  # noqa: F401
                             save_tensors_atomic, write_atomic)
 from els.judges import Judge
 from els.models import LoadedModel, config_fingerprint
@@ -65,11 +66,13 @@ def _meta(lm: LoadedModel, sets: list[PromptSet], max_new_tokens: int, batch_siz
 
 def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16, system: str | None = None,
-            progress: bool = True) -> Collection:
+            progress: bool = True, executor: Executor | None = None) -> Collection:
     """Run, judge and record every prompt of `sets` into `out`; resumes an interrupted run batch by batch.
 
     Each finished batch is written atomically to `out/batches/`, so a crash loses at most the batch in
     flight. When all are done they are merged into `out/states.safetensors` and `out/states.jsonl`.
+    `executor` generates the batches (default: here, one after another; `els.distributed.RayExecutor`: on Ray
+    workers); they are judged and written here as they finish, so the result does not depend on where they ran.
     """
     out = Path(out)
     for ps in sets:
@@ -94,11 +97,12 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     texts, lengths = prompt_texts(lm, [p for p, _, _ in items], system)
     batches = length_batches(texts, lengths, batch_size)
     shard_dir = out / "batches"
-    for b, idx in enumerate(tqdm(batches, desc="collect", disable=not progress)):
-        shard = shard_dir / f"{b:05d}.safetensors"
-        if shard.exists():
-            continue
-        done = generate_batch(lm, [texts[i] for i in idx], max_new_tokens, record=True)
+    todo = [Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b) for b, idx in enumerate(batches)
+            if not (shard_dir / f"{b:05d}.safetensors").exists()]
+    finished = (executor or LocalExecutor(lm)).map(todo)
+    for job, done in tqdm(finished, desc="collect", total=len(batches), initial=len(batches) - len(todo),
+                          disable=not progress):
+        b, idx = job.tag, batches[job.tag]
         answers, acts = done.texts, done.activations
         refused = judge([items[i][0] for i in idx], answers)
         rows = [
@@ -108,7 +112,7 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
         ]
         write_atomic(shard_dir / f"{b:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         # The tensor file is written last: its presence marks the batch as complete.
-        save_tensors_atomic({"activations": acts}, shard)
+        save_tensors_atomic({"activations": acts}, shard_dir / f"{b:05d}.safetensors")
 
     rows, acts = [], []
     for b in range(len(batches)):

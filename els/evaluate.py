@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from els import baselines  # noqa: F401  (registers the baselines' method names)
 from els.data import KINDS, PromptSet, load_benchmark
+from els.distributed import Batch, Executor, LocalExecutor
 from els.generation import generate_batch, length_batches, prompt_texts, write_atomic
 from els.judges import Judge, ModelJudge, get_judge
 from els.methods import Method
@@ -73,9 +74,10 @@ class Runner:
     """Generates, caches and judges the answers of several methods on one model."""
 
     def __init__(self, lm: LoadedModel, methods: list[Method], out: Path, generation: Generation,
-                 progress: bool = True, log: Log = print):
+                 progress: bool = True, log: Log = print, executor: Executor | None = None):
         self.lm, self.methods, self.out, self.gen = lm, methods, Path(out), generation
         self.progress, self.log = progress, log
+        self.executor = executor or LocalExecutor(lm, generate_batch)
         self.model_fp = model_fingerprint(lm)
         if len({slug(m.name) for m in methods}) != len(methods):
             raise ValueError(f"method names must stay distinct as file names: {[m.name for m in methods]}")
@@ -91,36 +93,46 @@ class Runner:
     def complete(self, method: Method, ps: PromptSet) -> tuple[CompletionFile, list[str]]:
         """Answers of `method` to every prompt of `ps`, generating only those not cached; returns the file and
         the prompts' keys (rows are `file.rows[key]`)."""
-        store = CompletionFile(self.path(method, ps.name))
-        if store.dropped:
-            self.log(f"{store.path}: dropped {store.dropped} torn line(s) of an interrupted run; regenerating them")
-        keys = self.keys(method, ps.prompts)
-        first: dict[str, int] = {}
-        for i, k in enumerate(keys):
-            if k not in store.rows:
-                first.setdefault(k, i)
-        todo = list(first.values())
-        if not todo:
-            return store, keys
-        texts, lengths = prompt_texts(self.lm, [ps.prompts[i] for i in todo], method.system)
-        batches = length_batches(texts, lengths, self.gen.batch_size)
-        bar = tqdm(total=len(todo), desc=f"{method.name} {ps.name}", disable=not self.progress, leave=False)
-        for batch in batches:
-            # A fresh context per generate call: a method may keep per-call state (Steering's per-row stats).
-            with method.apply(self.lm.model):
-                out = generate_batch(self.lm, [texts[b] for b in batch], self.gen.max_new_tokens)
+        return self.complete_all([(method, ps)])[0]
+
+    def complete_all(self, pairs: Sequence[tuple[Method, PromptSet]]) -> list[tuple[CompletionFile, list[str]]]:
+        """`complete` of several (method, set) pairs, their batches handed to the executor together (so every
+        worker stays busy) and each appended to its file as it finishes."""
+        done: list[tuple[CompletionFile, list[str]]] = []
+        batches: list[Batch] = []
+        for method, ps in pairs:
+            store = CompletionFile(self.path(method, ps.name))
+            if store.dropped:
+                self.log(f"{store.path}: dropped {store.dropped} torn line(s) of an interrupted run; regenerating them")
+            keys = self.keys(method, ps.prompts)
+            done.append((store, keys))
+            first: dict[str, int] = {}
+            for i, k in enumerate(keys):
+                if k not in store.rows:
+                    first.setdefault(k, i)
+            todo = list(first.values())
+            if not todo:
+                continue
+            texts, lengths = prompt_texts(self.lm, [ps.prompts[i] for i in todo], method.system)
+            for batch in length_batches(texts, lengths, self.gen.batch_size):
+                batches.append(Batch([texts[b] for b in batch], self.gen.max_new_tokens, method=method,
+                                     tag=(store, keys, ps, [todo[b] for b in batch])))
+        desc = f"{pairs[0][0].name} {pairs[0][1].name}" if len(pairs) == 1 else "generate"
+        bar = tqdm(total=sum(len(b.texts) for b in batches), desc=desc, disable=not self.progress or not batches,
+                   leave=False)
+        for batch, out in self.executor.map(batches):
+            store, keys, ps, rows_of = batch.tag
             rows = []
-            for b, row_ids, answer in zip(batch, out.ids, out.texts):
-                i = todo[b]
-                rows.append({"key": keys[i], "set": ps.name, "method": method.name, "prompt": ps.prompts[i],
+            for i, row_ids, answer in zip(rows_of, out.ids, out.texts):
+                rows.append({"key": keys[i], "set": ps.name, "method": batch.method.name, "prompt": ps.prompts[i],
                              "category": ps.categories[i] if ps.categories else None,
                              "answer": answer, "tokens": row_ids, "n_tokens": len(row_ids),
-                             "batch_size": len(batch), "verdicts": {}})
+                             "batch_size": len(rows_of), "verdicts": {}})
             store.append(rows)
             self.generated += len(rows)
             bar.update(len(rows))
         bar.close()
-        return store, keys
+        return done
 
     def judge(self, store: CompletionFile, keys: Sequence[str], judges: Sequence[Judge], chunk: int = 64) -> None:
         """Add each judge's verdict to rows that lack it (or hold one from another version of the judge)."""
@@ -227,22 +239,25 @@ def _verdicts(store: CompletionFile, keys: Sequence[str], judge: str) -> list[bo
 
 
 def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out: Path, cfg: EvalConfig,
-             judges: list[Judge] | None = None, progress: bool = True, log: Log = print) -> dict:
+             judges: list[Judge] | None = None, progress: bool = True, log: Log = print,
+             executor: Executor | None = None) -> dict:
     """Run every method on every set, judge, measure quality and speed; return the summary (also written to
-    OUT/summary.json). `judges` default to `get_judge` of `cfg.judges`, sharing `lm` where it is the judge model."""
+    OUT/summary.json). `judges` default to `get_judge` of `cfg.judges`, sharing `lm` where it is the judge model.
+    `executor` generates the answers (default: here; `els.distributed.RayExecutor`: on Ray workers); judging,
+    KL and speed run here on `lm`."""
     out = Path(out)
     t_start = time.perf_counter()
     judges = judges or [get_judge(name, lm) for name in cfg.judges]
     headline = judges[0].name
-    runner = Runner(lm, methods, out, cfg.generation, progress, log)
+    runner = Runner(lm, methods, out, cfg.generation, progress, log, executor)
     timings: dict[str, float] = {}
     benchmarks: dict[str, dict] = {}
     stores: dict[tuple[str, str], tuple[CompletionFile, list[str]]] = {}
 
     t = time.perf_counter()
-    for ps in sets:
-        for m in methods:
-            stores[m.name, ps.name] = runner.complete(m, ps)
+    pairs = [(m, ps) for ps in sets for m in methods]
+    for (m, ps), done in zip(pairs, runner.complete_all(pairs)):
+        stores[m.name, ps.name] = done
     timings["generate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for (m_name, ps_name), (store, keys) in stores.items():
@@ -313,7 +328,8 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
     base = methods[0]
     quality: dict = {}
     qs = load_benchmark(cfg.quality_set, cfg.quality_n, cfg.seed) if cfg.quality_n > 0 else None
-    qstores = {m.name: runner.complete(m, qs) for m in methods} if qs is not None else {}
+    qstores = (dict(zip([m.name for m in methods], runner.complete_all([(m, qs) for m in methods])))
+               if qs is not None else {})
     cache_path = out / "quality_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     for m in methods:
