@@ -72,6 +72,8 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     flight. When all are done they are merged into `out/states.safetensors` and `out/states.jsonl`.
     """
     out = Path(out)
+    if max_new_tokens < 1 or batch_size < 1:  # checked before collect.json pins the settings
+        raise ValueError(f"max_new_tokens and batch_size must be at least 1, got {max_new_tokens}, {batch_size}")
     for ps in sets:
         if ps.kind is None:
             raise ValueError(f"prompt set {ps.name!r} needs a kind (benign or harmful)")
