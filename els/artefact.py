@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +33,10 @@ FORMAT_VERSION = 2  # 2: the harm gate is a HarmGate of its own layer (1: a prob
 READABLE_FORMATS = (1, 2)
 MANIFEST = "els.json"
 WEIGHTS = "energy.safetensors"
+# Written by save, checked by load when present (older artefacts lack it): the weights' sha256 and the layer of
+# each energy member, so a manifest cannot pair layers with other layers' models or with edited weights.
+INTEGRITY = "weights"
+_REQUIRED = ("hidden_size", "num_layers", "trained_layers", "energy", "steer", "model_fingerprint", "base_model")
 LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
 # The recipe's layer choice (with SteerSettings' defaults and TrainConfig's, what `els run` does).
 DEFAULT_LAYER_RULE = "top_auc"
@@ -81,8 +87,11 @@ class Artefact:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
-        save_file(self.tensors(), tmp / WEIGHTS)
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        tensors = self.tensors()
+        layers = list(self.manifest["trained_layers"])
+        manifest = {**self.manifest, INTEGRITY: {"sha256": weights_sha256(tensors, layers), "member_layers": layers}}
+        save_file(tensors, tmp / WEIGHTS)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if not path.exists():
             os.replace(tmp, path)
             return
@@ -98,24 +107,59 @@ class Artefact:
 
     @classmethod
     def load(cls, path: Path | str) -> Artefact:
+        """Read and verify an artefact; anything malformed raises ValueError (FileNotFoundError when absent)
+        with one line naming the file."""
         path = Path(path)
-        if not (path / MANIFEST).exists():
+        mpath, wpath = path / MANIFEST, path / WEIGHTS
+        if not mpath.exists():
             raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
-        manifest = json.loads((path / MANIFEST).read_text())
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{mpath} is not valid JSON ({e})") from e
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{mpath} is not an ELS manifest (a JSON object)")
         if manifest.get("format_version") not in READABLE_FORMATS:
             raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads "
                              f"{READABLE_FORMATS}")
-        e = manifest["energy"]
-        energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
-        tensors = load_file(path / WEIGHTS)
+        if missing := [k for k in _REQUIRED if k not in manifest]:
+            raise ValueError(f"{mpath} lacks {', '.join(missing)}")
+        if not wpath.exists():
+            raise FileNotFoundError(f"{path} is not a complete ELS artefact (no {WEIGHTS})")
+        try:
+            tensors = load_file(wpath)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{wpath} is not a readable safetensors file ({e})") from e
         for name, t in tensors.items():
-            if not torch.isfinite(t).all():
+            if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
-        if manifest["format_version"] == 1:
-            gate = _gate_of_format_1(manifest, tensors.pop("probe.weight"), tensors.pop("probe.bias"))
-        else:
-            gate = HarmGate.from_tensors(tensors, manifest.get("harm_gate_probe", {}))
-            tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
+        _check_integrity(manifest, tensors, mpath, wpath)
+        try:
+            e = manifest["energy"]
+            energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]),
+                                 e["dropout"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{mpath}: malformed energy description ({type(err).__name__}: {err})") from err
+        gate_keys = ("probe.weight", "probe.bias") if manifest["format_version"] == 1 else \
+            tuple(f"{TENSOR_PREFIX}{k}" for k in ("weight", "bias", "threshold", "layer"))
+        if missing := [k for k in gate_keys if k not in tensors]:
+            raise ValueError(f"{wpath} lacks the harm gate tensors {', '.join(missing)}")
+        try:
+            if manifest["format_version"] == 1:
+                gate = _gate_of_format_1(manifest, tensors.pop("probe.weight"), tensors.pop("probe.bias"))
+            else:
+                gate = HarmGate.from_tensors(tensors, manifest.get("harm_gate_probe", {}))
+                tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
+        expected = {k: tuple(v.shape) for k, v in energy.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            raise ValueError(f"{wpath} does not fit {mpath} (hidden_size {manifest['hidden_size']}, "
+                             f"{len(manifest['trained_layers'])} layers, widths {e['widths']}): "
+                             + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}"
+                                         for k in diff[:3]))
         energy.load_state_dict(tensors)
         return cls(energy.eval(), manifest, gate)
 
@@ -135,6 +179,30 @@ class Artefact:
             raise ValueError(
                 f"this artefact was trained on {m['base_model']!r} and does not fit this model: {'; '.join(problems)}"
             )
+
+
+def weights_sha256(tensors: dict[str, torch.Tensor], member_layers: list[int]) -> str:
+    """sha256 over the member layers and every tensor (name, dtype, shape, bytes) in name order."""
+    h = hashlib.sha256(json.dumps([int(x) for x in member_layers]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_integrity(manifest: dict, tensors: dict[str, torch.Tensor], mpath: Path, wpath: Path) -> None:
+    record = manifest.get(INTEGRITY)
+    if record is None:  # written before the weights were hashed
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) \
+            or not isinstance(record.get("member_layers"), list):
+        raise ValueError(f"{mpath}: malformed {INTEGRITY!r} record")
+    if record["member_layers"] != manifest["trained_layers"]:
+        raise ValueError(f"{mpath}: trained_layers {manifest['trained_layers']} do not match the layer order the "
+                         f"weights were saved with {record['member_layers']}")
+    if weights_sha256(tensors, record["member_layers"]) != record["sha256"]:
+        raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath} (weights edited or replaced)")
 
 
 def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainConfig,

@@ -14,17 +14,20 @@ from rich.table import Table
 
 from els import recipe
 from els.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
+from els.cli_errors import ErrorsGroup, at_least, debug_option, load_model
 from els.collect import Collection, collect, load_collection
 from els.data import load_prompts
 from els.distributed import RayMissing, import_ray, make_executor
-from els.energy import TrainConfig
+from els.energy import CONTRASTS, TrainConfig
 from els.generation import DEFAULT_MAX_NEW_TOKENS, generate, write_atomic
 from els.judges import JUDGES, get_judge
-from els.models import DEFAULT_MODEL, load_model
+from els.models import DEFAULT_MODEL
 from els.settings import SteerSettings
 from els.steering import steer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
+                  cls=ErrorsGroup)
+app.callback()(debug_option)
 console = Console()
 
 # The recipe's defaults live in the library (els.recipe.Recipe); the options show them.
@@ -137,6 +140,7 @@ def collect_cmd(
     workers: Workers = None,
 ) -> None:
     """Generate, judge and record the four states."""
+    at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     _need_ray(ray, ray_address, workers)
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
     with _executor(lm, ray, ray_address, workers, device, dtype, device_map) as ex:
@@ -186,6 +190,11 @@ def train_cmd(
 
 def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions,
             harm_data) -> recipe.Recipe:
+    at_least(1, top_n=top_n, epochs=epochs)
+    if layer_rule not in LAYER_RULES:
+        raise typer.BadParameter(f"--layer-rule must be one of {', '.join(LAYER_RULES)}, got {layer_rule!r}")
+    if contrast not in CONTRASTS:
+        raise typer.BadParameter(f"--contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
     try:
         settings = SteerSettings(eta=eta, steps=steps, threshold=gate, harm_gate=None if harm_gate >= 1 else harm_gate,
                                  positions=positions)
@@ -251,6 +260,7 @@ def run_cmd(
 ) -> None:
     """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json)."""
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
+    at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     _need_ray(ray, ray_address, workers)
     times = {}
     t = time.perf_counter()
@@ -300,12 +310,13 @@ def generate_cmd(
     """Answer prompts, steered with --steer; --compare prints `base:` and `els:` answers."""
     if compare and steer_dir is None:
         raise typer.BadParameter("--compare needs --steer")
+    at_least(1, max_new_tokens=max_new_tokens)
+    art = Artefact.load(steer_dir) if steer_dir is not None else None  # fails before the model loads
     lm = load_model(model, device=device, dtype=dtype)
     base = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system) if compare or not steer_dir else None
     steered = None
     if steer_dir is not None:
         try:
-            art = Artefact.load(steer_dir)
             chosen = None if layers is None else _parse_ints(layers, "--layers")
             with steer(lm.model, art, eta=eta, steps=steps, harm_gate=harm_gate, layers=chosen, positions=positions,
                        project=project):
@@ -348,6 +359,8 @@ def tune_cmd(
     """Search eta, K, layers and gate with Optuna on validation prompts; write the Pareto front and the choice."""
     from els import tune as tuning  # the module pulls in optuna lazily; keep other commands' start-up light
 
+    at_least(1, limit=limit, trials=trials, max_new_tokens=max_new_tokens, batch_size=batch_size,
+             max_layers=max_layers)
     benign, harmful = benign or tuning.DEFAULT_BENIGN, harmful or tuning.DEFAULT_HARMFUL
     sets = {"benign": benign, "harmful": harmful, "limit": limit, "limit_seed": seed}
     benign_ps, harmful_ps = _sets(benign, "benign", limit, seed), _sets(harmful, "harmful", limit, seed)
@@ -444,9 +457,9 @@ def eval_cmd(
     from els.report import write_report
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
+    at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, speed_batch=speed_batch)
+    at_least(0, quality_n=quality_n, speed_n=speed_n)
     _need_ray(ray, ray_address, workers)
-    if max_new_tokens < 1 or batch_size < 1:
-        raise typer.BadParameter("--max-new-tokens and --batch-size must be at least 1")
     try:  # everything that can be wrong with the input fails here, before any generation
         sets = [load_benchmark(spec.strip(), limit, seed) for spec in benchmarks.split(",") if spec.strip()]
         if not sets:

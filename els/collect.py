@@ -75,6 +75,8 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     workers); they are judged and written here as they finish, so the result does not depend on where they ran.
     """
     out = Path(out)
+    if max_new_tokens < 1 or batch_size < 1:  # checked before collect.json pins the settings
+        raise ValueError(f"max_new_tokens and batch_size must be at least 1, got {max_new_tokens}, {batch_size}")
     for ps in sets:
         if ps.kind is None:
             raise ValueError(f"prompt set {ps.name!r} needs a kind (benign or harmful)")

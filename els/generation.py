@@ -86,6 +86,8 @@ def record_last_token(blocks: nn.ModuleList) -> Iterator[list[torch.Tensor | Non
 
 def length_batches(texts: list[str], lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into fixed-size batches of similar length, so padding is small and runs reproduce."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

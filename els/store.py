@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from els.artefact import Artefact
+from els.artefact import INTEGRITY, Artefact
 from els.generation import write_atomic
 from els.methods import Method
 from els.models import LoadedModel, config_fingerprint
@@ -42,8 +42,11 @@ def model_fingerprint(lm: LoadedModel) -> str:
 
 
 def artefact_digest(art: Artefact) -> str:
-    """The manifest and every tensor, the harm gate's included: a retrained gate must not reuse answers."""
-    h = hashlib.sha256(json.dumps(art.manifest, sort_keys=True).encode())
+    """The manifest and every tensor, the harm gate's included: a retrained gate must not reuse answers. The
+    manifest's integrity record is left out: it is derived from the tensors, and artefacts saved before it
+    existed keep their digest (and their cached answers)."""
+    manifest = {k: v for k, v in art.manifest.items() if k != INTEGRITY}
+    h = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
     for name, t in sorted(art.tensors().items()):
         h.update(name.encode())
         h.update(t.detach().float().contiguous().numpy().tobytes())
