@@ -31,11 +31,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Lands
                   cls=ErrorsGroup)
 app.callback()(debug_option)
 
-for _name, _command in (("tune", cli_eval.tune_cmd), ("serve", cli_eval.serve_cmd), ("eval", cli_eval.eval_cmd),
-                        ("judge-check", cli_eval.judge_check_cmd)):
-    app.command(_name)(_command)
-
-
 @app.command("collect")
 def collect_cmd(
     out: Annotated[Path, typer.Option(help="Directory for states.safetensors and states.jsonl.")],
@@ -246,3 +241,9 @@ def generate_cmd(
             console.print(f"[bold]base:[/bold] {base[i]}" if compare else base[i], highlight=False)
         if steered is not None:
             console.print(f"[bold]els:[/bold] {steered[i]}" if compare else steered[i], highlight=False)
+
+
+# After the pipeline's commands, so `els --help` lists them in the order of use.
+for _name, _command in (("tune", cli_eval.tune_cmd), ("serve", cli_eval.serve_cmd), ("eval", cli_eval.eval_cmd),
+                        ("judge-check", cli_eval.judge_check_cmd)):
+    app.command(_name)(_command)
