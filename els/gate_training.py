@@ -238,6 +238,10 @@ def train_gate(acts: torch.Tensor, harmful: torch.Tensor, source: list[str], gro
     alike; with `max_false_flag`, the lowest threshold whose macro benign flag rate stays under it.
     """
     tr, va = _split(groups, val_fraction, seed)
+    for name, rows in (("training", tr), ("validation", va)):
+        if len({bool(harmful[i]) for i in rows}) < 2:
+            raise ValueError(f"the harm gate's pool is too small: its {name} split lacks benign or harmful prompts "
+                             f"({len(harmful)} prompts in all); give --harm-data more of both")
     # Each kind weighs half of the loss; with balance="source" each source weighs the same within its kind, so
     # the small contrast sets (built-in homonym pairs) are not drowned by Alpaca and OR-Bench-toxic.
     y = harmful.float()

@@ -16,7 +16,7 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     result = CliRunner().invoke(app, ["run", "--model", "default", "--out", str(out), "--limit", "6",
                                       "--max-new-tokens", "8", "--epochs", "3", "--batch-size", "6",
-                                      "--harm-data", "els-benign#16,els-harmful#16"])
+                                      "--harm-data", "els-benign#60,els-harmful#60"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -27,7 +27,7 @@ def test_run_writes_artefact_with_manifest(run_dir):
     assert len(manifest["steer"]["layers"]) == DEFAULT_TOP_N and len(manifest["layer_auc"]) == 24
     gate = manifest["harm_gate_probe"]
     assert manifest["energy"]["contrast"] == "benign" and set(gate["pool"]) == {
-        "els-benign#16", "els-harmful#16", "framed-benign", "framed-harmful"}
+        "els-benign#60", "els-harmful#60", "framed-benign", "framed-harmful"}
     assert manifest["steer"]["harm_gate"] == pytest.approx(gate["gate"]["threshold"])  # chosen on validation
     assert sum(manifest["data"]["counts"].values()) == 12
     rows = [json.loads(x) for x in (run_dir / "collect" / "states.jsonl").read_text().splitlines()]

@@ -189,3 +189,10 @@ def test_fit_gate_end_to_end_on_a_tiny_model(tmp_path):
     finally:
         gate_mod._forward = gate_mod_forward
     assert torch.equal(again.weight, gate.weight) and again.threshold == gate.threshold
+
+
+def test_a_pool_without_both_kinds_in_a_split_is_a_clear_error():
+    acts = torch.randn(6, 2, 4)
+    harmful = torch.tensor([True, False, True, False, True, False])
+    with pytest.raises(ValueError, match="pool is too small"):
+        train_gate(acts, harmful, ["h", "b"] * 3, [f"g{i}" for i in range(6)], val_fraction=0.01)
