@@ -83,15 +83,16 @@ class Artefact:
 
     def save(self, path: Path | str) -> None:
         """Write the new artefact next to the old, then swap: at every moment `path` holds the old artefact
-        or the new one (a crash mid-swap leaves the old one, restored, or at `.NAME.old-*` beside it)."""
+        or the new one (a crash mid-swap leaves the old one, restored, or at `.NAME.old-*` beside it). The
+        manifest, here and on disk, records the weights' sha256 and member layer order."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
         tensors = self.tensors()
         layers = list(self.manifest["trained_layers"])
-        manifest = {**self.manifest, INTEGRITY: {"sha256": weights_sha256(tensors, layers), "member_layers": layers}}
+        self.manifest[INTEGRITY] = {"sha256": weights_sha256(tensors, layers), "member_layers": layers}
         save_file(tensors, tmp / WEIGHTS)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
         if not path.exists():
             os.replace(tmp, path)
             return

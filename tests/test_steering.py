@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from safetensors import SafetensorError
 
 from els.generation import generate_batch, record_last_token
 from els.models import chat_texts, decoder_blocks, user_conversations
@@ -194,7 +193,7 @@ def test_artefact_roundtrip_and_mismatch(tmp_path):
     pickled.mkdir()
     (pickled / "els.json").write_bytes((tmp_path / "a" / "els.json").read_bytes())
     torch.save(art.energy.state_dict(), pickled / "energy.safetensors")
-    with pytest.raises(SafetensorError, match="deserializing header"):
+    with pytest.raises(ValueError, match="not a readable safetensors file .*deserializing header"):
         Artefact.load(pickled)
     with pytest.raises(ValueError, match="does not fit this model"):
         steer(tiny_model("llama").model, loaded)
