@@ -3,9 +3,11 @@ serving commands live in els.cli_eval, the options they share in els.cli_options
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import typer
@@ -139,65 +141,56 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, lm=None) -> Artefact:
     return art
 
 
-@app.command("run")
-def run_cmd(
-    out: Annotated[Path, typer.Option(help="Run directory: collect/ (states) and artefact/ are written here.")],
-    model: Model = DEFAULT_MODEL,
-    benign: Benign = DEFAULT_BENIGN,
-    harmful: Harmful = DEFAULT_HARMFUL,
-    limit: Limit = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    batch_size: int = 32,
-    judge: str = DEFAULT_JUDGE,
-    system: Optional[str] = None,
-    top_n: int = DEFAULT_TOP_N,
-    eta: float = DEFAULT_ETA,
-    steps: int = DEFAULT_STEPS,
-    gate: Optional[float] = None,
-    harm_gate: float = DEFAULT_HARM_GATE,
-    layer_rule: LayerRule = DEFAULT_LAYER_RULE,
-    positions: Positions = DEFAULT_POSITIONS,
-    contrast: Contrast = DEFAULT_CONTRAST,
-    widths: str = DEFAULT_WIDTHS,
-    epochs: int = TRAIN_DEFAULTS.epochs,
-    seed: int = 0,
-    harm_data: HarmData = DEFAULT_HARM_DATA,
-    device: Device = None,
-    dtype: Dtype = "auto",
-    device_map: DeviceMap = None,
-    ray: Ray = False,
-    ray_address: RayAddress = None,
-    workers: Workers = None,
-) -> None:
-    """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json)."""
-    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
-    at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    need_ray(ray, ray_address, workers)
+def run_cmd(**options) -> None:
+    """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json).
+    Its options are those of `els collect` and `els train` (see `_run_signature`)."""
+    o = SimpleNamespace(**options)
+    how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, o.eta, o.steps, o.gate,
+                  o.harm_gate, o.positions, o.harm_data)
+    at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
+    need_ray(o.ray, o.ray_address, o.workers)
     times = {}
     t = time.perf_counter()
-    lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map)
     times["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    with ray_executor(lm, ray, ray_address, workers, device, dtype, device_map) as ex:
-        col = _collect(lm, out / "collect", benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed,
-                       ex)
+    with ray_executor(lm, o.ray, o.ray_address, o.workers, o.device, o.dtype, o.device_map) as ex:
+        col = _collect(lm, o.out / "collect", o.benign, o.harmful, o.limit, o.max_new_tokens, o.batch_size, o.judge,
+                       o.system, o.seed, ex)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    art = _train(col, out / "artefact", how, lm)
+    art = _train(col, o.out / "artefact", how, lm)
     times["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = recipe.held_out(col, how.train)
-    check = recipe.validate(lm, art, col, rows, get_judge(judge), max_new_tokens=max_new_tokens)
+    check = recipe.validate(lm, art, col, rows, get_judge(o.judge), max_new_tokens=o.max_new_tokens)
     times["validate_s"] = time.perf_counter() - t
-    write_atomic(out / "validation.json", json.dumps(check, indent=2))
-    write_atomic(out / "timings.json", json.dumps({k: round(v, 1) for k, v in times.items()}, indent=2))
+    write_atomic(o.out / "validation.json", json.dumps(check, indent=2))
+    write_atomic(o.out / "timings.json", json.dumps({k: round(v, 1) for k, v in times.items()}, indent=2))
     console.print("stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
     table = Table("", "benign compliance", "harmful refusal",
-                  title=f"held-out prompts of the collection (judge {judge})")
+                  title=f"held-out prompts of the collection (judge {o.judge})")
     for name, r in check.items():
         table.add_row(name, *(f"{r[k]:.2f} (n={r[n]})" if k in r else "-" for k, n in
                               (("benign_compliance", "benign_n"), ("harmful_refusal", "harmful_n"))))
     console.print(table)
+
+
+def _run_signature() -> inspect.Signature:
+    """`els run` takes every option of `els collect` and of `els train` (declared once, there), with its own
+    OUT; typer reads the options from this signature."""
+    out = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+        Path, typer.Option(help="Run directory: collect/ (states) and artefact/ are written here.")])
+    params = {"out": out}
+    for command in (collect_cmd, train_cmd):
+        for p in inspect.signature(command, eval_str=True).parameters.values():
+            if p.name not in ("out", "states"):
+                params.setdefault(p.name, p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    return inspect.Signature(list(params.values()))
+
+
+run_cmd.__signature__ = _run_signature()  # type: ignore[attr-defined]
+app.command("run")(run_cmd)
 
 
 @app.command("generate")
