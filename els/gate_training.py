@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from els.data import Kind, PromptSet, load_prompts
 from els.framings import frame_set, framed_sources
-from els.gating import HarmGate
+from els.gating import HarmGate, StopForward
 from els.generation import length_batches, record_last_token, save_tensors_atomic, write_atomic
 from els.models import LoadedModel, cache_dir, chat_texts, config_fingerprint, load_model, user_conversations
 
@@ -106,10 +106,6 @@ def framed_pool(pool: Sequence[PromptSet], max_per_kind: int = 600, per_prompt: 
     return out, sources
 
 
-class _Stop(Exception):  # raised at the last block's input: everything the gate reads is recorded by then
-    pass
-
-
 @torch.inference_mode()
 def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     """[B, L, d]: each block's input at the last prompt token (the prefill, no generation)."""
@@ -117,7 +113,7 @@ def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     blocks = lm.blocks
 
     def stop(module, args, kwargs):
-        raise _Stop
+        raise StopForward
 
     # generate's position ids under left padding, so the gate reads what it will read at generation time
     positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
@@ -125,7 +121,7 @@ def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
         handle = blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)  # after the recorder's hook
         try:
             lm.model(**enc, position_ids=positions, use_cache=False)
-        except _Stop:
+        except StopForward:
             pass  # skips the last block and the vocabulary projection, which the gate never reads
         finally:
             handle.remove()

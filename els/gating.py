@@ -70,8 +70,9 @@ class HarmGate:
                    float(tensors[f"{p}threshold"][0]), tensors.get(f"{p}directions"), report or {})
 
 
-class _Stop(Exception):
-    """Ends the pre-pass at the gate's layer: nothing above it is needed."""
+class StopForward(Exception):
+    """Raised from a block's pre-hook to end a forward pass there: nothing above that block is needed (the
+    gate's pre-pass here, the gate's training forward passes in els.gate_training)."""
 
 
 @dataclass
@@ -102,7 +103,7 @@ def read_gate(model: nn.Module, gate: HarmGate, threshold: Threshold) -> Iterato
 
     def grab(module, args, kwargs):
         state.p_harm = gate.probability(block_input(args, kwargs)[:, -1])
-        raise _Stop
+        raise StopForward
 
     def before_forward(module, args, kwargs):
         if state.busy or _cache_len(kwargs) > 0:
@@ -112,7 +113,7 @@ def read_gate(model: nn.Module, gate: HarmGate, threshold: Threshold) -> Iterato
         handle = block.register_forward_pre_hook(grab, with_kwargs=True)
         try:
             module(*args, **rest | {"use_cache": False})
-        except _Stop:
+        except StopForward:
             pass
         finally:
             handle.remove()
