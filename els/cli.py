@@ -23,6 +23,7 @@ from els.cli_options import (DEFAULT_BENIGN, DEFAULT_CONTRAST, DEFAULT_ETA, DEFA
                              parse_widths, prompt_sets, ray_executor)
 from els.collect import Collection, collect, load_collection
 from els.energy import CONTRASTS, TrainConfig
+from els.gating import HarmGate
 from els.generation import DEFAULT_MAX_NEW_TOKENS, generate, write_atomic
 from els.judges import JUDGES, get_judge
 from els.models import DEFAULT_MODEL
@@ -55,14 +56,13 @@ def collect_cmd(
     """Generate, judge and record the four states."""
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
     need_ray(ray, ray_address, workers)
+    sets = prompt_sets(benign, "benign", limit, seed) + prompt_sets(harmful, "harmful", limit, seed)
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
     with ray_executor(lm, ray, ray_address, workers, device, dtype, device_map) as ex:
-        _collect(lm, out, benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed, ex)
+        _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, ex)
 
 
-def _collect(lm, out, benign, harmful, limit, max_new_tokens, batch_size, judge, system, seed,
-             executor=None) -> Collection:
-    sets = prompt_sets(benign, "benign", limit, seed) + prompt_sets(harmful, "harmful", limit, seed)
+def _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, executor=None) -> Collection:
     try:
         col = collect(lm, sets, out, judge=get_judge(judge), max_new_tokens=max_new_tokens,
                       batch_size=batch_size, system=system, executor=executor)
@@ -97,8 +97,9 @@ def train_cmd(
     forward passes need the collection's model)."""
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
     col = load_collection(states)
-    lm = load_model(model, device=device, dtype=dtype) if how.harm_data else None
-    _train(col, out, how, lm)
+    sets = _harm_sets(how)
+    lm = load_model(model, device=device, dtype=dtype) if sets is not None else None
+    _train(col, out, how, _harm_gate(lm, how, sets) if lm is not None else None)
 
 
 def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions,
@@ -118,9 +119,22 @@ def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate,
     return recipe.Recipe(cfg, settings, layer_rule=layer_rule, top_n=top_n, harm_data=pool)
 
 
-def _train(col: Collection, out: Path, how: recipe.Recipe, lm=None) -> Artefact:
+def _harm_sets(how: recipe.Recipe) -> recipe.HarmSets | None:
     try:
-        gate = recipe.fit_harm_gate(lm, how) if lm is not None else None
+        return recipe.harm_sets(how) if how.harm_data else None
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _harm_gate(lm, how: recipe.Recipe, sets: recipe.HarmSets | None) -> HarmGate | None:
+    try:
+        return recipe.fit_harm_gate(lm, how, sets=sets)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None) -> Artefact:
+    try:
         art = recipe.fit(col, how, gate)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
@@ -150,16 +164,23 @@ def run_cmd(**options) -> None:
     at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
     need_ray(o.ray, o.ray_address, o.workers)
     times = {}
+    # Every input is read before the model loads: a missing one costs seconds, not a collection.
+    t = time.perf_counter()
+    sets = prompt_sets(o.benign, "benign", o.limit, o.seed) + prompt_sets(o.harmful, "harmful", o.limit, o.seed)
+    pool = _harm_sets(how)
+    times["inputs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map)
     times["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     with ray_executor(lm, o.ray, o.ray_address, o.workers, o.device, o.dtype, o.device_map) as ex:
-        col = _collect(lm, o.out / "collect", o.benign, o.harmful, o.limit, o.max_new_tokens, o.batch_size, o.judge,
-                       o.system, o.seed, ex)
+        col = _collect(lm, o.out / "collect", sets, o.max_new_tokens, o.batch_size, o.judge, o.system, ex)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    art = _train(col, o.out / "artefact", how, lm)
+    gate = _harm_gate(lm, how, pool)
+    times["gate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    art = _train(col, o.out / "artefact", how, gate)
     times["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     rows = recipe.held_out(col, how.train)

@@ -99,8 +99,9 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     texts, lengths = prompt_texts(lm, [p for p, _, _ in items], system)
     batches = length_batches(texts, lengths, batch_size)
     shard_dir = out / "batches"
-    todo = [Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b) for b, idx in enumerate(batches)
-            if not (shard_dir / f"{b:05d}.safetensors").exists()]
+    # Generation stops where the judge's verdict is fixed: the states are those of full-length answers.
+    todo = [Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon)
+            for b, idx in enumerate(batches) if not (shard_dir / f"{b:05d}.safetensors").exists()]
     finished = (executor or LocalExecutor(lm)).map(todo)
     for job, done in tqdm(finished, desc="collect", total=len(batches), initial=len(batches) - len(todo),
                           disable=not progress):

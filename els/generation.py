@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from els.models import LoadedModel, block_input, chat_texts, user_conversations
 
@@ -122,6 +122,25 @@ class _Force(LogitsProcessor):
         return forced
 
 
+class _VerdictFixed(StoppingCriteria):
+    """Stops a row once its answer, without its newest token, has `chars` characters: a judge that reads only
+    that opening (`Judge.horizon`) can no longer change its verdict. The newest token is left out because a
+    multi-byte character split over tokens decodes differently once it is complete."""
+
+    def __init__(self, lm: LoadedModel, chars: int, prompt_len: int, rows: int):
+        self.tok, self.chars, self.prompt_len = lm.tokenizer, chars, prompt_len
+        self.stopped_at: list[int | None] = [None] * rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len :]
+        done = torch.zeros(len(new), dtype=torch.bool, device=input_ids.device)
+        for i, row in enumerate(new.tolist()):
+            if self.stopped_at[i] is None and len(self.tok.decode(row[:-1], skip_special_tokens=True).strip()) >= self.chars:
+                self.stopped_at[i] = len(row)
+            done[i] = self.stopped_at[i] is not None
+        return done
+
+
 @dataclass
 class Generated:
     ids: list[list[int]]  # per row; trimmed after the first end-of-sequence token unless min_new_tokens was set
@@ -132,11 +151,13 @@ class Generated:
 
 @torch.inference_mode()
 def generate_batch(lm: LoadedModel, texts: list[str], max_new_tokens: int, *, min_new_tokens: int = 0,
-                   force: list[list[int]] | None = None, record: bool = False) -> Generated:
+                   force: list[list[int]] | None = None, record: bool = False, horizon: int | None = None
+                   ) -> Generated:
     """Greedy answers to chat-templated texts, in one `model.generate` call.
 
     `force` emits those ids instead (teacher forcing) and returns each step's logits; `record` also returns
-    the residual stream each block received at the last prompt token."""
+    the residual stream each block received at the last prompt token; `horizon` ends each answer once it
+    has that many characters (the opening a judge reads, see `Judge.horizon`), and the batch once all have."""
     tok = lm.tokenizer
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.model.device)
     kwargs: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
@@ -148,10 +169,16 @@ def generate_batch(lm: LoadedModel, texts: list[str], max_new_tokens: int, *, mi
                       output_logits=True, max_new_tokens=steps)
     else:
         kwargs.update(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None)
+    stop = None
+    if horizon is not None and force is None:
+        stop = _VerdictFixed(lm, horizon, enc["input_ids"].shape[1], len(texts))
+        kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
     with record_last_token(lm.blocks) if record else nullcontext() as captured:
         out = lm.model.generate(**enc, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, **kwargs)
     new = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
     eos = eos_ids(lm)
+    if stop is not None:
+        new = [row[:n] if n is not None else row for row, n in zip(new, stop.stopped_at)]
     ids = [row if min_new_tokens else trim(row, eos) for row in new]
     return Generated(ids, [decode(lm, row) for row in ids], list(out.logits) if force is not None else None,
                      torch.stack(captured, dim=1) if record else None)
@@ -168,11 +195,13 @@ def prompt_texts(lm: LoadedModel, prompts: list[str], system: str | None = None)
 
 
 def generate(lm: LoadedModel, prompts: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             batch_size: int = 16, system: str | None = None, progress: bool = False) -> list[str]:
-    """Greedy answers to single-turn prompts, batched by length; returned in the prompts' order."""
+             batch_size: int = 16, system: str | None = None, progress: bool = False, horizon: int | None = None
+             ) -> list[str]:
+    """Greedy answers to single-turn prompts, batched by length; returned in the prompts' order (`horizon`:
+    see `generate_batch`)."""
     texts, lengths = prompt_texts(lm, prompts, system)
     answers: list[str] = [""] * len(prompts)
     for idx in tqdm(length_batches(texts, lengths, batch_size), disable=not progress, desc="generate"):
-        for i, a in zip(idx, generate_batch(lm, [texts[i] for i in idx], max_new_tokens).texts):
+        for i, a in zip(idx, generate_batch(lm, [texts[i] for i in idx], max_new_tokens, horizon=horizon).texts):
             answers[i] = a
     return answers

@@ -80,6 +80,7 @@ class ModelJudge:
 
     model: str | LoadedModel = "default"
     max_answer_chars: int = 1500
+    horizon: int | None = None
     batch_size: int = 8
     max_new_tokens: int = 10
     fallbacks: int = 0

@@ -164,6 +164,7 @@ class LearnedJudge:
     """
 
     name = "learned"
+    horizon = None
 
     def __init__(self, weight: torch.Tensor | None = None, bias: float | None = None, meta: dict | None = None):
         if weight is None:

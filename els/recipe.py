@@ -46,22 +46,38 @@ class Recipe:
     harm_data: tuple[str, ...] = DEFAULT_POOL
     # Removed from the pool with their near-duplicates: the evaluation and tuning sets.
     harm_exclude: tuple[str, ...] = DEFAULT_EVAL + DEFAULT_EXCLUDE
+    # The gate's threshold flags at most this share of the pool's benign validation prompts (macro over sources).
+    harm_flag_rate: float = 0.05
 
 
-def fit_harm_gate(lm: LoadedModel, recipe: Recipe = Recipe(), cache: Path | None = None,
-                  progress: bool = True) -> HarmGate | None:
-    """The recipe's harm gate, from prompt-only forward passes of its pool (cached); None without a pool."""
-    if not recipe.harm_data:
-        return None
-    pool = [load_spec(s) for s in recipe.harm_data]
+@dataclass(frozen=True)
+class HarmSets:
+    """The harm gate's inputs, loaded: its pool, and the sets whose near-duplicates leave the pool."""
+
+    pool: list[PromptSet]
+    exclude: list[PromptSet]
+
+
+def harm_sets(recipe: Recipe = Recipe()) -> HarmSets:
+    """Load the recipe's pool (a missing set is an error) and exclusion sets (a missing one is skipped: a set
+    this machine cannot read is one it cannot be evaluated on either). Cheap: call it before any model work."""
     exclude = []
     for spec in recipe.harm_exclude:
         try:
             exclude.append(load_spec(spec))
         except FileNotFoundError:
-            pass  # a set that cannot be read here cannot be evaluated on here either
-    gate, _ = fit_gate(lm, pool, [], cache or cache_dir() / "gate", exclude=exclude, progress=progress,
-                       seed=recipe.train.seed)
+            pass
+    return HarmSets([load_spec(s) for s in recipe.harm_data], exclude)
+
+
+def fit_harm_gate(lm: LoadedModel, recipe: Recipe = Recipe(), cache: Path | None = None, progress: bool = True,
+                  sets: HarmSets | None = None) -> HarmGate | None:
+    """The recipe's harm gate, from prompt-only forward passes of its pool (cached); None without a pool."""
+    if not recipe.harm_data:
+        return None
+    sets = sets or harm_sets(recipe)
+    gate, _ = fit_gate(lm, sets.pool, [], cache or cache_dir() / "gate", exclude=sets.exclude, progress=progress,
+                       seed=recipe.train.seed, max_false_flag=recipe.harm_flag_rate)
     return gate
 
 
@@ -82,10 +98,11 @@ def train(lm: LoadedModel, out: Path | str, *, benign: list[PromptSet] | None = 
     out = Path(out)
     benign = benign or [load_prompts(s).with_kind("benign") for s in DEFAULT_BENIGN]
     harmful = harmful or [load_prompts(s).with_kind("harmful") for s in DEFAULT_HARMFUL]
+    sets = harm_sets(recipe) if recipe.harm_data else None  # a missing input fails here, before any generation
     col = collect(lm, [*benign, *harmful], out / "collect", judge=get_judge(recipe.judge),
                   max_new_tokens=recipe.max_new_tokens, batch_size=recipe.batch_size, system=recipe.system,
                   progress=progress)
-    art = fit(col, recipe, fit_harm_gate(lm, recipe, progress=progress))
+    art = fit(col, recipe, fit_harm_gate(lm, recipe, progress=progress, sets=sets))
     art.save(out / "artefact")
     return art
 
@@ -114,7 +131,8 @@ def validate(lm: LoadedModel, artefact: Artefact, collection: Collection, rows: 
             continue
         for name in ("base", "steered"):
             with Steering(lm.model, artefact) if name == "steered" else nullcontext():
-                answers = generate(lm, prompts, max_new_tokens=max_new_tokens, system=collection.meta["system"])
+                answers = generate(lm, prompts, max_new_tokens=max_new_tokens, system=collection.meta["system"],
+                                   horizon=judge.horizon)
             refused = judge(prompts, answers)
             share = sum(refused) / len(prompts)
             out.setdefault(name, {})[key] = 1 - share if kind == "benign" else share

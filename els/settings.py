@@ -35,11 +35,12 @@ class SteerSettings:
     - `project`: keep each step orthogonal to the harm probe's direction at the steered layer, so steering
       cannot make a prompt look less harmful there (one value for all rows).
 
-    The defaults are the recipe `els run` writes into an artefact: the point `els tune` chose on
-    validation prompts for the default model (docs/results.md).
+    The defaults are the recipe `els run` writes into an artefact (the harm gate's threshold is then the one
+    chosen on its pool's validation split): eta 0.15 was the largest of 0.1 / 0.15 / 0.2 that kept harmful
+    refusal on the collection's held-out prompts within 2 points of the base model's (docs/results.md).
     """
 
-    eta: RowValue = 0.1
+    eta: RowValue = 0.15
     steps: RowValue = 4
     threshold: RowValue = None
     harm_gate: RowValue = 0.5

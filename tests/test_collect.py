@@ -14,6 +14,7 @@ class FlakyJudge:
     """Calls answers refusals on alternate prompts; raises on the call number `fail_at` (an interruption)."""
 
     name = "flaky"
+    horizon = None
 
     def __init__(self, fail_at: int | None = None):
         self.calls, self.fail_at = 0, fail_at

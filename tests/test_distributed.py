@@ -33,6 +33,7 @@ class CountingJudge:
     """Calls answers to prompts with 'kill' or 'bomb' refusals; counts its calls (one per written batch)."""
 
     name = "counting"
+    horizon = None
 
     def __init__(self):
         self.calls = 0

@@ -80,6 +80,7 @@ class _Alternating:
     """Refuses every other prompt, so the collection has all four states whatever the tiny model says."""
 
     name = "alternating"
+    horizon = None
 
     def __call__(self, prompts, answers):
         return [int(p.split()[-1]) % 2 == 0 for p in prompts]
