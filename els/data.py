@@ -240,7 +240,7 @@ def _load_known(name: str) -> PromptSet:
     if src.hub is None:
         raise FileNotFoundError(f"{name}: not found locally and no Hugging Face copy is pinned for it: {fix}")
     repo, config, split, revision = src.hub
-    if not os.environ.get("HF_HUB_OFFLINE") and not _hub_resolves():
+    if not _hub_offline() and not _hub_resolves():
         raise FileNotFoundError(f"{name}: not found locally and the Hugging Face hub cannot be reached; {fix}")
     try:
         from datasets import load_dataset
@@ -252,6 +252,13 @@ def _load_known(name: str) -> PromptSet:
                                 f"not be loaded ({type(e).__name__}: {reason}); {fix}") from None
     return _from_rows(rows, f"{repo}@{revision[:7]}", src.column, name=name, kind=src.kind, category=src.category,
                       where=src.where)
+
+
+def _hub_offline() -> bool:
+    """Offline mode as huggingface_hub read it at import (then `datasets` only looks in its cache, at once)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_resolves() -> bool:

@@ -180,3 +180,20 @@ def test_unknown_model_offline_and_debug_traceback(made, tmp_path):
     debug = _els("--debug", "generate", "hi", "--model", str(made / "model"), "--steer", str(art))
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "JSONDecodeError" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith(f"error: {art / 'els.json'} is not valid JSON")
+
+
+@pytest.mark.parametrize("flag, value, names", [
+    ("--harm-data", "benign=els-benign,harmful={tmp}/none.csv:prompt", "none.csv"),
+    ("--harm-data", "els-benign,advbench", "advbench"),
+    ("--benign", "{tmp}/none.csv:prompt", "none.csv"),
+])
+def test_run_with_a_missing_input_fails_before_the_model_loads(made, tmp_path, monkeypatch, flag, value, names):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("els.cli_errors.models.load_model", must_not_load)
+    monkeypatch.setenv("ELS_DATA", str(tmp_path / "no-data"))
+    monkeypatch.setattr("els.data._hub_resolves", lambda: False)  # a bare machine: no network
+    args = ["run", "--model", str(made / "model"), "--out", str(tmp_path / "run"), flag, value.format(tmp=tmp_path)]
+    _one_line_error(CliRunner().invoke(app, args), names)
+    assert not (tmp_path / "run").exists()

@@ -135,7 +135,7 @@ def test_unreachable_hub_fails_at_once_without_asking_datasets(tmp_path, monkeyp
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(datasets, "load_dataset", must_not_run)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(els.data, "_hub_offline", lambda: False)
     monkeypatch.setenv("ELS_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="hub cannot be reached") as err:
         load_prompts("xstest-safe")
