@@ -32,8 +32,8 @@ def test_run_writes_artefact_with_manifest(run_dir):
     assert sum(manifest["data"]["counts"].values()) == 12
     rows = [json.loads(x) for x in (run_dir / "collect" / "states.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"benign", "harmful"}
-    assert json.loads((run_dir / "timings.json").read_text()).keys() == {"load_s", "collect_s", "train_s",
-                                                                         "validate_s"}
+    assert json.loads((run_dir / "timings.json").read_text()).keys() == {"inputs_s", "load_s", "collect_s", "gate_s",
+                                                                         "train_s", "validate_s"}
     check = json.loads((run_dir / "validation.json").read_text())  # `els run` ends with the held-out check
     assert set(check) == {"base", "steered"}
     assert all({"benign_compliance", "harmful_refusal"} <= set(check[m]) for m in check)
