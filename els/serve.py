@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from els.artefact import Artefact
 from els.engine import Engine, Job
 from els.models import LoadedModel, chat_texts
-from els.serve_api import MIN_TEMPERATURE, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
+from els.serve_api import MIN_TEMPERATURE, MIN_TOP_P, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
 from els.settings import SteerSettings
 
 log = logging.getLogger("els.serve")
@@ -130,9 +130,12 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         if 0 < temperature < MIN_TEMPERATURE:
             log.warning("temperature %g raised to %g", temperature, MIN_TEMPERATURE)
             temperature = MIN_TEMPERATURE
-        return Job(ids=ids, max_tokens=max_tokens, temperature=temperature,
-                   top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
-                   steer=steer_settings(req.els or ElsOptions()), stream=req.stream, emit=emit)
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if top_p < MIN_TOP_P:
+            log.warning("top_p %g raised to %g", top_p, MIN_TOP_P)
+            top_p = MIN_TOP_P
+        return Job(ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed, stop=stop,
+                   steer=steer_settings(req.els or ElsOptions()), stream=bool(req.stream), emit=emit)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

@@ -461,3 +461,62 @@ def test_sigterm_ends_the_server_within_5_s_after_a_worker_failure(tmp_path, lm_
             proc.kill()
             proc.wait()
         log.close()
+
+
+# ---- round two (issue 19) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [{"stream": None}, {"n": None}, {"stream": None, "n": None, "top_p": None}],
+                         ids=["stream", "n", "all"])
+def test_null_is_absent_where_openai_takes_it(client, fields):
+    r = post(client, body(**fields))
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("stream", [False, None], ids=["false", "null"])
+def test_stream_options_without_a_stream_is_400(client, stream):
+    fields = {"stream_options": {"include_usage": True}} | ({} if stream is None else {"stream": stream})
+    r = post(client, body(**fields))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46])
+def test_tiny_top_p_is_raised_not_a_500(client, caplog, top_p):
+    with caplog.at_level(logging.WARNING, logger="els.serve"):
+        r = post(client, body(temperature=1, top_p=top_p, seed=3, max_tokens=6))
+    assert r.status_code == 200, r.text
+    assert any("top_p" in rec.getMessage() and "raised" in rec.getMessage() for rec in caplog.records)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert client.get("/health").json()["failed_batches"] == 0
+
+
+def _asgi_post(app, chunks: list[bytes], then_disconnect: bool = True) -> list[dict]:
+    """One request driven by hand through the ASGI interface: `chunks` of body, then (optionally) a disconnect."""
+    import asyncio
+
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    messages.append({"type": "http.disconnect"} if then_disconnect else {"type": "http.request", "body": b""})
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_client_that_closes_mid_body_logs_no_traceback(client, caplog):
+    with caplog.at_level(logging.WARNING):
+        sent = _asgi_post(client.app, [b"{"])
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] in ([], [400])
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
+    assert_serves(client)
