@@ -15,6 +15,7 @@ MAX_ETA = 4.0  # eta is a fraction of the layer's hidden norm per step; beyond t
 MAX_STEPS = 32
 MIN_TEMPERATURE = 0.01  # a positive temperature below this is raised to it (as vLLM does): 1/T overflows the logits
 MIN_TOP_P = 1e-6  # a top_p below this is raised to it: in float32 it rounds to 0 and no token would be kept
+MAX_BATCH_WINDOW_MS = 1000.0  # longer holds every request that long and delays SIGTERM as much
 INT64 = (-(1 << 63), (1 << 63) - 1)  # the seed's range, as torch.Generator.manual_seed takes it
 
 
@@ -30,8 +31,9 @@ class Limits:
 
     def __post_init__(self) -> None:
         if min(self.max_prompt_tokens, self.max_tokens, self.default_max_tokens, self.max_body_bytes, self.max_batch,
-               self.max_queue) < 1 or self.batch_window_ms < 0:
-            raise ValueError(f"limits must be positive: {self}")
+               self.max_queue) < 1 or not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:
+            raise ValueError(f"limits must be positive, the batch window within [0, {MAX_BATCH_WINDOW_MS:g}] ms: "
+                             f"{self}")
 
 
 # ---- request schema -------------------------------------------------------------------------------------

@@ -197,3 +197,39 @@ def test_run_with_a_missing_input_fails_before_the_model_loads(made, tmp_path, m
     args = ["run", "--model", str(made / "model"), "--out", str(tmp_path / "run"), flag, value.format(tmp=tmp_path)]
     _one_line_error(CliRunner().invoke(app, args), names)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["serve", "--port", "99999"], "--port"),
+    (["serve", "--port=-1"], "--port"),
+    (["serve", "--port", "0"], "--port"),
+    (["serve", "--batch-window-ms", "nan"], "--batch-window-ms"),
+    (["serve", "--batch-window-ms", "inf"], "--batch-window-ms"),
+    (["serve", "--batch-window-ms", "1e9"], "--batch-window-ms"),
+    (["serve", "--batch-window-ms=-1"], "--batch-window-ms"),
+    (["serve", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--max-body-kb", "0"], "--max-body-kb"),
+    (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+    (["serve", "--device", "bogus"], "--device"),
+    (["serve", "--device", "cuda:99"], "--device"),
+    (["generate", "hi", "--device", "bogus"], "--device"),
+    (["generate", "hi", "--device", "cuda:99"], "--device"),
+    (["collect", "--out", "{tmp}/c", "--device", "bogus"], "--device"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance", "nan"], "--tolerance"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance=-1"], "--tolerance"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase=-5"], "--max-nll-increase"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase", "nan"], "--max-nll-increase"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--out-artefact", "{art}"], "--out-artefact"),
+    (["eval", "--out", "{tmp}/e", "--eta", "nan"], "--eta"),
+    (["eval", "--out", "{tmp}/e", "--steps=-1"], "--steps"),
+])
+def test_out_of_range_flags_fail_before_the_model_loads(made, tmp_path, monkeypatch, args, flag):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("els.cli_errors.models.load_model", must_not_load)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (made / "artefact").iterdir())
+    args = [a.format(tmp=tmp_path, art=made / "artefact") for a in args] + ["--model", str(made / "model")]
+    _one_line_error(CliRunner().invoke(app, args), flag)
+    assert list(tmp_path.iterdir()) == []
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (made / "artefact").iterdir()) == before
