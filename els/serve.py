@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from els.artefact import Artefact
 from els.engine import Engine, Job
-from els.models import LoadedModel, chat_texts
+from els.models import LoadedModel, chat_ids
 from els.serve_api import MIN_TEMPERATURE, MIN_TOP_P, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
 from els.settings import SteerSettings
 
@@ -112,13 +112,9 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
                          "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                         for m in req.messages]
         try:
-            text = chat_texts(lm.tokenizer, [conversation])[0]
-        except Exception as e:  # noqa: BLE001 - templates raise their own errors, e.g. on role order
-            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
-        try:
-            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        except Exception as e:  # noqa: BLE001 - e.g. text the tokenizer cannot encode
-            raise ApiError(400, f"the tokenizer refused these messages: {type(e).__name__}: {e}",
+            ids = chat_ids(lm.tokenizer, conversation)
+        except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. on role order), tokenizers too
+            raise ApiError(400, f"the chat template or tokenizer refused these messages: {type(e).__name__}: {e}",
                            param="messages") from None
         if len(ids) > limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, this server allows at most "
