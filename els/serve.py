@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from els.artefact import Artefact
@@ -30,6 +31,7 @@ from els.serve_api import MIN_TEMPERATURE, MIN_TOP_P, ApiError, ChatRequest, Els
 from els.settings import SteerSettings
 
 log = logging.getLogger("els.serve")
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 
 # ---- HTTP -----------------------------------------------------------------------------------------------
@@ -43,6 +45,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
     steer_defaults = artefact.settings if artefact is not None else None
     context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     created = int(time.time())
+    tokenizing = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,7 +81,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         return JSONResponse({"status": "ok" if serving else engine.state, "model": lm.name,
                              "steering": artefact is not None, "worker": engine.state,
                              "worker_restarts": engine.restarts, "worker_last_error": engine.last_error,
-                             "queued": engine.jobs.qsize(), **engine.counters}, status_code=200 if serving else 503)
+                             "queued": engine.waiting(), **engine.counters}, status_code=200 if serving else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -112,7 +115,8 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
                          "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                         for m in req.messages]
         try:
-            ids = chat_ids(lm.tokenizer, conversation)
+            with tokenizing:  # requests tokenise in worker threads; one at a time, the tokenizer is not reentrant
+                ids = chat_ids(lm.tokenizer, conversation)
         except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. on role order), tokenizers too
             raise ApiError(400, f"the chat template or tokenizer refused these messages: {type(e).__name__}: {e}",
                            param="messages") from None
@@ -144,15 +148,14 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
             except RuntimeError:  # the loop is gone: the server is shutting down
                 pass
 
-        job = make_job(req, emit)
+        job = await run_in_threadpool(make_job, req, emit)  # a long prompt must not hold the event loop
         engine.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": lm.name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(job, events, head, include_usage), media_type="text/event-stream")
         try:
-            while (event := await events.get())[0] == "delta":
-                pass
+            event = await _answer(request, events)
         finally:
             job.cancelled = True  # no-op once done; frees the row if the client went away
         if event[0] == "error":
@@ -192,6 +195,19 @@ def _on_termination(callback: Callable[[], None]) -> Callable[[], None]:
                 signal.signal(sig, previous)
 
     return restore
+
+
+async def _answer(request: Request, events: asyncio.Queue) -> tuple:
+    """A non-streamed job's last event; raises if the client goes first, so that its row is freed."""
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ApiError(400, "the client closed the connection", code="client_disconnected") from None
+            continue
+        if event[0] != "delta":
+            return event
 
 
 def _usage(r: dict) -> dict:

@@ -563,3 +563,84 @@ def test_special_token_text_in_a_request_is_served_as_text(client):
     assert r.status_code == 200, r.text
     plain = post(client, body("what is chess"))
     assert r.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"] + 2
+
+
+def _slowed(model, seconds: float) -> tuple[dict, callable]:
+    """Every forward pass of `model` takes `seconds` more and is counted; returns the count and the undo."""
+    forward, calls = model.forward, {"n": 0}
+
+    def slow(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.forward = slow
+    return calls, lambda: setattr(model, "forward", forward)
+
+
+def test_the_queue_bounds_every_waiting_request_and_health_counts_them(lm_art):
+    lm, art = lm_art
+    limits = Limits(max_tokens=32, max_batch=1, max_queue=2, batch_window_ms=0)
+    _, undo = _slowed(lm.model, 0.03)
+    try:
+        with TestClient(create_app(lm, art, limits)) as c:
+            out: list[int] = []
+            seen: list[int] = []
+            threads = [threading.Thread(target=lambda: out.append(post(c, body(max_tokens=6)).status_code))
+                       for _ in range(10)]
+            for t in threads:
+                t.start()
+                seen.append(c.get("/health").json()["queued"])
+                time.sleep(0.05)
+            for t in threads:
+                t.join(60)
+    finally:
+        undo()
+    assert sorted(set(out)) == [200, 503] and len(out) == 10, out
+    assert max(seen) <= 2 and max(seen) >= 1, seen
+    # the jobs the worker has taken for a later batch count too
+    from els.serve import ApiError
+
+    engine = create_app(lm, art, limits).state.engine
+    engine._pending = [object(), object()]
+    with pytest.raises(ApiError) as refused:
+        engine.submit(object())
+    assert refused.value.status == 503 and refused.value.code == "overloaded" and engine.waiting() == 2
+
+
+def test_tokenising_a_long_prompt_does_not_hold_the_event_loop(lm_art, monkeypatch):
+    import els.serve
+
+    lm, art = lm_art
+    encode = els.serve.chat_ids
+
+    def slow_encode(*args):
+        time.sleep(1.0)
+        return encode(*args)
+
+    monkeypatch.setattr(els.serve, "chat_ids", slow_encode)
+    with TestClient(create_app(lm, art, LIMITS)) as c:
+        t = threading.Thread(target=lambda: post(c, body()))
+        t.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        assert c.get("/health").status_code == 200
+        took = time.monotonic() - start
+        t.join(30)
+    assert took < 0.5, took
+
+
+def test_a_non_streamed_request_whose_client_left_stops_generating(lm_art):
+    lm, art = lm_art
+    server = Server(create_app(lm, art, Limits(max_tokens=32, batch_window_ms=0)))
+    calls, undo = _slowed(lm.model, 0.1)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}/v1/chat/completions", json=body(max_tokens=30), timeout=0.5)
+        time.sleep(1.0)
+        stopped = calls["n"]
+        time.sleep(0.5)
+        assert calls["n"] == stopped and stopped < 20, calls
+    finally:
+        undo()
+        server.close()
