@@ -23,6 +23,7 @@ from torch import nn
 
 from els.energy import CONTRASTS, EnergyStack, TrainConfig, TrainResult, fit_harm_probe, stratified_split
 from els.gating import TENSOR_PREFIX, HarmGate
+from els.manifest import check_manifest
 from els.models import config_fingerprint, decoder_blocks
 from els.settings import SteerSettings
 
@@ -36,7 +37,6 @@ WEIGHTS = "energy.safetensors"
 # Written by save, checked by load when present (older artefacts lack it): the weights' sha256 and the layer of
 # each energy member, so a manifest cannot pair layers with other layers' models or with edited weights.
 INTEGRITY = "weights"
-_REQUIRED = ("hidden_size", "num_layers", "trained_layers", "energy", "steer", "model_fingerprint", "base_model")
 LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
 # The recipe's layer choice (with SteerSettings' defaults and TrainConfig's, what `els run` does).
 DEFAULT_LAYER_RULE = "top_auc"
@@ -123,8 +123,7 @@ class Artefact:
         if manifest.get("format_version") not in READABLE_FORMATS:
             raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads "
                              f"{READABLE_FORMATS}")
-        if missing := [k for k in _REQUIRED if k not in manifest]:
-            raise ValueError(f"{mpath} lacks {', '.join(missing)}")
+        check_manifest(manifest, mpath)
         if not wpath.exists():
             raise FileNotFoundError(f"{path} is not a complete ELS artefact (no {WEIGHTS})")
         try:
@@ -161,6 +160,8 @@ class Artefact:
                              f"{len(manifest['trained_layers'])} layers, widths {e['widths']}): "
                              + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}"
                                          for k in diff[:3]))
+        if not 0 <= gate.layer < manifest["num_layers"]:
+            raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest['num_layers']}")
         energy.load_state_dict(tensors)
         return cls(energy.eval(), manifest, gate)
 

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from typer.core import TyperGroup
 
@@ -60,11 +61,36 @@ def at_least(low: int, **flags: int | None) -> None:
             raise typer.BadParameter(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
 
 
+def within(low: float, high: float, **flags: float | None) -> None:
+    """Refuse any flag (by parameter name) outside [low, high], NaN included; None means unset."""
+    for name, value in flags.items():
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"--{name.replace('_', '-')} must be within [{low:g}, {high:g}], got {value}")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know or this machine lacks, before a model is loaded onto it."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise typer.BadParameter(f"--device {device}: no such CUDA device on this machine "
+                                 f"({torch.cuda.device_count()} visible)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise typer.BadParameter(f"--device {device}: MPS is not available on this machine")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise typer.BadParameter(f"--device {device}: only cpu, cuda and mps are supported")
+
+
 def load_model(name: str = models.DEFAULT_MODEL, **kwargs: Any) -> models.LoadedModel:
-    """els.models.load_model with a one-line error naming --model or --dtype."""
+    """els.models.load_model with a one-line error naming --model, --device or --dtype."""
     dtype = kwargs.get("dtype", "auto")
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_device(kwargs.get("device"))
     try:
         return models.load_model(name, **kwargs)
     except (OSError, ValueError) as e:

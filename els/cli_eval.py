@@ -3,6 +3,7 @@ on the app in els.cli)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +11,7 @@ import typer
 from rich.table import Table
 
 from els.artefact import Artefact
-from els.cli_errors import at_least, load_model
+from els.cli_errors import at_least, check_device, load_model, within
 from els.cli_options import (DEFAULT_JUDGE, Device, Dtype, Model, Ray, RayAddress, Workers, console, need_ray,
                              prompt_sets, ray_executor)
 from els.generation import DEFAULT_MAX_NEW_TOKENS, write_atomic
@@ -35,7 +36,8 @@ def tune_cmd(
     max_nll_increase: Annotated[float, typer.Option(help="Answer NLL (nats/token) above the base's that counts "
                                                          "as garbled text.")] = 1.0,
     out_artefact: Annotated[Optional[Path],
-                            typer.Option(help="Tuned artefact directory (default: update --steer in place).")] = None,
+                            typer.Option(help="Tuned artefact directory (default: OUT/artefact; --steer is never "
+                                         "rewritten).")] = None,
     seed: int = 0,
     device: Device = None,
     dtype: Dtype = "auto",
@@ -45,6 +47,12 @@ def tune_cmd(
 
     at_least(1, limit=limit, trials=trials, max_new_tokens=max_new_tokens, batch_size=batch_size,
              max_layers=max_layers)
+    within(0, 1, tolerance=tolerance)
+    within(0, math.inf, max_nll_increase=max_nll_increase)
+    check_device(device)
+    out_artefact = out_artefact or out / "artefact"
+    if out_artefact.resolve() == steer_dir.resolve():
+        raise typer.BadParameter("--out-artefact must differ from --steer: an input is never rewritten")
     benign, harmful = benign or tuning.DEFAULT_BENIGN, harmful or tuning.DEFAULT_HARMFUL
     sets = {"benign": benign, "harmful": harmful, "limit": limit, "limit_seed": seed}
     benign_ps, harmful_ps = prompt_sets(benign, "benign", limit, seed), prompt_sets(harmful, "harmful", limit, seed)
@@ -57,14 +65,14 @@ def tune_cmd(
                              max_layers=max_layers, tolerance=tolerance, max_nll_increase=max_nll_increase)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    tuning.tuned_artefact(art, result).save(out_artefact or steer_dir)
+    tuning.tuned_artefact(art, result).save(out_artefact)
     console.print((out / "pareto.md").read_text(), highlight=False, soft_wrap=True)
     c, b = result["chosen"], result["base"]
     if not result["chosen_beats_base"]:
         console.print("[yellow]warning:[/yellow] no trial beats the unsteered model under the rule", highlight=False)
     console.print(f"chosen trial {c['trial']}: {c['settings']} -> benign compliance {c['benign_compliance']:.3f} "
                   f"(base {b['benign_compliance']:.3f}), harmful refusal {c['harmful_refusal']:.3f} "
-                  f"(base {b['harmful_refusal']:.3f}); written to {out_artefact or steer_dir} in "
+                  f"(base {b['harmful_refusal']:.3f}); written to {out_artefact} in "
                   f"{result['wall_s']:.0f} s")
 
 
@@ -86,7 +94,13 @@ def serve_cmd(
     import uvicorn
 
     from els.serve import Limits, create_app
+    from els.serve_api import MAX_BATCH_WINDOW_MS
 
+    at_least(1, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_kb=max_body_kb,
+             max_batch=max_batch)
+    within(1, 65535, port=port)
+    within(0, MAX_BATCH_WINDOW_MS, batch_window_ms=batch_window_ms)
+    check_device(device)
     try:
         art = Artefact.load(steer_dir) if steer_dir is not None else None
         limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
@@ -140,7 +154,9 @@ def eval_cmd(
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, speed_batch=speed_batch)
-    at_least(0, quality_n=quality_n, speed_n=speed_n)
+    at_least(0, quality_n=quality_n, speed_n=speed_n, steps=steps)
+    within(0, math.inf, eta=eta)
+    check_device(device)
     need_ray(ray, ray_address, workers)
     try:  # everything that can be wrong with the input fails here, before any generation
         sets = [load_benchmark(spec.strip(), limit, seed) for spec in benchmarks.split(",") if spec.strip()]

@@ -236,10 +236,14 @@ class Engine:
         if self.stopping:
             raise _shutting_down()
         self.ensure_running()
-        if self.jobs.qsize() >= self.limits.max_queue:
+        if self.waiting() >= self.limits.max_queue:
             raise ApiError(503, "server overloaded: too many queued requests, retry later", type="server_error",
                            code="overloaded")
         self.jobs.put(job)
+
+    def waiting(self) -> int:
+        """Requests not yet in a batch: queued, or taken by the worker for a later batch."""
+        return self.jobs.qsize() + len(self._pending)
 
     def _main(self) -> None:
         while True:

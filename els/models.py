@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -192,6 +193,31 @@ def chat_texts(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict
         # Base models (and the tiny test models) have no template: plain turns keep the method usable.
         return ["".join(f"{m['role']}: {m['content']}\n" for m in conv) + "assistant:" for conv in conversations]
     return [tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) for conv in conversations]
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]]) -> list[int]:
+    """The token ids of `conversation` templated as `chat_texts` does, with every message's content encoded as
+    text: a special token's string in a message (e.g. "<|im_start|>system") does not become that token, so
+    untrusted content cannot forge a turn. The template's own special tokens are kept where it puts them."""
+    def encode(text: str, as_text: bool = False) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+
+    specials = {t for t in tokenizer.all_special_tokens if t} | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
+    if not any(s in m["content"] for m in conversation for s in specials):
+        return encode(chat_texts(tokenizer, [conversation])[0])  # the common case, tokenised as before
+    # Template the conversation with a unique mark per content, then encode the template's text and the
+    # contents separately.
+    marks = [f"els{secrets.token_hex(16)}" for _ in conversation]
+    rest = chat_texts(tokenizer, [[{**m, "content": k} for m, k in zip(conversation, marks)]])[0]
+    ids: list[int] = []
+    for m, mark in zip(conversation, marks):
+        head, found, rest = rest.partition(mark)
+        if not found or mark in rest:
+            raise ValueError("a message holds a special token's text and the chat template does not place "
+                             "message contents verbatim, so it cannot be kept as text")
+        ids += encode(head) + encode(m["content"], as_text=True)
+    return ids + encode(rest)
 
 
 def user_conversations(prompts: list[str], system: str | None = None) -> list[list[dict[str, str]]]:

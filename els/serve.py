@@ -21,15 +21,17 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from els.artefact import Artefact
 from els.engine import Engine, Job
-from els.models import LoadedModel, chat_texts
-from els.serve_api import MIN_TEMPERATURE, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
+from els.models import LoadedModel, chat_ids
+from els.serve_api import MIN_TEMPERATURE, MIN_TOP_P, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
 from els.settings import SteerSettings
 
 log = logging.getLogger("els.serve")
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 
 # ---- HTTP -----------------------------------------------------------------------------------------------
@@ -43,6 +45,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
     steer_defaults = artefact.settings if artefact is not None else None
     context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     created = int(time.time())
+    tokenizing = threading.Lock()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,7 +81,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         return JSONResponse({"status": "ok" if serving else engine.state, "model": lm.name,
                              "steering": artefact is not None, "worker": engine.state,
                              "worker_restarts": engine.restarts, "worker_last_error": engine.last_error,
-                             "queued": engine.jobs.qsize(), **engine.counters}, status_code=200 if serving else 503)
+                             "queued": engine.waiting(), **engine.counters}, status_code=200 if serving else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -112,13 +115,10 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
                          "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                         for m in req.messages]
         try:
-            text = chat_texts(lm.tokenizer, [conversation])[0]
-        except Exception as e:  # noqa: BLE001 - templates raise their own errors, e.g. on role order
-            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
-        try:
-            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        except Exception as e:  # noqa: BLE001 - e.g. text the tokenizer cannot encode
-            raise ApiError(400, f"the tokenizer refused these messages: {type(e).__name__}: {e}",
+            with tokenizing:  # requests tokenise in worker threads; one at a time, the tokenizer is not reentrant
+                ids = chat_ids(lm.tokenizer, conversation)
+        except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. on role order), tokenizers too
+            raise ApiError(400, f"the chat template or tokenizer refused these messages: {type(e).__name__}: {e}",
                            param="messages") from None
         if len(ids) > limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(ids)} tokens, this server allows at most "
@@ -130,9 +130,12 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         if 0 < temperature < MIN_TEMPERATURE:
             log.warning("temperature %g raised to %g", temperature, MIN_TEMPERATURE)
             temperature = MIN_TEMPERATURE
-        return Job(ids=ids, max_tokens=max_tokens, temperature=temperature,
-                   top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stop,
-                   steer=steer_settings(req.els or ElsOptions()), stream=req.stream, emit=emit)
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if top_p < MIN_TOP_P:
+            log.warning("top_p %g raised to %g", top_p, MIN_TOP_P)
+            top_p = MIN_TOP_P
+        return Job(ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed, stop=stop,
+                   steer=steer_settings(req.els or ElsOptions()), stream=bool(req.stream), emit=emit)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -145,15 +148,14 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
             except RuntimeError:  # the loop is gone: the server is shutting down
                 pass
 
-        job = make_job(req, emit)
+        job = await run_in_threadpool(make_job, req, emit)  # a long prompt must not hold the event loop
         engine.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": lm.name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(job, events, head, include_usage), media_type="text/event-stream")
         try:
-            while (event := await events.get())[0] == "delta":
-                pass
+            event = await _answer(request, events)
         finally:
             job.cancelled = True  # no-op once done; frees the row if the client went away
         if event[0] == "error":
@@ -193,6 +195,19 @@ def _on_termination(callback: Callable[[], None]) -> Callable[[], None]:
                 signal.signal(sig, previous)
 
     return restore
+
+
+async def _answer(request: Request, events: asyncio.Queue) -> tuple:
+    """A non-streamed job's last event; raises if the client goes first, so that its row is freed."""
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ApiError(400, "the client closed the connection", code="client_disconnected") from None
+            continue
+        if event[0] != "delta":
+            return event
 
 
 def _usage(r: dict) -> dict:

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_ETA = 4.0  # eta is a fraction of the layer's hidden norm per step; beyond this the model only babbles
 MAX_STEPS = 32
 MIN_TEMPERATURE = 0.01  # a positive temperature below this is raised to it (as vLLM does): 1/T overflows the logits
+MIN_TOP_P = 1e-6  # a top_p below this is raised to it: in float32 it rounds to 0 and no token would be kept
+MAX_BATCH_WINDOW_MS = 1000.0  # longer holds every request that long and delays SIGTERM as much
 INT64 = (-(1 << 63), (1 << 63) - 1)  # the seed's range, as torch.Generator.manual_seed takes it
 
 
@@ -28,8 +31,9 @@ class Limits:
 
     def __post_init__(self) -> None:
         if min(self.max_prompt_tokens, self.max_tokens, self.default_max_tokens, self.max_body_bytes, self.max_batch,
-               self.max_queue) < 1 or self.batch_window_ms < 0:
-            raise ValueError(f"limits must be positive: {self}")
+               self.max_queue) < 1 or not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:
+            raise ValueError(f"limits must be positive, the batch window within [0, {MAX_BATCH_WINDOW_MS:g}] ms: "
+                             f"{self}")
 
 
 # ---- request schema -------------------------------------------------------------------------------------
@@ -77,12 +81,11 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
-    stream: bool = False
+    stream: bool | None = None  # null is absent, as OpenAI takes it
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(None, ge=1, le=1)
     user: str | None = None
     els: ElsOptions | None = None
-
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -115,9 +118,12 @@ def _parse(obj: Any) -> ChatRequest:
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        return ChatRequest.model_validate(obj)
+        req = ChatRequest.model_validate(obj)
     except ValidationError as e:
         raise _validation_error(e) from None
+    if req.stream_options is not None and not req.stream:  # OpenAI refuses it too
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    return req
 
 
 async def _read_json(request: Request, cap: int) -> Any:
@@ -126,10 +132,14 @@ async def _read_json(request: Request, cap: int) -> Any:
     if length is not None and length.isdigit() and int(length) > cap:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise too_big
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cap:
+                raise too_big
+    except ClientDisconnect:  # closed mid-body, or a malformed chunk: nobody is left to answer
+        raise ApiError(400, "the client closed the connection before the body ended",
+                       code="client_disconnected") from None
     try:
         obj = json.loads(body, parse_constant=_no_constant)
     except ValueError as e:  # UnicodeDecodeError included

@@ -8,11 +8,14 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_artefact, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -197,3 +200,147 @@ def test_run_with_a_missing_input_fails_before_the_model_loads(made, tmp_path, m
     args = ["run", "--model", str(made / "model"), "--out", str(tmp_path / "run"), flag, value.format(tmp=tmp_path)]
     _one_line_error(CliRunner().invoke(app, args), names)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["serve", "--port", "99999"], "--port"),
+    (["serve", "--port=-1"], "--port"),
+    (["serve", "--port", "0"], "--port"),
+    (["serve", "--batch-window-ms", "nan"], "--batch-window-ms"),
+    (["serve", "--batch-window-ms", "inf"], "--batch-window-ms"),
+    (["serve", "--batch-window-ms", "1e9"], "--batch-window-ms"),
+    (["serve", "--batch-window-ms=-1"], "--batch-window-ms"),
+    (["serve", "--max-batch", "0"], "--max-batch"),
+    (["serve", "--max-body-kb", "0"], "--max-body-kb"),
+    (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+    (["serve", "--device", "bogus"], "--device"),
+    (["serve", "--device", "cuda:99"], "--device"),
+    (["generate", "hi", "--device", "bogus"], "--device"),
+    (["generate", "hi", "--device", "cuda:99"], "--device"),
+    (["collect", "--out", "{tmp}/c", "--device", "bogus"], "--device"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance", "nan"], "--tolerance"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance=-1"], "--tolerance"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase=-5"], "--max-nll-increase"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase", "nan"], "--max-nll-increase"),
+    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--out-artefact", "{art}"], "--out-artefact"),
+    (["eval", "--out", "{tmp}/e", "--eta", "nan"], "--eta"),
+    (["eval", "--out", "{tmp}/e", "--steps=-1"], "--steps"),
+])
+def test_out_of_range_flags_fail_before_the_model_loads(made, tmp_path, monkeypatch, args, flag):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("els.cli_errors.models.load_model", must_not_load)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (made / "artefact").iterdir())
+    args = [a.format(tmp=tmp_path, art=made / "artefact") for a in args] + ["--model", str(made / "model")]
+    _one_line_error(CliRunner().invoke(app, args), flag)
+    assert list(tmp_path.iterdir()) == []
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (made / "artefact").iterdir()) == before
+
+
+def _steer(**fields):
+    return lambda m: m["steer"].update(fields)
+
+
+def _pop(*where: str):
+    def edit(m: dict) -> None:
+        node = m
+        for key in where[:-1]:
+            node = node[key]
+        node.pop(where[-1])
+    return edit
+
+
+def _gate_layer(a: Path, layer: int) -> None:
+    _weights(a, lambda w: w.update({"harm_gate.layer": torch.tensor([layer])}))
+    _manifest(a, lambda m: m.pop(INTEGRITY))  # an old artefact: no hash covers its tensors
+
+
+# edited manifest field -> what the one line must name (besides els.json)
+EDITED = {
+    "steer.layers null": (_steer(layers=None), "steer.layers"),
+    "steer.layers abc": (_steer(layers="abc"), "steer.layers"),
+    "steer.layers empty": (_steer(layers=[]), "steer.layers"),
+    "steer.layers untrained": (_steer(layers=[7]), "steer.layers"),
+    "eta {}": (_steer(eta={}), "steer.eta"),
+    "eta missing": (_pop("steer", "eta"), "steer.eta"),
+    "eta nan": (_steer(eta=float("nan")), "steer.eta"),
+    "positions 5": (_steer(positions=5), "steer.positions"),
+    "project yes": (_steer(project="yes"), "steer.project"),
+    "harm_gate 2": (_steer(harm_gate=2), "steer.harm_gate"),
+    "widths [-1]": (lambda m: m["energy"].update(widths=[-1]), "energy.widths"),
+    "widths [0]": (lambda m: m["energy"].update(widths=[0]), "energy.widths"),
+    "hidden_size -1": (lambda m: m.update(hidden_size=-1), "hidden_size"),
+    "hidden_norm missing": (_pop("hidden_norm"), "hidden_norm"),
+    "hidden_norm lacks a layer": (lambda m: m["hidden_norm"].pop("1"), "hidden_norm"),
+    "gate_offset missing": (_pop("gate_offset"), "gate_offset"),
+    "trained_layers 999": (lambda m: m.update(trained_layers=[0, 1, 999]), "trained_layers"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITED))
+def test_an_edited_manifest_field_is_one_line_naming_file_and_field(made, tmp_path, case):
+    edit, field = EDITED[case]
+    art = tmp_path / "artefact"
+    shutil.copytree(made / "artefact", art)
+    _manifest(art, edit)
+    with pytest.raises(ValueError, match="els.json") as e:
+        Artefact.load(art)
+    assert field in str(e.value) and "\n" not in str(e.value), e.value
+    result = CliRunner().invoke(app, ["generate", "hi", "--model", str(made / "model"), "--steer", str(art),
+                                      "--max-new-tokens", "2"])
+    _one_line_error(result, field)
+
+
+def test_a_harm_gate_on_a_layer_the_model_lacks_is_one_line(made, tmp_path):
+    art = tmp_path / "artefact"
+    shutil.copytree(made / "artefact", art)
+    _gate_layer(art, 999)
+    with pytest.raises(ValueError, match="harm gate reads layer 999"):
+        Artefact.load(art)
+
+
+MANIFEST_PATHS = [(), ("steer",), ("energy",), ("hidden_norm",), ("gate_offset",)]
+json_values = hst.recursive(hst.none() | hst.booleans() | hst.integers(-5, 1000) | hst.floats() | hst.text(max_size=4),
+                           lambda inner: hst.lists(inner, max_size=3) | hst.dictionaries(hst.text(max_size=4), inner,
+                                                                                       max_size=2), max_leaves=4)
+
+
+def test_fuzzed_manifests_load_or_fail_on_one_line(made, tmp_path):
+    """Random edits of a valid els.json: Artefact.load succeeds or raises one line; the files stay as they were."""
+    art = tmp_path / "artefact"
+    shutil.copytree(made / "artefact", art)
+    original = json.loads((art / "els.json").read_text())
+    weights = (art / "energy.safetensors").read_bytes()
+    keys = {p: list((original if not p else original[p[0]]).keys()) for p in MANIFEST_PATHS}
+    edit = hst.sampled_from(MANIFEST_PATHS).flatmap(
+        lambda p: hst.tuples(hst.just(p), hst.sampled_from(keys[p] + ["bogus"]), hst.none() | json_values,
+                            hst.booleans()))
+    outcomes = {"loaded": 0, "refused": 0}
+
+    @settings(max_examples=250, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(hst.lists(edit, min_size=1, max_size=3))
+    def one(edits):
+        m = json.loads(json.dumps(original))
+        for path, key, value, remove in edits:
+            node = m if not path else m[path[0]]
+            if not isinstance(node, dict):
+                continue
+            if remove:
+                node.pop(key, None)
+            else:
+                node[key] = value
+        text = json.dumps(m)
+        (art / "els.json").write_text(text)
+        try:
+            Artefact.load(art)
+            outcomes["loaded"] += 1
+        except (ValueError, FileNotFoundError) as e:
+            assert str(e) and "\n" not in str(e), e
+            outcomes["refused"] += 1
+        assert (art / "els.json").read_text() == text and (art / "energy.safetensors").read_bytes() == weights
+
+    start = time.monotonic()
+    one()
+    assert outcomes["refused"] > 50 and time.monotonic() - start < 20, outcomes

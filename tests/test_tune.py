@@ -100,9 +100,9 @@ def test_cli_tune(tmp_path):
     res = CliRunner().invoke(app, [
         "tune", "--steer", str(tmp_path / "art"), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model"),
         "--benign", f"{tmp_path / 'b.csv'}:prompt", "--harmful", f"{tmp_path / 'h.csv'}:prompt", "--trials", "2",
-        "--limit", "3", "--max-new-tokens", "3", "--out-artefact", str(tmp_path / "tuned"), "--dtype", "float32"])
+        "--limit", "3", "--max-new-tokens", "3", "--dtype", "float32"])
     assert res.exit_code == 0, res.output
-    manifest = json.loads((tmp_path / "tuned" / "els.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "artefact" / "els.json").read_text())  # the default: inside --out
     assert manifest["tune"]["validation"]["limit"] == 3 and manifest["tune"]["n_trials"] == 2
     assert (tmp_path / "out" / "pareto.png").exists()
     assert json.loads((tmp_path / "art" / "els.json").read_text()).get("tune") is None  # the source is untouched

@@ -1,0 +1,72 @@
+"""The schema of an artefact's manifest (els.json): every field the library reads, typed and range-checked
+on load, so that an edited field is one line naming the file and the field, never a traceback later on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
+
+Number = StrictFloat | StrictInt
+Finite = Annotated[Number, Field(allow_inf_nan=False)]
+Layer = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields the library does not read are the writer's business
+
+
+class EnergyFields(_Open):
+    widths: list[Annotated[StrictInt, Field(ge=1)]] = Field(min_length=1)
+    dropout: Annotated[Number, Field(ge=0, lt=1)]
+
+
+class SteerFields(_Open):
+    layers: list[Layer] = Field(min_length=1)
+    eta: Annotated[Finite, Field(ge=0)]
+    steps: Annotated[StrictInt, Field(ge=0)]
+    threshold: Finite | None = None
+    gate: Finite | None = None  # the threshold's name before format 1.1
+    harm_gate: Annotated[Number, Field(ge=0, le=1)] | None = None
+    positions: Literal["last", "prompt"] = "last"
+    project: StrictBool = False
+
+
+class ManifestFields(_Open):
+    format_version: Literal[1, 2]
+    base_model: str
+    model_fingerprint: str
+    hidden_size: Annotated[StrictInt, Field(ge=1)]
+    num_layers: Annotated[StrictInt, Field(ge=1)]
+    trained_layers: list[Layer] = Field(min_length=1)
+    hidden_norm: dict[str, Annotated[Finite, Field(gt=0)]]
+    gate_offset: dict[str, Finite]
+    energy: EnergyFields
+    steer: SteerFields
+
+    @model_validator(mode="after")
+    def _layers_agree(self) -> ManifestFields:
+        trained = self.trained_layers
+        if len(set(trained)) != len(trained) or max(trained) >= self.num_layers:
+            raise ValueError(f"trained_layers {trained} must be distinct layers below num_layers {self.num_layers}")
+        if stray := [x for x in self.steer.layers if x not in trained]:
+            raise ValueError(f"steer.layers {stray} are not among trained_layers {trained}")
+        for name in ("hidden_norm", "gate_offset"):
+            if missing := [x for x in trained if str(x) not in getattr(self, name)]:
+                raise ValueError(f"{name} lacks trained layers {missing}")
+        return self
+
+
+def check_manifest(manifest: dict, mpath: Path) -> None:
+    """Raise ValueError, one line naming `mpath` and the first bad fields, unless `manifest` fits the schema."""
+    try:
+        ManifestFields.model_validate(manifest)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors()[:3]:
+            where = ".".join(str(x) for x in err["loc"])
+            got = err.get("input")
+            shown = f" (got {got!r})" if err["type"] != "missing" and len(repr(got)) < 60 else ""
+            parts.append(f"{where + ': ' if where else ''}{err['msg']}{shown}")
+        raise ValueError(f"{mpath}: {'; '.join(parts)}") from None
