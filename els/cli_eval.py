@@ -189,7 +189,11 @@ def eval_cmd(
                   f"({sum(map(len, sets))} prompts per method), judge {judges[0].name}; "
                   f"answers cached in {out}/completions")
     with ray_executor(lm, ray, ray_address, workers, device, dtype, None) as ex:
-        summary = evaluate(lm, chosen, sets, out, cfg, judges, log=console.print, executor=ex)
+        gate = None
+        if art is not None:  # the gated system prompt is read at the threshold ELS itself runs at
+            harm_gate = art.settings.harm_gate
+            gate = (art.gate, float(harm_gate if isinstance(harm_gate, (int, float)) else art.gate.threshold))
+        summary = evaluate(lm, chosen, sets, out, cfg, judges, log=console.print, executor=ex, gate=gate)
     plots = write_report(summary, out, art, states)
     table = Table("benchmark", "kind", "n", *[m.name for m in chosen], title=f"refusal rate (judge {summary['judge']})")
     for name, b in summary["benchmarks"].items():

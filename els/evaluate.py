@@ -12,7 +12,6 @@ The metrics go to OUT/summary.json; `els.report` writes report.md and the plots 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,37 +21,17 @@ import torch
 from tqdm import tqdm
 
 from els import baselines  # noqa: F401  (registers the baselines' method names)
+from els.comparison import GATED_SYSTEM_PROMPT, gate_probabilities, gated_verdicts, mcnemar, rate
 from els.data import KINDS, PromptSet, load_benchmark
 from els.distributed import Batch, Executor, LocalExecutor
+from els.gating import HarmGate
 from els.generation import generate_batch, length_batches, prompt_texts, write_atomic
 from els.judges import Judge, ModelJudge, get_judge
 from els.methods import Method
 from els.models import LoadedModel, chat_texts, user_conversations
 from els.store import CompletionFile, cache_key, digest, method_config, model_fingerprint, slug
 
-Z95 = 1.959963984540054
 Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95% by default); (0, 1) when n is 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def rate(flags: Sequence[bool]) -> dict:
-    k, n = sum(flags), len(flags)
-    lo, hi = wilson(k, n)
-    return {"refusal_rate": k / n if n else float("nan"), "ci95": [lo, hi], "n": n, "refusals": k}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,11 +219,13 @@ def _verdicts(store: CompletionFile, keys: Sequence[str], judge: str) -> list[bo
 
 def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out: Path, cfg: EvalConfig,
              judges: list[Judge] | None = None, progress: bool = True, log: Log = print,
-             executor: Executor | None = None) -> dict:
+             executor: Executor | None = None, gate: tuple[HarmGate, float] | None = None) -> dict:
     """Run every method on every set, judge, measure quality and speed; return the summary (also written to
     OUT/summary.json). `judges` default to `get_judge` of `cfg.judges`, sharing `lm` where it is the judge model.
     `executor` generates the answers (default: here; `els.distributed.RayExecutor`: on Ray workers); judging,
-    KL and speed run here on `lm`."""
+    KL and speed run here on `lm`. With `gate` (a harm gate and its threshold) and both `base` and
+    `system-prompt` among the methods, `system-prompt-gated` is reported too (els.comparison); every method
+    gets exact McNemar tests against base per set and pooled (`paired`)."""
     out = Path(out)
     t_start = time.perf_counter()
     judges = judges or [get_judge(name, lm) for name in cfg.judges]
@@ -265,28 +246,44 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
         runner.judge(store, keys, judges)
     timings["judge_s"] = time.perf_counter() - t
 
+    verdicts = {(m.name, ps.name): _verdicts(*stores[m.name, ps.name], headline) for ps in sets for m in methods}
+    names = [m.name for m in methods]
+    if gate is not None and {"base", "system-prompt"} <= set(names):
+        for ps in sets:
+            p = gate_probabilities(lm, gate[0], ps.prompts, out / "gate")
+            verdicts[GATED_SYSTEM_PROMPT, ps.name] = gated_verdicts(p, gate[1], verdicts["base", ps.name],
+                                                                    verdicts["system-prompt", ps.name])
+        names.append(GATED_SYSTEM_PROMPT)
+    base_name = methods[0].name
     for ps in sets:
         entry: dict = {"kind": ps.kind, "n": len(ps), "methods": {}}
-        for m in methods:
-            store, keys = stores[m.name, ps.name]
-            refused = _verdicts(store, keys, headline)
+        for name in names:
+            refused = verdicts[name, ps.name]
             res = rate(refused)
-            if ps.kind == "benign":
-                res["compliance"] = 1 - res["refusal_rate"]
+            res["paired"] = {base_name: mcnemar(refused, verdicts[base_name, ps.name])}
             if ps.categories:
                 res["categories"] = {c: rate([r for r, rc in zip(refused, ps.categories) if rc == c])
                                      for c in sorted(set(ps.categories))}
+            if ps.kind == "benign":
+                res["compliance"] = 1 - res["refusal_rate"]
+            entry["methods"][name] = res
+            if (name, ps.name) not in stores:
+                continue
+            store, keys = stores[name, ps.name]
             model_judged = [store.rows[k]["verdicts"][headline] for k in keys]
             if any("fallback" in v for v in model_judged):
                 res["judge_fallbacks"] = sum(bool(v.get("fallback")) for v in model_judged)
             res["other_judges"] = {j.name: sum(_verdicts(store, keys, j.name)) / len(keys) for j in judges[1:]}
             res["mean_tokens"] = sum(store.rows[k]["n_tokens"] for k in keys) / len(keys)
-            entry["methods"][m.name] = res
         benchmarks[ps.name] = entry
 
-    overall = {kind: {m.name: rate([r for ps in sets if ps.kind == kind
-                                    for r in _verdicts(*stores[m.name, ps.name], headline)]) for m in methods}
-               for kind in KINDS if any(ps.kind == kind for ps in sets)}
+    overall: dict = {}
+    for kind in KINDS:
+        kind_sets = [ps.name for ps in sets if ps.kind == kind]
+        if kind_sets:
+            pooled = {name: [r for s in kind_sets for r in verdicts[name, s]] for name in names}
+            overall[kind] = {name: rate(v) | {"paired": {base_name: mcnemar(v, pooled[base_name])}}
+                             for name, v in pooled.items()}
 
     t = time.perf_counter()
     quality = _quality(lm, methods, runner, stores, sets, headline, cfg, out, log)

@@ -47,6 +47,11 @@ def _err(r: dict, value: float, flip: bool = False) -> list[float]:
     return [max(0.0, value - lo), max(0.0, hi - value)]
 
 
+def reported_methods(summary: dict) -> list[str]:
+    """The run's methods, and the ones composed from them (els.comparison), in the summary's order."""
+    return list(next(iter(summary["benchmarks"].values()))["methods"]) if summary["benchmarks"] else []
+
+
 def plot_tradeoff(summary: dict, path: Path) -> bool:
     """x: refusal rate on the harmful sets, y: compliance on the benign sets (pooled), one point per method."""
     overall = summary["overall"]
@@ -78,7 +83,7 @@ def plot_tradeoff(summary: dict, path: Path) -> bool:
 def plot_refusal_rates(summary: dict, path: Path) -> None:
     """Grouped bars: refusal rate per benchmark (x) and method (bars), with 95% intervals."""
     names = list(summary["benchmarks"])
-    methods = list(summary["methods"])
+    methods = reported_methods(summary)
     width = 0.8 / len(methods)
     fig, ax = figure(max(6.0, 1.4 * len(names) * max(1, len(methods)) / 2 + 2), 4.5)
     for j, method in enumerate(methods):
@@ -186,7 +191,7 @@ def write_report(summary: dict, out: Path, artefact: Artefact | None = None, sta
 
 def markdown(summary: dict, plots: list[str], notes: list[str], artefact: Artefact | None,
              states: Path | None) -> str:
-    methods = list(summary["methods"])
+    methods = reported_methods(summary)
     base = methods[0]
     g = summary["generation"]
     lines = [
@@ -232,6 +237,8 @@ def markdown(summary: dict, plots: list[str], notes: list[str], artefact: Artefa
                   "|---|---|" + "---|" * len(other)]
         for name, b in summary["benchmarks"].items():
             for m in methods:
+                if "other_judges" not in b["methods"][m]:
+                    continue  # a composed method (system-prompt-gated) has only the headline judge's verdicts
                 oj = b["methods"][m]["other_judges"]
                 lines.append(f"| {name} | {m} | " + " | ".join(pct(oj[j["name"]]) for j in other) + " |")
         lines.append("")

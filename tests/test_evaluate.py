@@ -18,7 +18,8 @@ from els import store
 from els.agreement import agreement, cohen_kappa, judge_check
 from els.cli import app
 from els.data import data_dir, load_benchmark
-from els.evaluate import EvalConfig, Generation, evaluate, kl_to_base, wilson
+from els.comparison import gated_verdicts, mcnemar, wilson
+from els.evaluate import EvalConfig, Generation, evaluate, kl_to_base
 from els.methods import MethodContext, resolve_methods
 from els.store import CompletionFile
 from els.judges import (LearnedJudge, ModelJudge, PrefixJudge, get_judge, parse_judge_answer, preload_embeddings,
@@ -63,14 +64,14 @@ def save_collection(col, path: Path) -> Path:
     return path
 
 
-def run_eval(lm, methods, files, out, **overrides):
+def run_eval(lm, methods, files, out, gate=None, **overrides):
     sets = [load_benchmark(f"{files['benign']}:prompt=benign"), load_benchmark(f"{files['harmful']}:prompt=harmful")]
     # Batch 3 over 5 and 4 prompts: batches of unequal size (3 + 2) inside one run, as in real runs.
     cfg = EvalConfig(Generation(max_new_tokens=6, batch_size=3), ["prefix", "learned"], quality_set=
                      f"{files['harmless']}:prompt=benign", quality_n=3, speed_n=2)
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    return evaluate(lm, methods, sets, out, cfg, progress=False, log=lambda s: None)
+    return evaluate(lm, methods, sets, out, cfg, progress=False, log=lambda s: None, gate=gate)
 
 
 # --- statistics ---------------------------------------------------------------------------------------------------
@@ -474,3 +475,31 @@ def test_eval_end_to_end_on_the_default_model(tmp_path):
     s2 = json.loads((out / "summary.json").read_text())
     assert s2["run"]["generated"] == 0 and s["run"]["generated"] > 0
     assert s2["benchmarks"] == s["benchmarks"]
+
+
+def test_mcnemar_exact_values():
+    assert mcnemar([True] * 3, [True] * 3) == {"a_only": 0, "b_only": 0, "p": 1.0}
+    r = mcnemar([True] * 6 + [False] * 4, [False] * 6 + [False] * 4)
+    assert (r["a_only"], r["b_only"]) == (6, 0) and r["p"] == pytest.approx(2 / 64)
+    r = mcnemar([True, False, True], [False, True, True])
+    assert (r["a_only"], r["b_only"]) == (1, 1) and r["p"] == 1.0
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])
+
+
+def test_gated_verdicts_take_base_where_flagged():
+    assert gated_verdicts([0.9, 0.1, 0.5], 0.5, [True, True, True], [False, False, False]) == [True, False, True]
+
+
+def test_gated_system_prompt_is_composed_from_base_and_system_prompt(tmp_path, files):
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    methods = resolve_methods(["base", "system-prompt"], MethodContext())
+    s = run_eval(lm, methods, files, tmp_path, quality_n=0, speed_n=0)
+    assert "system-prompt-gated" not in s["overall"]["benign"]
+    for threshold, like in ((0.0, "base"), (1.01, "system-prompt")):  # flags every prompt / none
+        g = run_eval(lm, methods, files, tmp_path / str(threshold), quality_n=0, speed_n=0,
+                     gate=(art.gate, threshold))
+        for kind in ("benign", "harmful"):
+            got, want = g["overall"][kind]["system-prompt-gated"], g["overall"][kind][like]
+            assert got["refusals"] == want["refusals"] and got["paired"]["base"]["p"] == want["paired"]["base"]["p"]
