@@ -284,12 +284,21 @@ def gate_report(gate: HarmGate, acts_by_set: Mapping[str, tuple[Kind | None, tor
     sets = {name: {"kind": kind, "n": len(probs[name]), "flagged": round(float((probs[name] >= gate.threshold)
                    .float().mean()), 4), "mean_p": round(float(probs[name].mean()), 4)}
             for name, (kind, _) in acts_by_set.items()}
-    out_pairs = {}
+    out_pairs, at_fpr = {}, {}
     for label, (benign, harmful) in pairs.items():
         if all(s in probs for s in (*benign, *harmful)):
-            out_pairs[label] = round(auroc(torch.cat([probs[s] for s in harmful]),
-                                           torch.cat([probs[s] for s in benign])), 4)
-    return {"sets": sets, "auroc": out_pairs}
+            pos, neg = torch.cat([probs[s] for s in harmful]), torch.cat([probs[s] for s in benign])
+            out_pairs[label] = round(auroc(pos, neg), 4)
+            at_fpr[label] = {f"{fpr:.0%}": round(tpr_at_fpr(pos, neg, fpr), 4) for fpr in (0.01, 0.05)}
+    return {"sets": sets, "auroc": out_pairs, "tpr_at_benign_fpr": at_fpr}
+
+
+def tpr_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float) -> float:
+    """Share of `pos` flagged at the lowest threshold that flags at most `fpr` of `neg` (a gate's deployment
+    view: how much harm it catches at a fixed cost in benign prompts left unsteered)."""
+    cands = torch.cat([torch.unique(torch.cat([pos, neg])), torch.tensor([float("inf")])])
+    ok = [c for c in cands.tolist() if int((neg >= c).sum()) <= fpr * len(neg) + 1e-9]
+    return float((pos >= min(ok)).float().mean())
 
 
 def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], system: str | None = None,

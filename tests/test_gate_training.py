@@ -196,3 +196,12 @@ def test_a_pool_without_both_kinds_in_a_split_is_a_clear_error():
     harmful = torch.tensor([True, False, True, False, True, False])
     with pytest.raises(ValueError, match="pool is too small"):
         train_gate(acts, harmful, ["h", "b"] * 3, [f"g{i}" for i in range(6)], val_fraction=0.01)
+
+
+def test_tpr_at_fpr_hand_values():
+    from els.gate_training import tpr_at_fpr
+
+    neg = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9])
+    pos = torch.tensor([0.5, 0.8, 0.95])
+    assert tpr_at_fpr(pos, neg, 0.0) == pytest.approx(1 / 3)  # above every benign score: only 0.95
+    assert tpr_at_fpr(pos, neg, 0.2) == 1.0  # 0.9 may be flagged: threshold 0.5 then flags 1 of 5 benign
