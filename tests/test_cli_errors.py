@@ -16,9 +16,9 @@ from helpers import tiny_artefact, tiny_model
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from els.artefact import INTEGRITY, Artefact
-from els.cli import app
-from els.store import artefact_digest
+from els.steering.artefact import INTEGRITY, Artefact
+from els.cli.main import app
+from els.eval.cache import artefact_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from els.data import KNOWN_SETS, SOURCES, load_prompts, read_file
-from els.judges import PrefixJudge, SubstringJudge, get_judge
+from els.data.prompts import KNOWN_SETS, SOURCES, load_prompts, read_file
+from els.judges.model import PrefixJudge, SubstringJudge, get_judge
 
 EXPECTED = {"xstest-safe": 250, "xstest-unsafe": 200, "orbench-hard": 1319, "oktest": 300, "jbb": 100,
             "advbench": 520, "strongreject": 313, "orbench-toxic": 2303, "els-benign": 320, "els-harmful": 320}

@@ -5,11 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import els.gate_training as gate_mod
-from els.data import PromptSet
-from els.gating import HarmGate
-from els.gate_training import (auroc, dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc,
-                      normalise_text, prompt_activations, train_gate)
+import els.training.gate as gate_mod
+from els.data.promptset import PromptSet
+from els.steering.gate import HarmGate
+from els.core.stats import auroc
+from els.training.gate import (dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc, normalise_text,
+    prompt_activations, train_gate)
 
 from helpers import tiny_model
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from els.serve import Limits, create_app
+from els.serve.app import Limits, create_app
 
 from helpers import tiny_artefact, tiny_model
 from test_serve import Server
@@ -146,7 +146,7 @@ def test_a_lone_surrogate_over_http_keeps_the_connection(lm_art, caplog):
 
 
 def test_tiny_temperatures_are_raised_to_001(client, caplog):
-    with caplog.at_level(logging.WARNING, logger="els.serve"):
+    with caplog.at_level(logging.WARNING, logger="els.serve.app"):
         r = post(client, body(temperature=1e-40, seed=3, max_tokens=6))
     assert r.status_code == 200, r.text
     assert any("raised to 0.01" in rec.getMessage() for rec in caplog.records)
@@ -380,8 +380,8 @@ SERVE = textwrap.dedent("""
     # `els serve` through the CLI, with two faults injected: the worker fails outside a batch on its
     # first batch, and every forward pass takes 0.2 s so that a long generation is running at SIGTERM.
     import sys, time
-    from els import serve
-    from els.cli import app
+    from els.serve import worker as serve
+    from els.cli.main import app
 
     pick, init = serve.Engine._pick, serve.Engine.__init__
 
