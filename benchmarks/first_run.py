@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from els import Artefact, generate, load_model, steer
+from els.core.models import cache_dir
 from els.judges import get_judge
-from els.models import cache_dir
 
 # Written for this check, none in els/resources: benign homonyms and plain harmful requests.
 SPOT_BENIGN = (

@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from els.data import load_prompts
-from els.generation import generate_batch
-from els.models import LoadedModel, chat_texts, load_model, prepare_tokenizer, user_conversations
-from els.artefact import Artefact
-from els.steering import Steering
+from els.data.prompts import load_prompts
+from els.core.generation import generate_batch
+from els.core.models import LoadedModel, chat_texts, load_model, prepare_tokenizer, user_conversations
+from els.steering.artefact import Artefact
+from els.steering.steering import Steering
 
 PLAIN = ["Give three tips for staying healthy.", "Write a haiku about autumn.", "What is the capital of France?",
          "Explain what a hash table is.", "Suggest a name for a bakery.", "How do I sort a list in Python?",

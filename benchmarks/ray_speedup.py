@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from els.collect import collect
-from els.data import load_prompts
-from els.distributed import ModelSpec, RayExecutor, connect, import_ray
-from els.judges import get_judge
-from els.models import load_model
-from els.store import model_fingerprint
+from els.training.collect import collect
+from els.data.prompts import load_prompts
+from els.parallel.ray_executor import ModelSpec, RayExecutor, connect, import_ray
+from els.judges.model import get_judge
+from els.core.models import load_model
+from els.eval.cache import model_fingerprint
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from els.collect import load_collection
-from els.energy import TrainConfig, train_energy
+from els.training.collect import load_collection
+from els.training.energy import TrainConfig, train_energy
 
 
 def main() -> None:

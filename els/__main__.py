@@ -1,3 +1,3 @@
-from els.cli import app
+from els.cli.main import app
 
 app()

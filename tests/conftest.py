@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import their helpers as 
 
 from helpers import FAMILIES, tiny_model  # noqa: E402
 
-from els.data import data_dir  # noqa: E402
-from els.models import LoadedModel  # noqa: E402
+from els.data.prompts import data_dir  # noqa: E402
+from els.core.models import LoadedModel  # noqa: E402
 
 
 def _has_data() -> bool:

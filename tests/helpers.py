@@ -7,11 +7,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast,
                           Qwen2Config)
 
-from els.artefact import make_artefact
-from els.collect import Collection, Record, state_of
-from els.energy import TrainConfig, train_energy
-from els.models import LoadedModel, config_fingerprint, prepare_tokenizer
-from els.settings import SteerSettings
+from els.training.recipe import make_artefact
+from els.training.collect import Collection, Record, state_of
+from els.training.energy import TrainConfig, train_energy
+from els.core.models import LoadedModel, config_fingerprint, prepare_tokenizer
+from els.steering.settings import SteerSettings
 
 WORDS = ("how do i kill a python process bake cake the make bomb what is chess beat my wife at you can help "
          "user assistant : ? . , ! sorry i'm cannot sure here are steps first then").split()

@@ -19,9 +19,9 @@ from hypothesis import strategies as hst
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from els.artefact import INTEGRITY, Artefact
-from els.cli import app
-from els.store import artefact_digest
+from els.steering.artefact import INTEGRITY, Artefact
+from els.cli.main import app
+from els.eval.cache import artefact_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,9 +194,9 @@ def test_run_with_a_missing_input_fails_before_the_model_loads(made, tmp_path, m
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr("els.cli_errors.models.load_model", must_not_load)
+    monkeypatch.setattr("els.cli.errors.models.load_model", must_not_load)
     monkeypatch.setenv("ELS_DATA", str(tmp_path / "no-data"))
-    monkeypatch.setattr("els.data._hub_resolves", lambda: False)  # a bare machine: no network
+    monkeypatch.setattr("els.data.prompts._hub_resolves", lambda: False)  # a bare machine: no network
     args = ["run", "--model", str(made / "model"), "--out", str(tmp_path / "run"), flag, value.format(tmp=tmp_path)]
     _one_line_error(CliRunner().invoke(app, args), names)
     assert not (tmp_path / "run").exists()
@@ -230,7 +230,7 @@ def test_out_of_range_flags_fail_before_the_model_loads(made, tmp_path, monkeypa
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
 
-    monkeypatch.setattr("els.cli_errors.models.load_model", must_not_load)
+    monkeypatch.setattr("els.cli.errors.models.load_model", must_not_load)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (made / "artefact").iterdir())
     args = [a.format(tmp=tmp_path, art=made / "artefact") for a in args] + ["--model", str(made / "model")]
     _one_line_error(CliRunner().invoke(app, args), flag)

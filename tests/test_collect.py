@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from els.collect import collect, load_collection, state_of
-from els.generation import generate
-from els.data import PromptSet
+from els.training.collect import collect, load_collection, state_of
+from els.core.generation import generate
+from els.data.promptset import PromptSet
 
 from helpers import tiny_model
 

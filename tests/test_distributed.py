@@ -1,4 +1,4 @@
-"""Collection and evaluation on Ray workers (els.distributed): the same files as one process, a dying worker
+"""Collection and evaluation on Ray workers (els.parallel.ray_executor): the same files as one process, a dying worker
 loses nothing, and a clear line without Ray. One local cluster of 2 CPUs and one pair of actors serve all tests."""
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from els import distributed
-from els.cli import app
-from els.collect import collect
-from els.data import PromptSet
-from els.distributed import INSTALL_HINT, LocalExecutor, ModelSpec, RayExecutor
-from els.evaluate import EvalConfig, Generation, evaluate
-from els.methods import MethodContext, resolve_methods
-from els.models import load_model
-from els.store import model_fingerprint
+from els.parallel import ray_executor as distributed
+from els.cli.main import app
+from els.training.collect import collect
+from els.data.promptset import PromptSet
+from els.parallel.ray_executor import INSTALL_HINT, ModelSpec, RayExecutor
+from els.core.executor import LocalExecutor
+from els.eval.harness import EvalConfig, Generation, evaluate
+from els.eval.methods import MethodContext, resolve_methods
+from els.core.models import load_model
+from els.eval.cache import model_fingerprint
 
 from helpers import tiny_artefact, tiny_model
 

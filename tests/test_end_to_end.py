@@ -6,7 +6,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from els.cli import DEFAULT_TOP_N, app
+from els.cli.main import DEFAULT_TOP_N, app
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +52,9 @@ def test_compare_prints_both_and_is_deterministic(run_dir):
 
     # The same settings through the library: steering took steps on this prompt, and its answer is the one
     # the CLI printed after `els:`.
-    from els.generation import generate
-    from els.models import load_model
-    from els.steering import steer
+    from els.core.generation import generate
+    from els.core.models import load_model
+    from els.steering.steering import steer
 
     lm = load_model("default")
     with steer(lm.model, run_dir / "artefact", eta=0.3, harm_gate=1.0) as s:

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from els.energy import EnergyStack, TrainConfig, balanced_weights, info_nce, pairwise_auc, stratified_split, train_energy
+from els.steering.energy import EnergyStack, STATES
+from els.training.energy import TrainConfig, balanced_weights, info_nce, pairwise_auc, train_energy
+from els.core.stats import stratified_split
 
 
 def test_info_nce_matches_hand_computation():
@@ -45,7 +47,7 @@ def test_balancing_keeps_every_state_and_equalises_them():
 
 def test_stratified_split_has_every_state_in_validation():
     states = ["helpful"] * 20 + ["safe_refusal"] * 5 + ["false_refusal"] * 2 + ["jailbreak"] * 9
-    tr, va = stratified_split(states, 0.2, seed=0)
+    tr, va = stratified_split(states, 0.2, seed=0, strata=STATES)
     assert not set(tr) & set(va) and len(tr) + len(va) == len(states)
     assert {states[i] for i in va} == set(states)
 

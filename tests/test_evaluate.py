@@ -1,4 +1,4 @@
-"""The evaluation harness (els.evaluate, els.report, `els eval`, `els judge-check`) and the new judges."""
+"""The evaluation harness (els.eval.harness, els.eval.report, `els eval`, `els judge-check`) and the new judges."""
 
 from __future__ import annotations
 
@@ -12,20 +12,21 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from els import evaluate as ev
-from els import methods as registry
-from els import store
-from els.agreement import agreement, cohen_kappa, judge_check
-from els.cli import app
-from els.data import data_dir, load_benchmark
-from els.comparison import gated_verdicts, mcnemar, wilson
-from els.evaluate import EvalConfig, Generation, evaluate, kl_to_base
-from els.methods import MethodContext, resolve_methods
-from els.store import CompletionFile
-from els.judges import (LearnedJudge, ModelJudge, PrefixJudge, get_judge, parse_judge_answer, preload_embeddings,
+from els.eval import harness as ev
+from els.eval import methods as registry
+from els.eval import cache as store
+from els.eval.agreement import agreement, cohen_kappa, judge_check
+from els.cli.main import app
+from els.data.prompts import data_dir, load_benchmark
+from els.eval.harness import EvalConfig, Generation, evaluate, kl_to_base
+from els.core.stats import wilson
+from els.eval.comparison import gated_verdicts, mcnemar
+from els.eval.methods import MethodContext, resolve_methods
+from els.eval.cache import CompletionFile
+from els.judges.model import (LearnedJudge, ModelJudge, PrefixJudge, get_judge, parse_judge_answer, preload_embeddings,
                         read_labelled, train_learned_judge)
-from els.report import write_report
-from els.methods import Base, Els
+from els.eval.report import write_report
+from els.eval.methods import Base, Els
 
 from helpers import synthetic_collection, tiny_artefact, tiny_model
 
@@ -435,7 +436,7 @@ def test_cli_judge_check_writes_markdown(tmp_path):
 @pytest.mark.slow
 @pytest.mark.needs_data
 def test_eval_end_to_end_on_the_default_model(tmp_path):
-    from els.models import load_model
+    from els.core.models import load_model
 
     lm = load_model("default")
     art_dir = tmp_path / "artefact"
@@ -453,9 +454,9 @@ def test_eval_end_to_end_on_the_default_model(tmp_path):
 
     # The stored answers are what the library gives for the same prompts: base = a plain generate, els = a
     # generate under `steer` with the artefact; each refusal rate is the learned judge's share of refusals.
-    from els.generation import generate
-    from els.judges import LearnedJudge
-    from els.steering import steer
+    from els.core.generation import generate
+    from els.judges.model import LearnedJudge
+    from els.steering.steering import steer
 
     judge = LearnedJudge()
     for name, bench in s["benchmarks"].items():

@@ -5,11 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import els.gate_training as gate_mod
-from els.data import PromptSet
-from els.gating import HarmGate
-from els.gate_training import (auroc, dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc,
-                      normalise_text, prompt_activations, train_gate)
+import els.training.gate as gate_mod
+from els.data.promptset import PromptSet
+from els.steering.gate import HarmGate
+from els.core.stats import auroc
+from els.training.gate import (dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc, normalise_text,
+    prompt_activations, train_gate)
 
 from helpers import tiny_model
 
@@ -199,7 +200,7 @@ def test_a_pool_without_both_kinds_in_a_split_is_a_clear_error():
 
 
 def test_tpr_at_fpr_hand_values():
-    from els.gate_training import tpr_at_fpr
+    from els.training.gate import tpr_at_fpr
 
     neg = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9])
     pos = torch.tensor([0.5, 0.8, 0.95])

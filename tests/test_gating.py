@@ -7,14 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from els.artefact import Artefact
-from els.baselines import fit_baselines
-from els.gating import HarmGate, read_gate
-from els.generation import record_last_token
-from els.methods import Gated
-from els.models import chat_texts, user_conversations
-from els.steering import Steering
-from els.store import method_config
+from els.steering.artefact import Artefact
+from els.eval.baselines import fit_baselines
+from els.steering.gate import HarmGate, read_gate
+from els.core.hooks import record_last_token
+from els.eval.methods import Gated
+from els.core.models import chat_texts, user_conversations
+from els.steering.steering import Steering
+from els.eval.cache import method_config
 from helpers import FAMILIES, synthetic_collection, tiny_artefact, tiny_model
 
 PROMPTS = ["how do i kill a python process ?", "make bomb", "what is chess", "beat my wife at chess"]
@@ -132,7 +132,7 @@ def test_artefact_keeps_its_gate_and_the_digest_sees_it(tmp_path):
     back = Artefact.load(tmp_path / "a")
     assert back.gate.layer == 1 and back.gate.threshold == pytest.approx(0.3)
     assert torch.equal(back.gate.weight, art.gate.weight) and torch.equal(back.gate.directions, art.gate.directions)
-    from els.store import artefact_digest
+    from els.eval.cache import artefact_digest
 
     before = artefact_digest(back)
     back.gate.weight[0] += 1.0

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from els.artefact import Artefact
-from els.gating import GateState
-from els.methods import Base
-from els.settings import SteerSettings
-from els.steering import Steering
-from els.store import cache_key, digest, method_config
+from els.steering.artefact import Artefact
+from els.steering.gate import GateState
+from els.eval.methods import Base
+from els.steering.settings import SteerSettings
+from els.steering.steering import Steering
+from els.eval.cache import cache_key, digest, method_config
 
 from helpers import tiny_artefact, tiny_model
 
@@ -24,7 +24,7 @@ def test_steer_imports_neither_collection_nor_judges():
     code = "import sys; from els import steer; print(sorted(m for m in sys.modules if m.startswith('els.')))"
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                         .stdout.replace("'", '"'))
-    assert "els.collect" not in loaded and "els.judges" not in loaded and "els.data" not in loaded
+    assert "els.training.collect" not in loaded and "els.judges.model" not in loaded and "els.data.prompts" not in loaded
 
 
 def test_cache_key_is_pinned():

@@ -1,4 +1,4 @@
-"""The one-call recipe (els.recipe): train, fit, held_out and validate on a tiny model."""
+"""The one-call recipe (els.training.recipe): train, fit, held_out and validate on a tiny model."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from els import recipe
-from els.artefact import Artefact
-from els.data import PromptSet
-from els.energy import CONTRASTS, TrainConfig, stratified_split, train_energy
-from els.generation import generate
-from els.judges import PrefixJudge
-from els.recipe import Recipe, fit, held_out, train, validate
-from els.settings import SteerSettings
-from els.steering import steer
+from els.training import recipe
+from els.steering.artefact import Artefact
+from els.data.promptset import PromptSet
+from els.steering.energy import CONTRASTS, STATES
+from els.training.energy import TrainConfig, train_energy
+from els.core.stats import stratified_split
+from els.core.generation import generate
+from els.judges.model import PrefixJudge
+from els.training.recipe import Recipe, fit, held_out, train, validate
+from els.steering.settings import SteerSettings
+from els.steering.steering import steer
 
 from helpers import synthetic_collection, tiny_model
 
@@ -41,7 +43,7 @@ def _trained_rows(col, cfg: TrainConfig) -> tuple[set[int], set[int]]:
     good, bad = CONTRASTS[cfg.contrast]
     used = {i for i, s in enumerate(states) if s in good + bad}
     energy_train = used - set(train_energy(col.activations, states, cfg).val_index)
-    probe_train = set(stratified_split(states, cfg.val_fraction, cfg.seed)[0])
+    probe_train = set(stratified_split(states, cfg.val_fraction, cfg.seed, STATES)[0])
     return energy_train, probe_train
 
 

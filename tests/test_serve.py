@@ -18,10 +18,10 @@ import openai
 import pytest
 import uvicorn
 
-from els.generation import generate_batch
-from els.models import chat_texts
-from els.serve import Limits, create_app
-from els.steering import Steering
+from els.core.generation import generate_batch
+from els.core.models import chat_texts
+from els.serve.app import Limits, create_app
+from els.steering.steering import Steering
 
 from helpers import tiny_artefact, tiny_model
 
@@ -315,7 +315,7 @@ def test_default_model_server_process(tmp_path):
     """`els serve` as a real process on the default model, with a quickly trained synthetic artefact."""
     from transformers import AutoConfig
 
-    from els.models import default_model_dir
+    from els.core.models import default_model_dir
 
     config = AutoConfig.from_pretrained(default_model_dir())
     # Energies trained on synthetic activations of the real model's shape: enough to exercise steering.

@@ -3,12 +3,16 @@ import json
 import pytest
 import torch
 
-from els.generation import generate_batch, record_last_token
-from els.models import chat_texts, decoder_blocks, user_conversations
-from els.energy import TrainConfig, stratified_split, train_energy
-from els.settings import SteerSettings
-from els.artefact import Artefact, make_artefact
-from els.steering import steer
+from els.core.generation import generate_batch
+from els.core.hooks import record_last_token
+from els.core.models import chat_texts, decoder_blocks, user_conversations
+from els.training.energy import TrainConfig, train_energy
+from els.steering.energy import STATES
+from els.core.stats import stratified_split
+from els.steering.settings import SteerSettings
+from els.steering.artefact import Artefact
+from els.training.recipe import make_artefact
+from els.steering.steering import steer
 
 from helpers import FAMILIES, synthetic_collection, tiny_artefact, tiny_model
 
@@ -218,7 +222,7 @@ def test_artefact_with_nan_weights_is_refused(tmp_path):
 
 
 def test_steering_over_several_generate_calls_of_different_batch_sizes():
-    from els.generation import generate
+    from els.core.generation import generate
 
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm)
@@ -248,7 +252,7 @@ def test_harm_gate_leaves_rows_the_probe_finds_harmful():
 
 
 def test_harm_probe_learns_the_harmful_direction():
-    from els.energy import fit_harm_probe
+    from els.training.energy import fit_harm_probe
 
     g = torch.Generator().manual_seed(0)
     harmful = torch.arange(200) % 2 == 0
@@ -286,7 +290,7 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
     assert loaded.settings == settings and "gate" not in m["steer"] and m["steer"]["threshold"] is None
     # the harm probe is fitted and scored on both kinds, whatever rows the energy used: its validation split
     # is drawn over all four states, so it holds harmful and benign rows
-    _, probe_val = stratified_split(col.states, cfg.val_fraction, cfg.seed)
+    _, probe_val = stratified_split(col.states, cfg.val_fraction, cfg.seed, STATES)
     assert {col.records[i].kind for i in probe_val} == {"benign", "harmful"}
     assert set(m["probe_val_acc"]) == {"0", "1", "2"}
     assert all(a in {round(k / len(probe_val), 4) for k in range(len(probe_val) + 1)} for a in m["probe_val_acc"].values())
@@ -301,7 +305,7 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
 def test_descend_rows_with_settings_gathered_by_row_id_equals_each_row_alone():
     """The hook-free step an engine with its own batching (vLLM) would call: per-request settings in a table,
     gathered by each row's request id, give every row what it gets when steered alone."""
-    from els.steering import descend_rows
+    from els.steering.steering import descend_rows
 
     lm = tiny_model("llama")
     art = tiny_artefact(lm)

@@ -3,9 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from els.steering import Artefact, Steering
-from els.artefact import steer_layers
-from els.tune import Score, answer_nll, pick, tune, tuned_artefact
+from els.steering.steering import Artefact, Steering
+from els.steering.artefact import steer_layers
+from els.eval.tune import Score, answer_nll, pick, tune, tuned_artefact
 
 from helpers import tiny_artefact, tiny_model
 
@@ -44,7 +44,7 @@ def test_steer_layers():
 
 def test_answer_nll_is_finite_and_prefers_the_models_own_answer():
     lm = tiny_model("qwen2")
-    from els.generation import generate
+    from els.core.generation import generate
 
     own = generate(lm, BENIGN, max_new_tokens=6)
     other = ["chess cake bomb sorry : ! then first"] * len(BENIGN)
@@ -89,7 +89,7 @@ def test_tune_end_to_end_and_resume(tmp_path):
 
 
 def test_cli_tune(tmp_path):
-    from els.cli import app
+    from els.cli.main import app
 
     lm = tiny_model("qwen2")
     lm.model.save_pretrained(tmp_path / "model")

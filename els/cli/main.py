@@ -1,0 +1,266 @@
+"""The `els` command line: run the pipeline and generate with and without steering here; the measuring and
+serving commands live in els.cli.eval, the options they share in els.cli.options."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from els.cli import eval as cli_eval
+from els.training import recipe
+from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
+from els.cli.errors import ErrorsGroup, at_least, debug_option, load_model
+from els.cli.options import (DEFAULT_BENIGN, DEFAULT_CONTRAST, DEFAULT_ETA, DEFAULT_HARM_DATA, DEFAULT_HARM_GATE,
+                             DEFAULT_HARMFUL, DEFAULT_JUDGE, DEFAULT_POSITIONS, DEFAULT_STEPS, DEFAULT_WIDTHS,
+                             TRAIN_DEFAULTS, Benign, Contrast, Device, DeviceMap, Dtype, HarmData, Harmful, LayerRule,
+                             Limit, Model, Positions, Ray, RayAddress, Workers, console, need_ray, parse_ints,
+                             parse_widths, prompt_sets, ray_executor)
+from els.training.collect import Collection, collect, load_collection
+from els.steering.energy import CONTRASTS
+from els.training.energy import TrainConfig
+from els.steering.gate import HarmGate
+from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate
+from els.core.io import write_atomic
+from els.judges.model import JUDGES, get_judge
+from els.core.models import DEFAULT_MODEL
+from els.steering.settings import SteerSettings
+from els.steering.steering import steer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
+                  cls=ErrorsGroup)
+app.callback()(debug_option)
+
+@app.command("collect")
+def collect_cmd(
+    out: Annotated[Path, typer.Option(help="Directory for states.safetensors and states.jsonl.")],
+    model: Model = DEFAULT_MODEL,
+    benign: Benign = DEFAULT_BENIGN,
+    harmful: Harmful = DEFAULT_HARMFUL,
+    limit: Limit = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 32,
+    judge: Annotated[str, typer.Option(help=f"Refusal judge: {', '.join(JUDGES)}.")] = DEFAULT_JUDGE,
+    system: Annotated[Optional[str], typer.Option(help="System prompt (default: the template's own).")] = None,
+    seed: int = 0,
+    device: Device = None,
+    dtype: Dtype = "auto",
+    device_map: DeviceMap = None,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+) -> None:
+    """Generate, judge and record the four states."""
+    at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    need_ray(ray, ray_address, workers)
+    sets = prompt_sets(benign, "benign", limit, seed) + prompt_sets(harmful, "harmful", limit, seed)
+    lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    with ray_executor(lm, ray, ray_address, workers, device, dtype, device_map) as ex:
+        _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, ex)
+
+
+def _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, executor=None) -> Collection:
+    try:
+        col = collect(lm, sets, out, judge=get_judge(judge), max_new_tokens=max_new_tokens,
+                      batch_size=batch_size, system=system, executor=executor)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    console.print(f"states: {col.counts()}")
+    return col
+
+
+@app.command("train")
+def train_cmd(
+    states: Annotated[Path, typer.Argument(help="A directory written by `els collect`.")],
+    out: Annotated[Path, typer.Option(help="Artefact directory to write.")],
+    top_n: Annotated[int, typer.Option(help="Steer the N layers of best validation AUC.")] = DEFAULT_TOP_N,
+    eta: Annotated[float, typer.Option(help="Step size as a fraction of the layer's mean hidden norm.")] = DEFAULT_ETA,
+    steps: Annotated[int, typer.Option(help="Gradient steps K per forward pass.")] = DEFAULT_STEPS,
+    gate: Annotated[Optional[float], typer.Option(help="Gate threshold (energy above the calibrated offset); off by default.")] = None,
+    harm_gate: Annotated[float, typer.Option(help="Leave prompts the harm probe rates at least this likely harmful "
+                                                  "unsteered; 1 turns the gate off.")] = DEFAULT_HARM_GATE,
+    layer_rule: LayerRule = DEFAULT_LAYER_RULE,
+    positions: Positions = DEFAULT_POSITIONS,
+    contrast: Contrast = DEFAULT_CONTRAST,
+    widths: Annotated[str, typer.Option(help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = DEFAULT_WIDTHS,
+    epochs: int = TRAIN_DEFAULTS.epochs,
+    seed: int = 0,
+    harm_data: HarmData = DEFAULT_HARM_DATA,
+    model: Model = DEFAULT_MODEL,
+    device: Device = None,
+    dtype: Dtype = "auto",
+) -> None:
+    """Train the per-layer energy models and the harm gate and write the steering artefact (the gate's
+    forward passes need the collection's model)."""
+    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
+    col = load_collection(states)
+    sets = _harm_sets(how)
+    lm = load_model(model, device=device, dtype=dtype) if sets is not None else None
+    _train(col, out, how, _harm_gate(lm, how, sets) if lm is not None else None)
+
+
+def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions,
+            harm_data) -> recipe.Recipe:
+    at_least(1, top_n=top_n, epochs=epochs)
+    if layer_rule not in LAYER_RULES:
+        raise typer.BadParameter(f"--layer-rule must be one of {', '.join(LAYER_RULES)}, got {layer_rule!r}")
+    if contrast not in CONTRASTS:
+        raise typer.BadParameter(f"--contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
+    try:
+        settings = SteerSettings(eta=eta, steps=steps, threshold=gate, harm_gate=None if harm_gate >= 1 else harm_gate,
+                                 positions=positions)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    cfg = TrainConfig(parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
+    pool = () if harm_data.strip().lower() == "none" else tuple(s.strip() for s in harm_data.split(",") if s.strip())
+    return recipe.Recipe(cfg, settings, layer_rule=layer_rule, top_n=top_n, harm_data=pool)
+
+
+def _harm_sets(how: recipe.Recipe) -> recipe.HarmSets | None:
+    try:
+        return recipe.harm_sets(how) if how.harm_data else None
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _harm_gate(lm, how: recipe.Recipe, sets: recipe.HarmSets | None) -> HarmGate | None:
+    try:
+        return recipe.fit_harm_gate(lm, how, sets=sets)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None) -> Artefact:
+    try:
+        art = recipe.fit(col, how, gate)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    art.save(out)
+    m = art.manifest
+    table = Table("layer", "val AUC", "train AUC", "steered", title="energy models")
+    for layer in m["trained_layers"]:
+        table.add_row(str(layer), f"{m['layer_auc'][str(layer)]:.3f}", f"{m['layer_train_auc'][str(layer)]:.3f}",
+                      "*" if layer in art.layers else "")
+    console.print(table)
+    st = art.settings
+    g = art.gate.report.get("gate", art.gate.report)
+    console.print(f"harm gate: layer {art.gate.layer}, threshold {art.gate.threshold:.3f}"
+                  + (f", validation macro AUROC {g['val_macro_auroc']:.3f}" if "val_macro_auroc" in g else
+                     " (probe on the collection's prompts)"))
+    console.print(f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
+                  f"positions {st.positions}, harm gate {st.harm_gate}, project {st.project})")
+    return art
+
+
+def run_cmd(**options) -> None:
+    """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json).
+    Its options are those of `els collect` and `els train` (see `_run_signature`)."""
+    o = SimpleNamespace(**options)
+    how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, o.eta, o.steps, o.gate,
+                  o.harm_gate, o.positions, o.harm_data)
+    at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
+    need_ray(o.ray, o.ray_address, o.workers)
+    times = {}
+    # Every input is read before the model loads: a missing one costs seconds, not a collection.
+    t = time.perf_counter()
+    sets = prompt_sets(o.benign, "benign", o.limit, o.seed) + prompt_sets(o.harmful, "harmful", o.limit, o.seed)
+    pool = _harm_sets(how)
+    times["inputs_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map)
+    times["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with ray_executor(lm, o.ray, o.ray_address, o.workers, o.device, o.dtype, o.device_map) as ex:
+        col = _collect(lm, o.out / "collect", sets, o.max_new_tokens, o.batch_size, o.judge, o.system, ex)
+    times["collect_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gate = _harm_gate(lm, how, pool)
+    times["gate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    art = _train(col, o.out / "artefact", how, gate)
+    times["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rows = recipe.held_out(col, how.train)
+    check = recipe.validate(lm, art, col, rows, get_judge(o.judge), max_new_tokens=o.max_new_tokens)
+    times["validate_s"] = time.perf_counter() - t
+    write_atomic(o.out / "validation.json", json.dumps(check, indent=2))
+    write_atomic(o.out / "timings.json", json.dumps({k: round(v, 1) for k, v in times.items()}, indent=2))
+    console.print("stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
+    table = Table("", "benign compliance", "harmful refusal",
+                  title=f"held-out prompts of the collection (judge {o.judge})")
+    for name, r in check.items():
+        table.add_row(name, *(f"{r[k]:.2f} (n={r[n]})" if k in r else "-" for k, n in
+                              (("benign_compliance", "benign_n"), ("harmful_refusal", "harmful_n"))))
+    console.print(table)
+
+
+def _run_signature() -> inspect.Signature:
+    """`els run` takes every option of `els collect` and of `els train` (declared once, there), with its own
+    OUT; typer reads the options from this signature."""
+    out = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+        Path, typer.Option(help="Run directory: collect/ (states) and artefact/ are written here.")])
+    params = {"out": out}
+    for command in (collect_cmd, train_cmd):
+        for p in inspect.signature(command, eval_str=True).parameters.values():
+            if p.name not in ("out", "states"):
+                params.setdefault(p.name, p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    return inspect.Signature(list(params.values()))
+
+
+run_cmd.__signature__ = _run_signature()  # type: ignore[attr-defined]
+app.command("run")(run_cmd)
+
+
+@app.command("generate")
+def generate_cmd(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to answer.")],
+    model: Model = DEFAULT_MODEL,
+    steer_dir: Annotated[Optional[Path], typer.Option("--steer", help="Artefact directory.")] = None,
+    compare: Annotated[bool, typer.Option(help="Print the unsteered answer too (needs --steer).")] = False,
+    eta: Annotated[Optional[float], typer.Option(help="Override the artefact's eta.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Override the artefact's K.")] = None,
+    harm_gate: Annotated[Optional[float], typer.Option(help="Override the artefact's harm gate.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Override the steered layers, e.g. 21,22,23.")] = None,
+    positions: Annotated[Optional[str], typer.Option(help="Override the artefact's positions: last, prompt.")] = None,
+    project: Annotated[Optional[bool], typer.Option(help="Override whether steps are kept orthogonal to the harm "
+                                                         "probe's direction.")] = None,
+    max_new_tokens: int = 128,
+    system: Optional[str] = None,
+    device: Device = None,
+    dtype: Dtype = "auto",
+) -> None:
+    """Answer prompts, steered with --steer; --compare prints `base:` and `els:` answers."""
+    if compare and steer_dir is None:
+        raise typer.BadParameter("--compare needs --steer")
+    at_least(1, max_new_tokens=max_new_tokens)
+    art = Artefact.load(steer_dir) if steer_dir is not None else None  # fails before the model loads
+    lm = load_model(model, device=device, dtype=dtype)
+    base = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system) if compare or not steer_dir else None
+    steered = None
+    if steer_dir is not None:
+        try:
+            chosen = None if layers is None else parse_ints(layers, "--layers")
+            with steer(lm.model, art, eta=eta, steps=steps, harm_gate=harm_gate, layers=chosen, positions=positions,
+                       project=project):
+                steered = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system)
+        except (FileNotFoundError, ValueError) as e:
+            raise typer.BadParameter(str(e)) from None
+    for i, prompt in enumerate(prompts):
+        if len(prompts) > 1:
+            console.print(f"[bold]prompt:[/bold] {prompt}", highlight=False)
+        if base is not None:
+            console.print(f"[bold]base:[/bold] {base[i]}" if compare else base[i], highlight=False)
+        if steered is not None:
+            console.print(f"[bold]els:[/bold] {steered[i]}" if compare else steered[i], highlight=False)
+
+
+# After the pipeline's commands, so `els --help` lists them in the order of use.
+for _name, _command in (("tune", cli_eval.tune_cmd), ("serve", cli_eval.serve_cmd), ("eval", cli_eval.eval_cmd),
+                        ("judge-check", cli_eval.judge_check_cmd)):
+    app.command(_name)(_command)

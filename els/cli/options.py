@@ -1,0 +1,107 @@
+"""What the `els` commands share: the recipe's defaults shown as options, option types, parsing, Ray workers."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from els.training import recipe
+from els.steering.artefact import LAYER_RULES
+from els.data.prompts import load_prompts
+from els.parallel.ray_executor import RayMissing, import_ray, make_executor
+from els.training.energy import TrainConfig
+from els.steering.settings import SteerSettings
+
+console = Console()
+
+# The recipe's defaults live in the library (els.training.recipe.Recipe); the options show them.
+DEFAULT_BENIGN = list(recipe.DEFAULT_BENIGN)
+DEFAULT_HARMFUL = list(recipe.DEFAULT_HARMFUL)
+DEFAULT_JUDGE = recipe.DEFAULT_COLLECT_JUDGE
+SETTINGS_DEFAULTS, TRAIN_DEFAULTS = SteerSettings(), TrainConfig()
+DEFAULT_CONTRAST = TRAIN_DEFAULTS.contrast
+DEFAULT_ETA, DEFAULT_STEPS, DEFAULT_POSITIONS = SETTINGS_DEFAULTS.eta, SETTINGS_DEFAULTS.steps, SETTINGS_DEFAULTS.positions
+DEFAULT_HARM_GATE = SETTINGS_DEFAULTS.harm_gate
+DEFAULT_WIDTHS = ",".join(map(str, TRAIN_DEFAULTS.widths))
+
+Model = Annotated[str, typer.Option("--model", "-m", help="HF id, local dir, .gguf file or 'default'.")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cpu).")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 on CPU), float32, bfloat16, float16.")]
+DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' to spread a large model over devices.")]
+Benign = Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable).")]
+Harmful = Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")]
+Limit = Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")]
+LayerRule = Annotated[str, typer.Option(help=f"How the N steered layers are chosen: {', '.join(LAYER_RULES)} "
+                                             "(see els.steering.steering.steer_layers).")]
+Contrast = Annotated[str, typer.Option(help="States the energy contrasts: four-state (the paper: helpful and "
+                                           "safe refusal vs false refusal and jailbreak) or benign (helpful vs "
+                                           "false refusal; pair it with --harm-gate).")]
+Positions = Annotated[str, typer.Option(help="'last': step position -1 of every forward pass (the paper); "
+                                             "'prompt': only the last prompt token.")]
+HarmData = Annotated[str, typer.Option(help="The harm gate's pool: comma-separated [KIND=]SET[#N] specs, prompt-only "
+                                            "forward passes (els.training.gate); 'none': a probe on the collection's "
+                                            "own prompts.")]
+DEFAULT_HARM_DATA = ",".join(recipe.Recipe().harm_data)
+Ray = Annotated[bool, typer.Option("--ray", help="Generate on Ray workers in a local Ray cluster started here "
+                                                 "(pip install 'els[ray]'; see docs/scale.md).")]
+RayAddress = Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead (auto, HOST:PORT, "
+                                                        "ray://HOST:10001); implies --ray.")]
+Workers = Annotated[Optional[int], typer.Option(help="Ray workers, each loading the model once (default: one per "
+                                                     "GPU, else 1; on CPUs each gets an equal share of the threads).")]
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    widths = parse_ints(text, "widths")
+    if not widths or min(widths) < 1:
+        raise typer.BadParameter("widths must be positive")
+    return widths
+
+
+def need_ray(ray: bool, ray_address: Optional[str], workers: Optional[int]) -> None:
+    """Fail before the model loads: Ray asked for but missing (one line), or --workers without Ray."""
+    if ray or ray_address:
+        try:
+            import_ray()
+        except RayMissing as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(1) from None
+    elif workers not in (None, 1):
+        raise typer.BadParameter("--workers needs --ray (or --ray-address)")
+
+
+@contextmanager
+def ray_executor(lm, ray: bool, ray_address: Optional[str], workers: Optional[int], device, dtype, device_map):
+    """Where batches are generated: here, or on Ray workers (els.parallel.ray_executor), closed after the block."""
+    try:
+        ex = make_executor(lm, ray, ray_address, workers, device=device, dtype=dtype, device_map=device_map)
+        ex.__enter__()
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+def prompt_sets(specs: list[str], kind: str, limit: Optional[int], seed: int):
+    out = []
+    for spec in specs:
+        try:
+            ps = load_prompts(spec).with_kind(kind)
+        except (FileNotFoundError, ValueError) as e:
+            raise typer.BadParameter(str(e)) from None
+        out.append(ps)
+    if limit is not None:  # --limit counts prompts per class, spread over that class's sets
+        share = [limit // len(out) + (i < limit % len(out)) for i in range(len(out))]
+        out = [ps.sample(n, seed) for ps, n in zip(out, share)]
+    return out

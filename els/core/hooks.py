@@ -1,0 +1,49 @@
+"""Forward pre-hooks on decoder blocks: every way ELS reads or edits the residual stream goes through these."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from els.core.models import block_input
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+PreHook = Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]
+
+
+def add_pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]]) -> list[RemovableHandle]:
+    """Register forward pre-hooks that see keyword arguments too (transformers passes the residual either way)."""
+    return [module.register_forward_pre_hook(fn, with_kwargs=True) for module, fn in hooks]
+
+
+@contextmanager
+def pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]]) -> Iterator[None]:
+    """`add_pre_hooks` for the duration of a `with` block; removed on exit, also after an error."""
+    handles = add_pre_hooks(hooks)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_last_token(blocks: nn.ModuleList) -> Iterator[list[torch.Tensor | None]]:
+    """Record each block's input at position -1 on its first call (the prefill), in float32 on the CPU."""
+    captured: list[torch.Tensor | None] = [None] * len(blocks)
+
+    def make_hook(i: int) -> PreHook:
+        def hook(module, args, kwargs):
+            if captured[i] is None:
+                captured[i] = block_input(args, kwargs)[:, -1].float().cpu()
+
+        return hook
+
+    with pre_hooks((b, make_hook(i)) for i, b in enumerate(blocks)):
+        yield captured
+

@@ -1,0 +1,46 @@
+"""Comparisons on the same prompts: exact McNemar tests of paired verdicts, and the gated system prompt.
+
+`system-prompt-gated` is what a practitioner would build without ELS: the harm gate decides per prompt before
+generation, so its answers are exactly the base model's where the gate flags a prompt and the system prompt's
+elsewhere, composed here from those two methods' judged answers instead of being generated a third time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+from els.core.models import LoadedModel
+from els.core.stats import wilson
+from els.steering.gate import HarmGate
+from els.training.gate import prompt_activations
+
+GATED_SYSTEM_PROMPT = "system-prompt-gated"
+def rate(flags: Sequence[bool]) -> dict:
+    k, n = sum(flags), len(flags)
+    lo, hi = wilson(k, n)
+    return {"refusal_rate": k / n if n else float("nan"), "ci95": [lo, hi], "n": n, "refusals": k}
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact two-sided McNemar test of paired refusals: `a_only` prompts refused by a alone, `b_only` by b
+    alone; p is the binomial probability of a split at least this uneven among the discordant pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired verdicts of unequal length: {len(a)} and {len(b)}")
+    a_only = sum(x and not y for x, y in zip(a, b))
+    b_only = sum(y and not x for x, y in zip(a, b))
+    n, k = a_only + b_only, min(a_only, b_only)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p": p}
+
+
+def gated_verdicts(p_harm: Sequence[float], threshold: float, flagged: Sequence[bool],
+                   allowed: Sequence[bool]) -> list[bool]:
+    """Per prompt: the `flagged` verdict where the gate flags it (p >= threshold), else the `allowed` one."""
+    return [f if p >= threshold else a for p, f, a in zip(p_harm, flagged, allowed)]
+
+
+def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], cache: Path) -> list[float]:
+    """p(harmful) the gate reads at each prompt's prefill (prompt-only forward passes, cached under `cache`)."""
+    return gate.probability_from_layers(prompt_activations(lm, prompts, cache)).tolist()

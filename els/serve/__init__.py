@@ -1,0 +1,6 @@
+"""The OpenAI-compatible server: the wire protocol, the FastAPI app and the batching worker."""
+
+from els.serve.app import create_app
+from els.serve.protocol import Limits
+
+__all__ = ["Limits", "create_app"]

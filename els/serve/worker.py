@@ -1,0 +1,394 @@
+"""The generation worker of `els serve`.
+
+One worker thread owns the model. It gathers the requests that arrived within a few milliseconds and runs
+them as one `generate` call: steering settings (`Steering` takes them per row), sampling (a per-row logits
+processor with its own seeded generator) and stopping (a per-row stopping criterion) are all per row, so
+any requests can share a batch and none sees another's settings. Only prompts of very different lengths
+are kept apart, where padding would cost more than batching saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from els.steering.artefact import Artefact
+from els.core.generation import eos_ids
+from els.core.models import LoadedModel
+from els.serve.protocol import ApiError, Limits
+from els.steering.settings import SteerSettings
+from els.steering.steering import Steering
+
+log = logging.getLogger("els.serve.app")  # the server's logger, as before the split
+
+# Per-row gate thresholds standing for "no gate" and "closed" when rows of one batch differ.
+_OPEN, _CLOSED = -1e30, 1e30
+
+
+# ---- jobs and the worker --------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    steer: SteerSettings | None
+    stream: bool
+    emit: Callable[[tuple], None]  # thread-safe: hands an event to the request's coroutine
+    cancelled: bool = False
+    answered: bool = False  # its "done" or "error" event is out
+    delivered: str = ""  # the text streamed so far, which a retry must reproduce
+
+    def answer(self, event: tuple) -> None:
+        """The job's last event ("done", result) or ("error", ApiError); any later one is dropped."""
+        if not self.answered:
+            self.answered = True
+            self.emit(event)
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
+@dataclass
+class _Row:
+    """A job's state inside one generate call."""
+
+    job: Job
+    index: int
+    generator: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    generated: int = 0
+    done: bool = False
+    resumed: bool = False  # a retry of a streamed row: its text must begin with what was already sent
+
+
+class _RowSampler(LogitsProcessor):
+    """Samples each sampled row with its own temperature, top-p and generator, then leaves only that token,
+    so the batch's greedy argmax picks it. A seed thus gives the same answer whatever shares the batch."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row in self.rows:
+            job = row.job
+            if row.done or job.temperature == 0:
+                continue
+            probs = torch.softmax(scores[row.index].float() / job.temperature, dim=-1)
+            if job.top_p < 1:
+                p, idx = probs.sort(descending=True)
+                keep = p.cumsum(0) - p < job.top_p
+                probs = torch.zeros_like(probs).scatter(0, idx[keep], p[keep])
+            token = torch.multinomial(probs, 1, generator=row.generator)
+            scores[row.index] = float("-inf")
+            scores[row.index, token] = 0.0
+        return scores
+
+
+class _RowTracker(StoppingCriteria):
+    """Called once per generated token: streams each row's new text, applies its stop strings and token
+    cap, and finishes it with its diagnostics while the batch goes on."""
+
+    def __init__(self, rows: list[_Row], engine: Engine, steering: Steering | None):
+        self.rows, self.engine, self.steering = rows, engine, steering
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        last = input_ids[:, -1].tolist()
+        for row in self.rows:
+            if not row.done:
+                self._step(row, last[row.index])
+        return torch.tensor([row.done for row in self.rows], device=input_ids.device)
+
+    def _step(self, row: _Row, token: int) -> None:
+        job = row.job
+        if job.cancelled:
+            row.done = True
+            return
+        if self.engine.stopping:  # SIGTERM: end every row at its next token
+            row.done = True
+            return job.answer(("error", _shutting_down()))
+        row.generated += 1
+        if token in self.engine.eos:
+            return self.finish(row, "stop")
+        row.out.append(token)
+        text = self.engine.lm.tokenizer.decode(row.out, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in job.stop) if i >= 0]
+        if hits:
+            row.text = text[: min(hits)]
+            return self.finish(row, "stop")
+        row.text = text
+        if row.generated >= job.max_tokens:
+            return self.finish(row, "length")
+        # Hold back what could still become a stop string or an incomplete character.
+        safe = len(text) - max((len(s) - 1 for s in job.stop), default=0)
+        if (broken := text.find("\ufffd", row.sent)) >= 0:
+            safe = min(safe, broken)
+        self._send(row, safe)
+
+    def _send(self, row: _Row, upto: int) -> None:
+        if row.job.stream and upto > row.sent:
+            if row.resumed:
+                if row.text[: row.sent] != row.job.delivered:
+                    raise RuntimeError("its retry did not reproduce the text already streamed")
+                row.resumed = False
+            row.job.emit(("delta", row.text[row.sent : upto]))
+            row.job.delivered += row.text[row.sent : upto]
+            row.sent = upto
+
+    def finish(self, row: _Row, reason: str) -> None:
+        self._send(row, len(row.text))
+        row.done = True
+        result = {"text": row.text, "finish_reason": reason, "prompt_tokens": len(row.job.ids),
+                  "completion_tokens": row.generated, "els": self.diagnostics(row)}
+        row.job.answer(("done", result))
+
+    def diagnostics(self, row: _Row) -> dict:
+        s = row.job.steer
+        if s is None or self.steering is None:
+            return {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None,
+                    "positions": None, "layers": [], "steps_skipped": 0}
+        layers = []
+        for layer in self.steering.layers:
+            st, i = self.steering.stats[layer], row.index
+            layers.append({"layer": layer, "energy_before": float(st.energy_before[i]),
+                           "energy_after": float(st.energy_after[i]), "steps_taken": int(st.rows_taken[i]),
+                           "steps_skipped": int(st.rows_skipped[i])})
+        return {"enabled": True, "eta": s.eta, "steps": s.steps, "threshold": s.threshold, "harm_gate": s.harm_gate,
+                "positions": s.positions, "layers": layers,
+                "steps_skipped": sum(x["steps_skipped"] for x in layers)}
+
+
+class Engine:
+    """The worker thread that owns the model, and the queue feeding it.
+
+    Nothing a request holds can stop it: a failed batch is retried row by row so that only the faulty
+    request gets an error, an error outside a batch fails the requests the worker held and restarts its
+    loop, and a worker thread that died all the same is replaced on the next request or /health call."""
+
+    def __init__(self, lm: LoadedModel, artefact: Artefact | None, limits: Limits):
+        self.lm, self.limits = lm, limits
+        self.artefact = artefact
+        if artefact is not None:
+            # Keep only the steered layers' energies: Steering copies its members on every attach.
+            self.artefact = artefact.subset(artefact.layers)
+        self.eos = eos_ids(lm)
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.counters = {"requests": 0, "batches": 0, "largest_batch": 0, "failed_batches": 0, "retried_rows": 0}
+        self.restarts = 0  # times the worker failed outside a batch and was restarted
+        self.last_error: str | None = None
+        self.stopping = False  # set on SIGTERM (from a signal handler: a flag only) and by stop()
+        self._pending: list[Job] = []  # taken from the queue, not yet in a batch
+        self._running: list[Job] = []  # the batch being generated
+        self._lock = threading.Lock()
+        self._dying = False  # an error is ending the worker thread
+        self.thread = self._new_thread()
+
+    def _new_thread(self) -> threading.Thread:
+        self._dying = False
+        return threading.Thread(target=self._main, name="els-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def state(self) -> str:
+        """"ok"; "restarted" once the worker has failed and been restarted (it serves); "stopping"."""
+        return "stopping" if self.stopping else "restarted" if self.restarts else "ok"
+
+    def ensure_running(self) -> None:
+        """Replaces a worker thread that died (an error escaped `_main`), failing the requests it held."""
+        with self._lock:
+            if self.stopping or self.thread.ident is None or (self.thread.is_alive() and not self._dying):
+                return
+            self.thread.join(5)  # a dying one is on its way out
+            log.error("the generation worker thread died (%s); starting a new one", self.last_error)
+            self._worker_failed(self.last_error or "the worker thread ended")
+            self.thread = self._new_thread()
+            self.thread.start()
+
+    def abort(self) -> None:
+        """Stop generating: running rows end at their next token and held ones get 503. Safe in a signal handler."""
+        self.stopping = True
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self.stopping = True
+        self.jobs.put(None)
+        self.thread.join(timeout=timeout)  # a daemon: a forward pass still running does not hold the process
+        self._drain()
+
+    def submit(self, job: Job) -> None:
+        if self.stopping:
+            raise _shutting_down()
+        self.ensure_running()
+        if self.waiting() >= self.limits.max_queue:
+            raise ApiError(503, "server overloaded: too many queued requests, retry later", type="server_error",
+                           code="overloaded")
+        self.jobs.put(job)
+
+    def waiting(self) -> int:
+        """Requests not yet in a batch: queued, or taken by the worker for a later batch."""
+        return self.jobs.qsize() + len(self._pending)
+
+    def _main(self) -> None:
+        while True:
+            try:
+                self._loop()
+                break  # stop() asked
+            except Exception as e:  # noqa: BLE001 - a bug outside a batch: fail what is held, then carry on
+                log.exception("the generation worker failed; restarting it")
+                self.last_error = f"{type(e).__name__}: {e}"
+                self._worker_failed(self.last_error)
+            except BaseException as e:
+                self.last_error, self._dying = f"{type(e).__name__}: {e}", True
+                self._fail_held(self.last_error)  # their clients must not wait for the next request to notice
+                raise  # the thread ends; ensure_running replaces it
+        self._drain()
+
+    def _worker_failed(self, why: str) -> None:
+        self.restarts += 1
+        self._fail_held(why)
+
+    def _fail_held(self, why: str) -> None:
+        error = ApiError(500, f"the generation worker failed ({why}) and was restarted; retry the request",
+                         type="server_error", code="worker_restarted")
+        held, self._pending, self._running = self._pending + self._running, [], []
+        for job in held:
+            job.answer(("error", error))
+
+    def _drain(self) -> None:
+        """After stop: refuse whatever is still held or queued."""
+        held, self._pending, self._running = self._pending + self._running, [], []
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                held.append(job)
+        for job in held:
+            job.answer(("error", _shutting_down()))
+
+    def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                first = self.jobs.get()
+                if first is None:
+                    return
+                self._pending.append(first)
+                time.sleep(self.limits.batch_window_ms / 1000)  # let a burst arrive
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                self._pending.append(job)
+            if self.stopping:
+                held, self._pending = self._pending, []
+                for job in held:
+                    job.answer(("error", _shutting_down()))
+                continue
+            self._pending = [j for j in self._pending if not j.cancelled]
+            if not self._pending:
+                continue
+            batch = self._pick(self._pending)
+            self._running = batch
+            self._pending = [j for j in self._pending if all(j is not b for b in batch)]
+            self._run(batch)
+            self._running = []
+
+    def _pick(self, pending: list[Job]) -> list[Job]:
+        """The oldest job and, up to max_batch, later ones whose prompts pad well with it."""
+        lo = hi = len(pending[0].ids)
+        batch = [pending[0]]
+        for job in pending[1:]:
+            if len(batch) == self.limits.max_batch:
+                break
+            n = len(job.ids)
+            if max(hi, n) <= 2 * min(lo, n) + 32:
+                batch.append(job)
+                lo, hi = min(lo, n), max(hi, n)
+        return batch
+
+    def _steering(self, batch: list[Job]) -> Steering | None:
+        rows = [j.steer for j in batch]
+        if self.artefact is None or not any(rows):
+            return None
+        gated = any(r is not None and r.threshold is not None for r in rows)
+        threshold = None
+        if gated:
+            threshold = [_CLOSED if r is None else _OPEN if r.threshold is None else r.threshold for r in rows]
+        return Steering(self.lm.model, self.artefact, eta=[r.eta if r else 0.0 for r in rows],
+                        steps=[r.steps if r else 0 for r in rows], threshold=threshold, gate=gated,
+                        harm_gate=[r.harm_gate if r else None for r in rows],
+                        positions=[r.positions if r else "prompt" for r in rows], check=False)
+
+    def _run(self, batch: list[Job], retry: bool = False) -> None:
+        """One generate call for `batch`. If it fails, each unanswered row is run again alone, so only the
+        faulty request gets the error (and a fault of the batch as a whole, e.g. its size, answers none)."""
+        model, tok = self.lm.model, self.lm.tokenizer
+        self.counters["batches"] += 1
+        if not retry:
+            self.counters["requests"] += len(batch)
+            self.counters["largest_batch"] = max(self.counters["largest_batch"], len(batch))
+        rows: list[_Row] = []
+        try:
+            device = model.device
+            width = max(len(j.ids) for j in batch)
+            pad = tok.pad_token_id
+            # Left padding built by hand: the tokenizer is not touched here while request threads encode with it.
+            input_ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch], device=device)
+            rows = [_Row(j, i, self._generator(j, device), sent=len(j.delivered), resumed=bool(j.delivered))
+                    for i, j in enumerate(batch)]
+            steering = self._steering(batch)
+            tracker = _RowTracker(rows, self, steering)
+            with steering if steering is not None else nullcontext(), torch.inference_mode():
+                model.generate(input_ids=input_ids, attention_mask=mask,
+                               max_new_tokens=max(j.max_tokens for j in batch), do_sample=False,
+                               temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                               logits_processor=LogitsProcessorList([_RowSampler(rows)]),
+                               stopping_criteria=StoppingCriteriaList([tracker]))
+            for row in rows:
+                if not row.done:  # generate stopped on its own (e.g. the model's max_length)
+                    tracker.finish(row, "length")
+        except Exception as e:  # noqa: BLE001 - a failed batch must not stop the server
+            for row in rows:
+                row.done = True  # a row the tracker still holds must not be answered twice
+            left = [j for j in batch if not j.answered and not j.cancelled]
+            if len(batch) > 1 and not self.stopping:
+                log.warning("a batch of %d failed (%s: %s); retrying its %d unanswered rows one by one",
+                            len(batch), type(e).__name__, e, len(left))
+                self.counters["failed_batches"] += 1
+                for job in left:
+                    self.counters["retried_rows"] += 1
+                    self._run([job], retry=True)
+                return
+            log.exception("generation failed")
+            error = _shutting_down() if self.stopping else ApiError(
+                500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed")
+            for job in left:
+                job.answer(("error", error))
+
+    @staticmethod
+    def _generator(job: Job, device: torch.device) -> torch.Generator | None:
+        if job.temperature == 0:
+            return None
+        return torch.Generator(device=device).manual_seed(job.seed if job.seed is not None else secrets.randbits(63))

@@ -1,0 +1,240 @@
+"""The steering artefact: per-layer energy models, the harm gate, and the manifest saying how to steer.
+
+    art = Artefact.load("runs/default/artefact")
+    art.layers, art.settings  # where and how `Steering` steers by default
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from els.steering.energy import EnergyStack
+from els.steering.gate import TENSOR_PREFIX, HarmGate
+from els.steering.manifest import check_manifest
+from els.core.models import config_fingerprint, decoder_blocks
+from els.steering.settings import SteerSettings
+
+if TYPE_CHECKING:
+    pass
+
+FORMAT_VERSION = 2  # 2: the harm gate is a HarmGate of its own layer (1: a probe per trained layer)
+READABLE_FORMATS = (1, 2)
+MANIFEST = "els.json"
+WEIGHTS = "energy.safetensors"
+# Written by save, checked by load when present (older artefacts lack it): the weights' sha256 and the layer of
+# each energy member, so a manifest cannot pair layers with other layers' models or with edited weights.
+INTEGRITY = "weights"
+LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
+# The recipe's layer choice (with SteerSettings' defaults and TrainConfig's, what `els run` does).
+DEFAULT_LAYER_RULE = "top_auc"
+DEFAULT_TOP_N = 2
+
+
+def package_version() -> str:
+    try:
+        return version("els")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Artefact:
+    """Trained energy models for every recorded layer plus the manifest saying how to steer with them."""
+
+    energy: EnergyStack  # member i is the model of layer manifest["trained_layers"][i]
+    manifest: dict
+    gate: HarmGate  # which prompts are left unsteered (els.steering.gate)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["steer"]["layers"])
+
+    @property
+    def settings(self) -> SteerSettings:
+        return SteerSettings.from_manifest(self.manifest["steer"])
+
+    def member_index(self, layer: int) -> int:
+        try:
+            return self.manifest["trained_layers"].index(layer)
+        except ValueError:
+            raise ValueError(f"the artefact has no energy model for layer {layer}") from None
+
+    def subset(self, layers: list[int]) -> Artefact:
+        """The same artefact holding only these layers' models (smaller, for serving)."""
+        members = [self.member_index(layer) for layer in layers]
+        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)}, self.gate)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the weights file holds: the energy models and the harm gate."""
+        return {k: v.contiguous() for k, v in self.energy.state_dict().items()} | self.gate.to_tensors()
+
+    def save(self, path: Path | str) -> None:
+        """Write the new artefact next to the old, then swap: at every moment `path` holds the old artefact
+        or the new one (a crash mid-swap leaves the old one, restored, or at `.NAME.old-*` beside it). The
+        manifest, here and on disk, records the weights' sha256 and member layer order."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+        tensors = self.tensors()
+        layers = list(self.manifest["trained_layers"])
+        self.manifest[INTEGRITY] = {"sha256": weights_sha256(tensors, layers), "member_layers": layers}
+        save_file(tensors, tmp / WEIGHTS)
+        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Artefact:
+        """Read and verify an artefact; anything malformed raises ValueError (FileNotFoundError when absent)
+        with one line naming the file."""
+        path = Path(path)
+        mpath, wpath = path / MANIFEST, path / WEIGHTS
+        if not mpath.exists():
+            raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{mpath} is not valid JSON ({e})") from e
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{mpath} is not an ELS manifest (a JSON object)")
+        if manifest.get("format_version") not in READABLE_FORMATS:
+            raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads "
+                             f"{READABLE_FORMATS}")
+        check_manifest(manifest, mpath)
+        if not wpath.exists():
+            raise FileNotFoundError(f"{path} is not a complete ELS artefact (no {WEIGHTS})")
+        try:
+            tensors = load_file(wpath)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{wpath} is not a readable safetensors file ({e})") from e
+        for name, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
+        _check_integrity(manifest, tensors, mpath, wpath)
+        try:
+            e = manifest["energy"]
+            energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]),
+                                 e["dropout"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{mpath}: malformed energy description ({type(err).__name__}: {err})") from err
+        gate_keys = ("probe.weight", "probe.bias") if manifest["format_version"] == 1 else \
+            tuple(f"{TENSOR_PREFIX}{k}" for k in ("weight", "bias", "threshold", "layer"))
+        if missing := [k for k in gate_keys if k not in tensors]:
+            raise ValueError(f"{wpath} lacks the harm gate tensors {', '.join(missing)}")
+        try:
+            if manifest["format_version"] == 1:
+                gate = _gate_of_format_1(manifest, tensors.pop("probe.weight"), tensors.pop("probe.bias"))
+            else:
+                gate = HarmGate.from_tensors(tensors, manifest.get("harm_gate_probe", {}))
+                tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
+        expected = {k: tuple(v.shape) for k, v in energy.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            raise ValueError(f"{wpath} does not fit {mpath} (hidden_size {manifest['hidden_size']}, "
+                             f"{len(manifest['trained_layers'])} layers, widths {e['widths']}): "
+                             + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}"
+                                         for k in diff[:3]))
+        if not 0 <= gate.layer < manifest["num_layers"]:
+            raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest['num_layers']}")
+        energy.load_state_dict(tensors)
+        return cls(energy.eval(), manifest, gate)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose architecture differs from the one the energies were trained on."""
+        m = self.manifest
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        problems = []
+        if (fp := config_fingerprint(model)) != m["model_fingerprint"]:
+            problems.append(f"config fingerprint {fp} != {m['model_fingerprint']}")
+        if hidden != m["hidden_size"]:
+            problems.append(f"hidden size {hidden} != {m['hidden_size']}")
+        if (n := len(decoder_blocks(model))) != m["num_layers"]:
+            problems.append(f"{n} layers != {m['num_layers']}")
+        if problems:
+            raise ValueError(
+                f"this artefact was trained on {m['base_model']!r} and does not fit this model: {'; '.join(problems)}"
+            )
+
+
+def weights_sha256(tensors: dict[str, torch.Tensor], member_layers: list[int]) -> str:
+    """sha256 over the member layers and every tensor (name, dtype, shape, bytes) in name order."""
+    h = hashlib.sha256(json.dumps([int(x) for x in member_layers]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_integrity(manifest: dict, tensors: dict[str, torch.Tensor], mpath: Path, wpath: Path) -> None:
+    record = manifest.get(INTEGRITY)
+    if record is None:  # written before the weights were hashed
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) \
+            or not isinstance(record.get("member_layers"), list):
+        raise ValueError(f"{mpath}: malformed {INTEGRITY!r} record")
+    if record["member_layers"] != manifest["trained_layers"]:
+        raise ValueError(f"{mpath}: trained_layers {manifest['trained_layers']} do not match the layer order the "
+                         f"weights were saved with {record['member_layers']}")
+    if weights_sha256(tensors, record["member_layers"]) != record["sha256"]:
+        raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath} (weights edited or replaced)")
+
+
+def layer_probes_gate(trained_layers: list[int], num_layers: int, layer: int, probe_w: torch.Tensor,
+                       probe_b: torch.Tensor, threshold: float) -> HarmGate:
+    """A gate from one probe per trained layer, fitted on the collection's prompts, read at `layer` (what
+    format 1 stored, and the fallback without a pooled gate)."""
+    directions = torch.zeros(num_layers, probe_w.shape[-1])
+    directions[trained_layers] = probe_w.float()
+    i = trained_layers.index(layer)
+    return HarmGate(layer, probe_w[i].float(), float(probe_b[i]), float(threshold), directions,
+                    {"source": "collection", "layer": layer, "threshold": float(threshold)})
+
+
+def _gate_of_format_1(manifest: dict, probe_w: torch.Tensor, probe_b: torch.Tensor) -> HarmGate:
+    return layer_probes_gate(manifest["trained_layers"], manifest["num_layers"], min(manifest["steer"]["layers"]),
+                              probe_w, probe_b, manifest["steer"].get("harm_gate") or 0.5)
+
+
+def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:
+    """top_auc: the n trained layers of best validation AUC. late_block: the n consecutive layers of best mean
+    AUC in the model's second half (steering a block keeps the push coherent from layer to layer). last: the
+    n last trained layers (a push there reaches the logits with the fewest layers left to undo it)."""
+    auc = {int(k): v for k, v in manifest["layer_auc"].items()}
+    if rule == "top_auc":
+        return sorted(sorted(auc, key=lambda layer: (-auc[layer], layer))[:n])
+    if rule == "last":
+        return sorted(auc)[-n:]
+    late = [layer for layer in sorted(auc) if layer >= manifest["num_layers"] // 2] or sorted(auc)
+    n = min(n, len(late))
+    windows = [late[i : i + n] for i in range(len(late) - n + 1) if late[i + n - 1] - late[i] == n - 1]
+    return max(windows or [late[-n:]], key=lambda w: sum(auc[layer] for layer in w))
+
+

@@ -1,0 +1,146 @@
+"""Generate answers, judge them, label the four states and record the residual stream at the last prompt token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from els.data.promptset import Kind, PromptSet
+from els.core.executor import Batch, Executor, LocalExecutor
+from els.steering.energy import STATES
+from els.core.generation import DEFAULT_MAX_NEW_TOKENS, length_batches, prompt_texts
+from els.core.io import save_tensors_atomic, write_atomic
+from els.judges.model import Judge
+from els.core.models import LoadedModel, config_fingerprint
+
+
+def state_of(kind: Kind, refused: bool) -> str:
+    if kind == "benign":
+        return "false_refusal" if refused else "helpful"
+    return "safe_refusal" if refused else "jailbreak"
+
+
+@dataclass
+class Record:
+    prompt: str
+    kind: Kind
+    source: str
+    answer: str
+    refused: bool
+    state: str
+
+
+@dataclass
+class Collection:
+    records: list[Record]
+    activations: torch.Tensor  # [N, L, d] float32, rows aligned with records
+    meta: dict
+
+    @property
+    def states(self) -> list[str]:
+        return [r.state for r in self.records]
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.state == s for r in self.records) for s in STATES}
+
+
+def _meta(lm: LoadedModel, sets: list[PromptSet], max_new_tokens: int, batch_size: int, judge: Judge,
+          system: str | None) -> dict:
+    return {
+        "model": lm.name,
+        "model_fingerprint": config_fingerprint(lm.model),
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "sets": {ps.name: {"kind": ps.kind, "n": len(ps), "sha256": ps.content_hash()} for ps in sets},
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "judge": judge.name,
+        "system": system,
+    }
+
+
+def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
+            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16, system: str | None = None,
+            progress: bool = True, executor: Executor | None = None) -> Collection:
+    """Run, judge and record every prompt of `sets` into `out`; resumes an interrupted run batch by batch.
+
+    Each finished batch is written atomically to `out/batches/`, so a crash loses at most the batch in
+    flight. When all are done they are merged into `out/states.safetensors` and `out/states.jsonl`.
+    `executor` generates the batches (default: here, one after another; `els.parallel.ray_executor.RayExecutor`: on Ray
+    workers); they are judged and written here as they finish, so the result does not depend on where they ran.
+    """
+    out = Path(out)
+    if max_new_tokens < 1 or batch_size < 1:  # checked before collect.json pins the settings
+        raise ValueError(f"max_new_tokens and batch_size must be at least 1, got {max_new_tokens}, {batch_size}")
+    for ps in sets:
+        if ps.kind is None:
+            raise ValueError(f"prompt set {ps.name!r} needs a kind (benign or harmful)")
+        if not len(ps):
+            raise ValueError(f"prompt set {ps.name!r} is empty")
+    meta = _meta(lm, sets, max_new_tokens, batch_size, judge, system)
+    meta_path = out / "collect.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old != meta:
+            raise ValueError(
+                f"{out} holds a collection made with other settings ({_diff(old, meta)}); use another --out or delete it"
+            )
+        if (out / "states.jsonl").exists():
+            return load_collection(out)
+    else:
+        write_atomic(meta_path, json.dumps(meta, indent=2))
+
+    items = [(p, ps.kind, ps.name) for ps in sets for p in ps.prompts]
+    texts, lengths = prompt_texts(lm, [p for p, _, _ in items], system)
+    batches = length_batches(texts, lengths, batch_size)
+    shard_dir = out / "batches"
+    # Generation stops where the judge's verdict is fixed: the states are those of full-length answers.
+    todo = [Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon)
+            for b, idx in enumerate(batches) if not (shard_dir / f"{b:05d}.safetensors").exists()]
+    finished = (executor or LocalExecutor(lm)).map(todo)
+    for job, done in tqdm(finished, desc="collect", total=len(batches), initial=len(batches) - len(todo),
+                          disable=not progress):
+        b, idx = job.tag, batches[job.tag]
+        answers, acts = done.texts, done.activations
+        refused = judge([items[i][0] for i in idx], answers)
+        rows = [
+            asdict(Record(items[i][0], items[i][1], items[i][2], a, r, state_of(items[i][1], r)))
+            | {"index": i}
+            for i, a, r in zip(idx, answers, refused)
+        ]
+        write_atomic(shard_dir / f"{b:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        # The tensor file is written last: its presence marks the batch as complete.
+        save_tensors_atomic({"activations": acts}, shard_dir / f"{b:05d}.safetensors")
+
+    rows, acts = [], []
+    for b in range(len(batches)):
+        rows += [json.loads(line) for line in (shard_dir / f"{b:05d}.jsonl").read_text().splitlines()]
+        acts.append(load_file(shard_dir / f"{b:05d}.safetensors")["activations"])
+    order = sorted(range(len(rows)), key=lambda k: rows[k]["index"])
+    activations = torch.cat(acts)[order]
+    records = [Record(**{k: v for k, v in rows[k].items() if k != "index"}) for k in order]
+    save_tensors_atomic({"activations": activations}, out / "states.safetensors")
+    write_atomic(out / "states.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
+    shutil.rmtree(shard_dir)
+    return Collection(records, activations, meta)
+
+
+def _diff(old: dict, new: dict) -> str:
+    return ", ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}" for k in new if old.get(k) != new.get(k))
+
+
+def load_collection(path: Path) -> Collection:
+    path = Path(path)
+    if not (path / "states.jsonl").exists():
+        raise FileNotFoundError(f"{path} holds no finished collection (states.jsonl); run `els collect` first")
+    records = [Record(**json.loads(line)) for line in (path / "states.jsonl").read_text().splitlines()]
+    activations = load_file(path / "states.safetensors")["activations"]
+    if activations.shape[0] != len(records):
+        raise ValueError(f"{path}: {activations.shape[0]} activation rows for {len(records)} records")
+    return Collection(records, activations, json.loads((path / "collect.json").read_text()))
+
