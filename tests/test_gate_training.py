@@ -6,11 +6,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import els.training.gate as gate_mod
+from els.core.stats import auroc
 from els.data.promptset import PromptSet
 from els.steering.gate import HarmGate
-from els.core.stats import auroc
-from els.training.gate import (dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc, normalise_text,
-    prompt_activations, train_gate)
+from els.training.gate import (
+    dedupe,
+    fit_gate,
+    framed_pool,
+    gate_report,
+    load_spec,
+    macro_auroc,
+    normalise_text,
+    prompt_activations,
+    train_gate,
+)
 
 from helpers import tiny_model
 

@@ -3,9 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from els.steering.steering import Artefact, Steering
-from els.steering.artefact import steer_layers
 from els.eval.tune import Score, answer_nll, pick, tune, tuned_artefact
+from els.steering.artefact import steer_layers
+from els.steering.steering import Artefact, Steering
 
 from helpers import tiny_artefact, tiny_model
 

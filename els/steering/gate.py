@@ -9,9 +9,9 @@ per new token. Its decision holds for the whole generate call.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn

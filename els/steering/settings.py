@@ -7,8 +7,8 @@ override and a request's options mean the same everywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
 
 import torch
 

@@ -14,21 +14,21 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
 
-from els.data.promptset import Kind, PromptSet
-from els.data.prompts import load_prompts
-from els.data.framings import frame_set, framed_sources
-from els.steering.gate import HarmGate, StopForward
 from els.core.generation import length_batches
 from els.core.hooks import record_last_token
-from els.core.stats import auroc, fit_logistic
 from els.core.io import save_tensors_atomic, write_atomic
 from els.core.models import LoadedModel, cache_dir, chat_texts, config_fingerprint, load_model, user_conversations
+from els.core.stats import auroc, fit_logistic
+from els.data.framings import frame_set, framed_sources
+from els.data.prompts import load_prompts
+from els.data.promptset import Kind, PromptSet
+from els.steering.gate import HarmGate, StopForward
 
 Encoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> unit-norm sentence embeddings [N, e]
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
