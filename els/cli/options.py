@@ -36,7 +36,7 @@ Benign = Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable)
 Harmful = Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")]
 Limit = Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")]
 LayerRule = Annotated[str, typer.Option(help=f"How the N steered layers are chosen: {', '.join(LAYER_RULES)} "
-                                             "(see els.steering.steering.steer_layers).")]
+                                             "(see els.steering.artefact.steer_layers).")]
 Contrast = Annotated[str, typer.Option(help="States the energy contrasts: four-state (the paper: helpful and "
                                            "safe refusal vs false refusal and jailbreak) or benign (helpful vs "
                                            "false refusal; pair it with --harm-gate).")]

@@ -81,14 +81,10 @@ class Runner:
     def keys(self, method: Method, prompts: Sequence[str]) -> list[str]:
         return [cache_key(self.model_fp, self.method_digest[method.name], p, self.gen.key()) for p in prompts]
 
-    def complete(self, method: Method, ps: PromptSet) -> tuple[CompletionFile, list[str]]:
-        """Answers of `method` to every prompt of `ps`, generating only those not cached; returns the file and
-        the prompts' keys (rows are `file.rows[key]`)."""
-        return self.complete_all([(method, ps)])[0]
-
     def complete_all(self, pairs: Sequence[tuple[Method, PromptSet]]) -> list[tuple[CompletionFile, list[str]]]:
-        """`complete` of several (method, set) pairs, their batches handed to the executor together (so every
-        worker stays busy) and each appended to its file as it finishes."""
+        """Answers of each (method, set) pair, generating only those not cached (rows are `file.rows[key]`),
+        their batches handed to the executor together (so every worker stays busy) and each appended to its
+        file as it finishes."""
         done: list[tuple[CompletionFile, list[str]]] = []
         batches: list[Batch] = []
         for method, ps in pairs:

@@ -92,7 +92,6 @@ class ModelJudge:
     batch_size: int = 8
     max_new_tokens: int = 10
     fallbacks: int = 0
-    judged: int = 0
     _lm: LoadedModel | None = field(default=None, repr=False)
 
     @property
@@ -129,7 +128,6 @@ class ModelJudge:
                 verdicts.append(ModelVerdict(None, fallback, True, reply))
             else:
                 verdicts.append(ModelVerdict(label, label != "full_compliance", False, reply))
-        self.judged += len(verdicts)
         self.fallbacks += sum(v.fallback for v in verdicts)
         return verdicts
 
