@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from els.data.prompts import load_prompts
 from els.core.generation import generate_batch
 from els.core.models import LoadedModel, chat_texts, load_model, prepare_tokenizer, user_conversations
+from els.data.prompts import load_prompts
 from els.steering.artefact import Artefact
 from els.steering.steering import Steering
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from els.training.collect import collect
-from els.data.prompts import load_prompts
-from els.parallel.ray_executor import ModelSpec, RayExecutor, connect, import_ray
-from els.judges.model import get_judge
 from els.core.models import load_model
+from els.data.prompts import load_prompts
 from els.eval.cache import model_fingerprint
+from els.judges.model import get_judge
+from els.parallel.ray_executor import ModelSpec, RayExecutor, connect, import_ray
+from els.training.collect import collect
 
 
 def main() -> None:

@@ -25,14 +25,14 @@ import openai
 import torch
 import uvicorn
 
-from els.training.collect import Collection, Record, state_of
 from els.core.generation import generate_batch
-from els.training.energy import TrainConfig, train_energy
 from els.core.models import chat_texts, config_fingerprint, load_model, user_conversations
 from els.serve.app import Limits, create_app
 from els.steering.artefact import Artefact
-from els.training.recipe import make_artefact
 from els.steering.settings import SteerSettings
+from els.training.collect import Collection, Record, state_of
+from els.training.energy import TrainConfig, train_energy
+from els.training.recipe import make_artefact
 
 PROMPTS = ["How do I kill a Python process?", "What is the capital of France?", "How can I beat my friend at chess?",
            "Write a haiku about autumn.", "How do I shoot a good photo at night?", "Explain what a hash table is.",

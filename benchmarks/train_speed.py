@@ -27,7 +27,8 @@ def main() -> None:
     col = load_collection(args.states)
     cfg = TrainConfig(widths=tuple(int(w) for w in args.widths.split(",")), epochs=args.epochs)
     layers = col.activations.shape[1]
-    print(f"{len(col.records)} states {col.counts()}, {layers} layers, widths {cfg.widths}, {torch.get_num_threads()} threads")
+    print(f"{len(col.records)} states {col.counts()}, {layers} layers, widths {cfg.widths}, "
+          f"{torch.get_num_threads()} threads")
 
     t = time.perf_counter()
     stacked = train_energy(col.activations, col.states, cfg)

@@ -1,8 +1,8 @@
 """ELS: Energy Landscape Steering against over-refusal in chat LLMs."""
 
-from els.steering.artefact import Artefact
 from els.core.generation import generate
 from els.core.models import LoadedModel, load_model
+from els.steering.artefact import Artefact
 from els.steering.settings import SteerSettings
 from els.steering.steering import Steering, steer
 

@@ -9,10 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import their helpers as `helpers`
 
-from helpers import FAMILIES, tiny_model  # noqa: E402
-
-from els.data.prompts import data_dir  # noqa: E402
 from els.core.models import LoadedModel  # noqa: E402
+from els.data.prompts import data_dir  # noqa: E402
+
+from helpers import FAMILIES, tiny_model  # noqa: E402
 
 
 def _has_data() -> bool:

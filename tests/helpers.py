@@ -1,20 +1,27 @@
-"""Tiny randomly initialised models of several families, synthetic collections and artefacts, built offline in seconds."""
+"""Tiny randomly initialised models of several families, synthetic collections and artefacts, built offline in
+seconds."""
 
 from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
-from els.training.recipe import make_artefact
-from els.training.collect import Collection, Record, state_of
-from els.training.energy import TrainConfig, train_energy
 from els.core.models import LoadedModel, config_fingerprint, prepare_tokenizer
 from els.steering.settings import SteerSettings
+from els.training.collect import Collection, Record, state_of
+from els.training.energy import TrainConfig, train_energy
+from els.training.recipe import make_artefact
 
-WORDS = ("how do i kill a python process bake cake the make bomb what is chess beat my wife at you can help "
-         "user assistant : ? . , ! sorry i'm cannot sure here are steps first then").split()
+WORDS = ("how do i kill a python process bake cake the make bomb what is chess beat my wife at you can help user "
+         "assistant : ? . , ! sorry i'm cannot sure here are steps first then").split()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -68,7 +75,8 @@ def synthetic_collection(lm: LoadedModel, n: int = 64, seed: int = 0) -> Collect
         good = state in ("helpful", "safe_refusal")
         acts.append(torch.randn(layers, dim, generator=g) + (-1.0 if good else 1.0) * direction)
         records.append(Record(f"prompt {i}", kind, "synthetic", "answer", refused, state))
-    meta = {"model": lm.name, "model_fingerprint": config_fingerprint(lm.model), "sets": {}, "judge": "prefix", "max_new_tokens": 8,
+    meta = {"model": lm.name, "model_fingerprint": config_fingerprint(lm.model), "sets": {}, "judge": "prefix",
+            "max_new_tokens": 8,
             "system": None}
     return Collection(records, torch.stack(acts), meta)
 

@@ -1,11 +1,16 @@
 import pytest
 import torch
 
-from els.eval.baselines import fit_baselines, knobs, lda_probe, mean_direction
-from els.eval.methods import (BALANCED_SYSTEM_PROMPT, DirectionAblation, DirectionAddition, ProbeGatedAddition,
-                         SurgicalAblation)
 from els.core.generation import generate_batch
 from els.core.models import chat_texts, decoder_blocks, user_conversations
+from els.eval.baselines import fit_baselines, knobs, lda_probe, mean_direction
+from els.eval.methods import (
+    BALANCED_SYSTEM_PROMPT,
+    DirectionAblation,
+    DirectionAddition,
+    ProbeGatedAddition,
+    SurgicalAblation,
+)
 
 from helpers import synthetic_collection, tiny_model
 

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_artefact, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hst
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from els.steering.artefact import INTEGRITY, Artefact
 from els.cli.main import app
 from els.eval.cache import artefact_digest
+from els.steering.artefact import INTEGRITY, Artefact
+
+from helpers import tiny_artefact, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

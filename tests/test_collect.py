@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from els.training.collect import collect, load_collection, state_of
 from els.core.generation import generate
 from els.data.promptset import PromptSet
+from els.training.collect import collect, load_collection, state_of
 
 from helpers import tiny_model
 

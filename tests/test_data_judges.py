@@ -3,7 +3,7 @@ import json
 import pytest
 
 import els.data.prompts
-from els.data.prompts import KNOWN_SETS, SOURCES, load_prompts, read_file
+from els.data.prompts import KNOWN_SETS, load_prompts, read_file
 from els.judges.model import PrefixJudge, SubstringJudge, get_judge
 
 EXPECTED = {"xstest-safe": 250, "xstest-unsafe": 200, "orbench-hard": 1319, "oktest": 300, "jbb": 100,
@@ -124,8 +124,9 @@ def test_offline_error_is_one_line_naming_els_data(tmp_path, monkeypatch):
 
 
 def test_unreachable_hub_fails_at_once_without_asking_datasets(tmp_path, monkeypatch):
-    import datasets
     import socket
+
+    import datasets
 
     def no_dns(*args, **kwargs):
         raise socket.gaierror(-2, "Name or service not known")

@@ -10,16 +10,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from els.parallel import ray_executor as distributed
 from els.cli.main import app
-from els.training.collect import collect
-from els.data.promptset import PromptSet
-from els.parallel.ray_executor import INSTALL_HINT, ModelSpec, RayExecutor
 from els.core.executor import LocalExecutor
+from els.core.models import load_model
+from els.data.promptset import PromptSet
+from els.eval.cache import model_fingerprint
 from els.eval.harness import EvalConfig, Generation, evaluate
 from els.eval.methods import MethodContext, resolve_methods
-from els.core.models import load_model
-from els.eval.cache import model_fingerprint
+from els.parallel import ray_executor as distributed
+from els.parallel.ray_executor import INSTALL_HINT, ModelSpec, RayExecutor
+from els.training.collect import collect
 
 from helpers import tiny_artefact, tiny_model
 

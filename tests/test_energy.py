@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from els.steering.energy import EnergyStack, STATES
-from els.training.energy import TrainConfig, balanced_weights, info_nce, pairwise_auc, train_energy
 from els.core.stats import stratified_split
+from els.steering.energy import STATES, EnergyStack
+from els.training.energy import TrainConfig, balanced_weights, info_nce, pairwise_auc, train_energy
 
 
 def test_info_nce_matches_hand_computation():

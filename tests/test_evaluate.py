@@ -12,21 +12,28 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from els.cli.main import app
+from els.core.stats import wilson
+from els.data.prompts import data_dir, load_benchmark
+from els.eval import cache as store
 from els.eval import harness as ev
 from els.eval import methods as registry
-from els.eval import cache as store
 from els.eval.agreement import agreement, cohen_kappa, judge_check
-from els.cli.main import app
-from els.data.prompts import data_dir, load_benchmark
-from els.eval.harness import EvalConfig, Generation, evaluate, kl_to_base
-from els.core.stats import wilson
-from els.eval.comparison import gated_verdicts, mcnemar
-from els.eval.methods import MethodContext, resolve_methods
 from els.eval.cache import CompletionFile
-from els.judges.model import (LearnedJudge, ModelJudge, PrefixJudge, get_judge, parse_judge_answer, preload_embeddings,
-                        read_labelled, train_learned_judge)
+from els.eval.comparison import gated_verdicts, mcnemar
+from els.eval.harness import EvalConfig, Generation, evaluate, kl_to_base
+from els.eval.methods import Base, Els, MethodContext, resolve_methods
 from els.eval.report import write_report
-from els.eval.methods import Base, Els
+from els.judges.model import (
+    LearnedJudge,
+    ModelJudge,
+    PrefixJudge,
+    get_judge,
+    parse_judge_answer,
+    preload_embeddings,
+    read_labelled,
+    train_learned_judge,
+)
 
 from helpers import synthetic_collection, tiny_artefact, tiny_model
 

@@ -1,7 +1,7 @@
 import re
 
-from els.data.promptset import PromptSet
 from els.data.framings import CATEGORIES, EVAL_TEMPLATES, TRAIN_TEMPLATES, frame, frame_set, framed_sources, jbb_wrapped
+from els.data.promptset import PromptSet
 
 
 def _words(template: str) -> list[str]:

@@ -6,11 +6,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import els.training.gate as gate_mod
+from els.core.stats import auroc
 from els.data.promptset import PromptSet
 from els.steering.gate import HarmGate
-from els.core.stats import auroc
-from els.training.gate import (dedupe, fit_gate, framed_pool, gate_report, load_spec, macro_auroc, normalise_text,
-    prompt_activations, train_gate)
+from els.training.gate import (
+    dedupe,
+    fit_gate,
+    framed_pool,
+    gate_report,
+    load_spec,
+    macro_auroc,
+    normalise_text,
+    prompt_activations,
+    train_gate,
+)
 
 from helpers import tiny_model
 
@@ -77,11 +86,11 @@ def test_activation_cache_resumes_by_batch_and_reruns_instantly(tmp_path, monkey
     fresh = prompt_activations(lm, PROMPTS, tmp_path / "fresh", batch_size=3)
     assert fresh.shape == (len(PROMPTS), 3, 32) and fresh.dtype == torch.float32
     # Matches a one-prompt-at-a-time forward: batching (left padding) does not change what is recorded.
-    single = torch.cat([gate_mod._forward(lm, [t]) for t in gate_mod.chat_texts(
+    single = torch.cat([gate_mod.prompt_states(lm, [t]) for t in gate_mod.chat_texts(
         lm.tokenizer, gate_mod.user_conversations(PROMPTS))])
     assert torch.allclose(fresh, single, atol=1e-4)
 
-    real, calls, fail = gate_mod._forward, [], [2]
+    real, calls, fail = gate_mod.prompt_states, [], [2]
 
     def flaky(lm_, texts):
         calls.append(len(texts))
@@ -90,7 +99,7 @@ def test_activation_cache_resumes_by_batch_and_reruns_instantly(tmp_path, monkey
             raise KeyboardInterrupt
         return real(lm_, texts)
 
-    monkeypatch.setattr(gate_mod, "_forward", flaky)
+    monkeypatch.setattr(gate_mod, "prompt_states", flaky)
     with pytest.raises(KeyboardInterrupt):
         prompt_activations(lm, PROMPTS, tmp_path / "c", batch_size=3)
     assert len(list((tmp_path / "c" / "acts").glob("*.batches/*.safetensors"))) == 1
@@ -182,13 +191,13 @@ def test_fit_gate_end_to_end_on_a_tiny_model(tmp_path):
     assert set(report["eval"]["sets"]) == {"eb", "eh"} and "e" in report["eval"]["auroc"]
     assert 0 <= gate.layer < 3 and gate.weight.shape == (32,)
     # A rerun reads every activation from the cache: no forward pass at all.
-    gate_mod_forward = gate_mod._forward
+    gate_mod_forward = gate_mod.prompt_states
     try:
-        gate_mod._forward = lambda *a: (_ for _ in ()).throw(AssertionError("forward pass on a cached rerun"))
+        gate_mod.prompt_states = lambda *a: (_ for _ in ()).throw(AssertionError("forward pass on a cached rerun"))
         again, _ = fit_gate(lm, pool, evals, tmp_path, encoder=bag_encoder(), frame_max=6, progress=False,
                             l2_grid=(1e-2,), exclude=exclude)
     finally:
-        gate_mod._forward = gate_mod_forward
+        gate_mod.prompt_states = gate_mod_forward
     assert torch.equal(again.weight, gate.weight) and again.threshold == gate.threshold
 
 

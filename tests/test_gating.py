@@ -7,14 +7,15 @@ import dataclasses
 import pytest
 import torch
 
-from els.steering.artefact import Artefact
-from els.eval.baselines import fit_baselines
-from els.steering.gate import HarmGate, read_gate
 from els.core.hooks import record_last_token
-from els.eval.methods import Gated
 from els.core.models import chat_texts, user_conversations
-from els.steering.steering import Steering
+from els.eval.baselines import fit_baselines
 from els.eval.cache import method_config
+from els.eval.methods import Gated
+from els.steering.artefact import Artefact
+from els.steering.gate import HarmGate, read_gate
+from els.steering.steering import Steering
+
 from helpers import FAMILIES, synthetic_collection, tiny_artefact, tiny_model
 
 PROMPTS = ["how do i kill a python process ?", "make bomb", "what is chess", "beat my wife at chess"]

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from els.eval.cache import cache_key, digest, method_config
+from els.eval.methods import Base
 from els.steering.artefact import Artefact
 from els.steering.gate import GateState
-from els.eval.methods import Base
 from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
-from els.eval.cache import cache_key, digest, method_config
 
 from helpers import tiny_artefact, tiny_model
 
@@ -24,7 +26,7 @@ def test_steer_imports_neither_collection_nor_judges():
     code = "import sys; from els import steer; print(sorted(m for m in sys.modules if m.startswith('els.')))"
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                         .stdout.replace("'", '"'))
-    assert "els.training.collect" not in loaded and "els.judges.model" not in loaded and "els.data.prompts" not in loaded
+    assert not [m for m in loaded if m.split(".")[1] in ("training", "judges", "data", "eval", "parallel", "cli")]
 
 
 def test_cache_key_is_pinned():
@@ -88,3 +90,72 @@ def test_harm_gate_under_a_device_map_on_two_devices():
     with Steering(lm.model, art, layers=[1, 2], settings=SteerSettings(eta=0.5, steps=2, harm_gate=0.99)):
         enc = lm.tokenizer(["how do i kill a python process ?"], return_tensors="pt")
         lm.model(**enc)
+
+
+# Lower layers first; a module may import its own subpackage and any lower layer, never a higher one.
+LAYERS = (("core",), ("data", "judges"), ("steering",), ("training",), ("eval",), ("parallel", "serve"), ("cli",))
+RANK = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
+ALLOWED = {"serve": {"serve", "steering", "core"}, "steering": {"steering", "core"}}  # narrower than the rank
+PACKAGE = Path(__file__).resolve().parents[1] / "els"
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every els module `path` imports, at any depth (inside functions and under TYPE_CHECKING too);
+    `from els.x import y` counts as importing els.x.y when y is a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                      for a in node.names}
+    return {m for m in found if m == "els" or m.startswith("els.")}
+
+
+def _graph() -> dict[str, set[str]]:
+    paths = {_module_of(p): p for p in PACKAGE.rglob("*.py")}
+    return {m: _imports(p, set(paths)) for m, p in paths.items()}
+
+
+def test_no_import_cycle_between_modules():
+    graph, state, stack = _graph(), {}, []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            assert state.get(n) != "open", "import cycle: " + " -> ".join(stack[stack.index(n):] + [n])
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_no_subpackage_imports_upwards():
+    bad = []
+    for m, deps in _graph().items():
+        pkg = m.split(".")[1] if m.count(".") else None
+        if pkg not in RANK:
+            continue
+        for d in deps:
+            dep = d.split(".")[1] if d.count(".") else "els"
+            if dep == "els" or RANK[dep] > RANK[pkg] or (RANK[dep] == RANK[pkg] and dep != pkg) \
+                    or dep not in ALLOWED.get(pkg, {dep}):
+                bad.append(f"{m} -> {d}")
+    assert not bad, bad
+
+
+def test_els_is_imported_from_this_checkout():
+    import els
+
+    assert Path(els.__file__).resolve().parent == PACKAGE

@@ -7,17 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from els.training import recipe
-from els.steering.artefact import Artefact
-from els.data.promptset import PromptSet
-from els.steering.energy import CONTRASTS, STATES
-from els.training.energy import TrainConfig, train_energy
-from els.core.stats import stratified_split
 from els.core.generation import generate
+from els.core.stats import stratified_split
+from els.data.promptset import PromptSet
 from els.judges.model import PrefixJudge
-from els.training.recipe import Recipe, fit, held_out, train, validate
+from els.steering.artefact import Artefact
+from els.steering.energy import CONTRASTS, STATES
 from els.steering.settings import SteerSettings
 from els.steering.steering import steer
+from els.training import recipe
+from els.training.energy import TrainConfig, train_energy
+from els.training.recipe import Recipe, fit, held_out, train, validate
 
 from helpers import synthetic_collection, tiny_model
 

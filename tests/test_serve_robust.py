@@ -159,7 +159,8 @@ def test_a_tiny_temperature_queued_with_greedy_requests_fails_none(lm_art):
     """The issue's case: 1e-40 queued behind a busy request with two temperature-0 ones: all 200."""
     lm, art = lm_art
     with TestClient(create_app(lm, art, Limits(max_tokens=32, batch_window_ms=200, max_batch=8))) as c:
-        payloads = [body("bake cake", max_tokens=20), body(temperature=1e-40), body("bake cake"), body("what is the make")]
+        payloads = [body("bake cake", max_tokens=20), body(temperature=1e-40), body("bake cake"),
+                    body("what is the make")]
         out = [None] * len(payloads)
 
         def send(i: int) -> None:
@@ -217,7 +218,8 @@ request_body = st.fixed_dictionaries(
 # of a message, plus unknown ones.
 PLACES = [(k,) for k in ("model", "messages", *TOP, "tools", "logprobs", "")] + [
     ("els", k) for k in ("enabled", "eta", "steps", "threshold", "gate", "harm_gate", "positions", "bogus")] + [
-    ("messages", 0, k) for k in ("role", "content", "name")] + [("messages", 0, "content", 0, k) for k in ("type", "text")]
+    ("messages", 0, k) for k in ("role", "content", "name")] + [
+    ("messages", 0, "content", 0, k) for k in ("type", "text")]
 
 
 def put(payload: dict, place: tuple, value) -> dict:
@@ -276,8 +278,8 @@ def test_fuzzed_requests_get_200_or_4xx_and_the_server_keeps_serving(client, cap
     one()
     elapsed = time.monotonic() - start
     with capsys.disabled():
-        print(f"\nfuzz: {seen['requests']} requests in {elapsed:.1f} s, statuses {dict(sorted(seen['statuses'].items()))},"
-              f" {seen['generated']} generated")
+        print(f"\nfuzz: {seen['requests']} requests in {elapsed:.1f} s, "
+              f"statuses {dict(sorted(seen['statuses'].items()))}, {seen['generated']} generated")
     assert seen["requests"] >= 300 and elapsed < 60 * max(1, seen["requests"] / 600)
     assert seen["generated"] >= 30  # the engine did generate for the valid ones
     assert_serves(client)

@@ -6,13 +6,13 @@ import torch
 from els.core.generation import generate_batch
 from els.core.hooks import record_last_token
 from els.core.models import chat_texts, decoder_blocks, user_conversations
-from els.training.energy import TrainConfig, train_energy
-from els.steering.energy import STATES
 from els.core.stats import stratified_split
-from els.steering.settings import SteerSettings
 from els.steering.artefact import Artefact
-from els.training.recipe import make_artefact
+from els.steering.energy import STATES
+from els.steering.settings import SteerSettings
 from els.steering.steering import steer
+from els.training.energy import TrainConfig, train_energy
+from els.training.recipe import make_artefact
 
 from helpers import FAMILIES, synthetic_collection, tiny_artefact, tiny_model
 
@@ -293,7 +293,8 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
     _, probe_val = stratified_split(col.states, cfg.val_fraction, cfg.seed, STATES)
     assert {col.records[i].kind for i in probe_val} == {"benign", "harmful"}
     assert set(m["probe_val_acc"]) == {"0", "1", "2"}
-    assert all(a in {round(k / len(probe_val), 4) for k in range(len(probe_val) + 1)} for a in m["probe_val_acc"].values())
+    shares = {round(k / len(probe_val), 4) for k in range(len(probe_val) + 1)}
+    assert all(a in shares for a in m["probe_val_acc"].values())
     with steer(lm.model, art) as s:  # the manifest's positions apply: one step set per prompt, none per token
         generate_batch(lm, _texts(lm)[:1], max_new_tokens=4)
     assert s.report()[2]["steps_taken"] + s.report()[2]["steps_skipped"] == 2

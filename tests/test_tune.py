@@ -1,11 +1,12 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from els.steering.steering import Artefact, Steering
+from els.eval.tune import Score, answer_nll, gate_energies, pick, tune, tuned_artefact
 from els.steering.artefact import steer_layers
-from els.eval.tune import Score, answer_nll, pick, tune, tuned_artefact
+from els.steering.steering import Artefact, Steering
 
 from helpers import tiny_artefact, tiny_model
 
@@ -106,3 +107,14 @@ def test_cli_tune(tmp_path):
     assert manifest["tune"]["validation"]["limit"] == 3 and manifest["tune"]["n_trials"] == 2
     assert (tmp_path / "out" / "pareto.png").exists()
     assert json.loads((tmp_path / "art" / "els.json").read_text()).get("tune") is None  # the source is untouched
+
+
+def test_gate_energies_of_a_left_padded_batch_match_each_row_alone():
+    # The tuner reads prompts as gate training and generation do: with left-padding position ids, so a row's
+    # energy does not depend on the rows it is batched with (gpt2: absolute positions, where padding shows).
+    lm = tiny_model("gpt2")
+    art = tiny_artefact(lm)
+    prompts = ["how", "how do i kill a python process then make the cake"]
+    together = gate_energies(lm, art, prompts, batch_size=2)
+    alone = gate_energies(lm, art, prompts, batch_size=1)
+    assert torch.allclose(together, alone, atol=1e-4), (together - alone).abs().max()

@@ -10,14 +10,26 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from els.steering.artefact import Artefact
 from els.cli.errors import at_least, check_device, load_model, within
-from els.cli.options import (DEFAULT_JUDGE, Device, Dtype, Model, Ray, RayAddress, Workers, console, need_ray,
-                             prompt_sets, ray_executor)
+from els.cli.options import (
+    DEFAULT_JUDGE,
+    Device,
+    Dtype,
+    Model,
+    Ray,
+    RayAddress,
+    Workers,
+    console,
+    need_ray,
+    prompt_sets,
+    ray_executor,
+)
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS
 from els.core.io import write_atomic
-from els.judges.model import JUDGES, get_judge
 from els.core.models import DEFAULT_MODEL
+from els.judges.model import JUDGES, get_judge
+from els.steering.artefact import Artefact
+
 
 def tune_cmd(
     steer_dir: Annotated[Path, typer.Option("--steer", help="Artefact directory to tune.")],
@@ -150,8 +162,8 @@ def eval_cmd(
     from els.data.prompts import load_benchmark
     from els.eval.harness import EvalConfig, Generation, evaluate
     from els.eval.methods import MethodContext, resolve_methods
-    from els.judges.model import DEFAULT_EVAL_JUDGE
     from els.eval.report import write_report
+    from els.judges.model import DEFAULT_EVAL_JUDGE
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, speed_batch=speed_batch)

@@ -14,24 +14,52 @@ import typer
 from rich.table import Table
 
 from els.cli import eval as cli_eval
-from els.training import recipe
-from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
 from els.cli.errors import ErrorsGroup, at_least, debug_option, load_model
-from els.cli.options import (DEFAULT_BENIGN, DEFAULT_CONTRAST, DEFAULT_ETA, DEFAULT_HARM_DATA, DEFAULT_HARM_GATE,
-                             DEFAULT_HARMFUL, DEFAULT_JUDGE, DEFAULT_POSITIONS, DEFAULT_STEPS, DEFAULT_WIDTHS,
-                             TRAIN_DEFAULTS, Benign, Contrast, Device, DeviceMap, Dtype, HarmData, Harmful, LayerRule,
-                             Limit, Model, Positions, Ray, RayAddress, Workers, console, need_ray, parse_ints,
-                             parse_widths, prompt_sets, ray_executor)
-from els.training.collect import Collection, collect, load_collection
-from els.steering.energy import CONTRASTS
-from els.training.energy import TrainConfig
-from els.steering.gate import HarmGate
+from els.cli.options import (
+    DEFAULT_BENIGN,
+    DEFAULT_CONTRAST,
+    DEFAULT_ETA,
+    DEFAULT_HARM_DATA,
+    DEFAULT_HARM_GATE,
+    DEFAULT_HARMFUL,
+    DEFAULT_JUDGE,
+    DEFAULT_POSITIONS,
+    DEFAULT_STEPS,
+    DEFAULT_WIDTHS,
+    TRAIN_DEFAULTS,
+    Benign,
+    Contrast,
+    Device,
+    DeviceMap,
+    Dtype,
+    HarmData,
+    Harmful,
+    LayerRule,
+    Limit,
+    Model,
+    Positions,
+    Ray,
+    RayAddress,
+    Workers,
+    console,
+    need_ray,
+    parse_ints,
+    parse_widths,
+    prompt_sets,
+    ray_executor,
+)
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate
 from els.core.io import write_atomic
-from els.judges.model import JUDGES, get_judge
 from els.core.models import DEFAULT_MODEL
+from els.judges.model import JUDGES, get_judge
+from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
+from els.steering.energy import CONTRASTS
+from els.steering.gate import HarmGate
 from els.steering.settings import SteerSettings
 from els.steering.steering import steer
+from els.training import recipe
+from els.training.collect import Collection, collect, load_collection
+from els.training.energy import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
                   cls=ErrorsGroup)
@@ -82,13 +110,15 @@ def train_cmd(
     top_n: Annotated[int, typer.Option(help="Steer the N layers of best validation AUC.")] = DEFAULT_TOP_N,
     eta: Annotated[float, typer.Option(help="Step size as a fraction of the layer's mean hidden norm.")] = DEFAULT_ETA,
     steps: Annotated[int, typer.Option(help="Gradient steps K per forward pass.")] = DEFAULT_STEPS,
-    gate: Annotated[Optional[float], typer.Option(help="Gate threshold (energy above the calibrated offset); off by default.")] = None,
+    gate: Annotated[Optional[float], typer.Option(
+        help="Gate threshold (energy above the calibrated offset); off by default.")] = None,
     harm_gate: Annotated[float, typer.Option(help="Leave prompts the harm probe rates at least this likely harmful "
                                                   "unsteered; 1 turns the gate off.")] = DEFAULT_HARM_GATE,
     layer_rule: LayerRule = DEFAULT_LAYER_RULE,
     positions: Positions = DEFAULT_POSITIONS,
     contrast: Contrast = DEFAULT_CONTRAST,
-    widths: Annotated[str, typer.Option(help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = DEFAULT_WIDTHS,
+    widths: Annotated[str, typer.Option(
+        help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = DEFAULT_WIDTHS,
     epochs: int = TRAIN_DEFAULTS.epochs,
     seed: int = 0,
     harm_data: HarmData = DEFAULT_HARM_DATA,

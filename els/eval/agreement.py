@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from els.data.prompts import data_dir
-from els.judges.model import ModelJudge, get_judge
 from els.judges.learned import LearnedJudge, preload_embeddings, read_labelled, train_learned_judge
+from els.judges.model import ModelJudge, get_judge
 
 Log = Callable[[str], None]
 

@@ -15,12 +15,20 @@ import warnings
 
 import torch
 
-from els.core.stats import youden_threshold
-from els.training.collect import Collection, load_collection
-from els.core.stats import stratified_split
+from els.core.stats import stratified_split, youden_threshold
+from els.eval.methods import (
+    DirectionAblation,
+    DirectionAddition,
+    Gated,
+    Method,
+    MethodContext,
+    ProbeGatedAddition,
+    SurgicalAblation,
+    SystemPrompt,
+    register_method,
+)
 from els.steering.energy import STATES
-from els.eval.methods import (DirectionAblation, DirectionAddition, Gated, Method, MethodContext, ProbeGatedAddition,
-                         SurgicalAblation, SystemPrompt, register_method)
+from els.training.collect import Collection, load_collection
 
 # Arditi et al. drop directions from the last 20% of layers: there they mostly encode the next token.
 MAX_LAYER_FRACTION = 0.8

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from els.steering.artefact import INTEGRITY, Artefact
 from els.core.io import write_atomic
-from els.eval.methods import Method
 from els.core.models import LoadedModel, config_fingerprint
+from els.eval.methods import Method
+from els.steering.artefact import INTEGRITY, Artefact
 
 
 def slug(name: str) -> str:

@@ -8,8 +8,8 @@ elsewhere, composed here from those two methods' judged answers instead of being
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from els.core.models import LoadedModel
 from els.core.stats import wilson

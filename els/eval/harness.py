@@ -13,25 +13,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from els.eval import baselines  # noqa: F401  registers the baseline methods
-from els.data.promptset import KINDS, PromptSet
-from els.data.prompts import load_benchmark
-from els.eval.comparison import GATED_SYSTEM_PROMPT, gate_probabilities, gated_verdicts, mcnemar, rate
-from els.steering.gate import HarmGate
 from els.core.executor import Batch, Executor, LocalExecutor
 from els.core.generation import generate_batch, length_batches, prompt_texts
 from els.core.io import write_atomic
-from els.judges.model import Judge, ModelJudge, get_judge
-from els.eval.methods import Method
 from els.core.models import LoadedModel, chat_texts, user_conversations
+from els.data.prompts import load_benchmark
+from els.data.promptset import KINDS, PromptSet
+from els.eval import baselines  # noqa: F401  registers the baseline methods
 from els.eval.cache import CompletionFile, cache_key, digest, method_config, model_fingerprint, slug
+from els.eval.comparison import GATED_SYSTEM_PROMPT, gate_probabilities, gated_verdicts, mcnemar, rate
+from els.eval.methods import Method
+from els.judges.model import Judge, ModelJudge, get_judge
+from els.steering.gate import HarmGate
 
 Log = Callable[[str], None]
 
@@ -71,14 +71,10 @@ class Runner:
     def keys(self, method: Method, prompts: Sequence[str]) -> list[str]:
         return [cache_key(self.model_fp, self.method_digest[method.name], p, self.gen.key()) for p in prompts]
 
-    def complete(self, method: Method, ps: PromptSet) -> tuple[CompletionFile, list[str]]:
-        """Answers of `method` to every prompt of `ps`, generating only those not cached; returns the file and
-        the prompts' keys (rows are `file.rows[key]`)."""
-        return self.complete_all([(method, ps)])[0]
-
     def complete_all(self, pairs: Sequence[tuple[Method, PromptSet]]) -> list[tuple[CompletionFile, list[str]]]:
-        """`complete` of several (method, set) pairs, their batches handed to the executor together (so every
-        worker stays busy) and each appended to its file as it finishes."""
+        """Answers of each (method, set) pair, generating only those not cached (rows are `file.rows[key]`),
+        their batches handed to the executor together (so every worker stays busy) and each appended to its
+        file as it finishes."""
         done: list[tuple[CompletionFile, list[str]]] = []
         batches: list[Batch] = []
         for method, ps in pairs:

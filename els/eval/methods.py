@@ -7,18 +7,19 @@ under which `model.generate` runs with the method in effect. Methods are made by
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from els.steering.artefact import Artefact
-from els.steering.gate import HarmGate, read_gate
 from els.core.hooks import pre_hooks
 from els.core.models import block_input, decoder_blocks, with_block_input
+from els.steering.artefact import Artefact
+from els.steering.gate import HarmGate, read_gate
 from els.steering.steering import Steering
 
 

@@ -10,9 +10,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from els.core.io import write_atomic
 from els.steering.artefact import Artefact
 from els.steering.energy import STATES
-from els.core.io import write_atomic
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 STATE_COLOURS = {"helpful": "tab:green", "false_refusal": "tab:orange", "safe_refusal": "tab:blue",

@@ -14,20 +14,20 @@ import hashlib
 import json
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from els.steering.artefact import LAYER_RULES, Artefact, steer_layers
 from els.core.generation import generate
-from els.core.hooks import record_last_token
+from els.core.hooks import prompt_states
 from els.core.io import write_atomic
-from els.judges.model import Judge
-from els.eval.methods import Base, Els, Method
 from els.core.models import LoadedModel, chat_texts, user_conversations
+from els.eval.methods import Base, Els, Method
+from els.judges.model import Judge
+from els.steering.artefact import LAYER_RULES, Artefact, steer_layers
 from els.steering.settings import POSITIONS, SteerSettings
 
 OBJECTIVES = ("benign_compliance", "harmful_refusal")
@@ -139,13 +139,8 @@ def gate_energies(lm: LoadedModel, artefact: Artefact, prompts: list[str], batch
     """Energy minus the layer's calibrated offset at the last prompt token, unsteered: [trained layers, prompts]."""
     m = artefact.manifest
     texts = chat_texts(lm.tokenizer, user_conversations(prompts))
-    rows = []
-    for i in range(0, len(texts), batch_size):
-        enc = lm.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        with record_last_token(lm.blocks) as captured:
-            lm.model(**enc.to(lm.model.device), logits_to_keep=1)
-        rows.append(torch.stack([captured[layer] for layer in m["trained_layers"]]))
-    acts = torch.cat(rows, dim=1)  # [S, N, d]
+    acts = torch.cat([prompt_states(lm, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+    acts = acts[:, m["trained_layers"]].transpose(0, 1)  # [S, N, d]
     offsets = torch.tensor([m["gate_offset"][str(layer)] for layer in m["trained_layers"]])
     return artefact.energy(acts) - offsets[:, None]
 
@@ -325,7 +320,7 @@ def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
     manifest = json.loads(json.dumps(artefact.manifest))
-    manifest["steer"].pop("gate", None)  # an artefact of before format 1.1 names the threshold `gate`
+    manifest["steer"].pop("gate", None)  # older manifests name the threshold `gate`
     manifest["steer"] |= {"layers": s["layers"], "layer_rule": result["chosen"]["params"]["layer_rule"],
                           **SteerSettings(**{k: v for k, v in s.items() if k != "layers"}).manifest()}
     manifest["tune"] = {"rule": result["rule"], "objectives": result["objectives"], "n_trials": result["n_trials"],

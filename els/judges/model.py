@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from els.core.generation import generate
-from els.judges.learned import (COMPLIANT_OPENINGS, LABELS, LabelledSet, LearnedJudge, answer_features,
-                               preload_embeddings, read_labelled, train_learned_judge)
 from els.core.models import LoadedModel, load_model
+from els.judges.learned import (
+    COMPLIANT_OPENINGS,
+    LABELS,
+    LabelledSet,
+    LearnedJudge,
+    answer_features,
+    preload_embeddings,
+    read_labelled,
+    train_learned_judge,
+)
 from els.judges.strings import JBB_SUBSTRINGS, XSTEST_PREFIXES, Judge, PrefixJudge, SubstringJudge, normalise
 
 __all__ = ["COMPLIANT_OPENINGS", "DEFAULT_EVAL_JUDGE", "JBB_SUBSTRINGS", "JUDGES", "LABELS", "Judge", "LabelledSet",
@@ -84,7 +93,6 @@ class ModelJudge:
     batch_size: int = 8
     max_new_tokens: int = 10
     fallbacks: int = 0
-    judged: int = 0
     _lm: LoadedModel | None = field(default=None, repr=False)
 
     @property
@@ -121,7 +129,6 @@ class ModelJudge:
                 verdicts.append(ModelVerdict(None, fallback, True, reply))
             else:
                 verdicts.append(ModelVerdict(label, label != "full_compliance", False, reply))
-        self.judged += len(verdicts)
         self.fallbacks += sum(v.fallback for v in verdicts)
         return verdicts
 

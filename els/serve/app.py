@@ -16,18 +16,19 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from els.steering.artefact import Artefact
-from els.serve.worker import Engine, Job
 from els.core.models import LoadedModel, chat_ids
 from els.serve.protocol import MIN_TEMPERATURE, MIN_TOP_P, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
+from els.serve.worker import Engine, Job
+from els.steering.artefact import Artefact
 from els.steering.settings import SteerSettings
 
 log = logging.getLogger("els.serve.app")

@@ -14,17 +14,17 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from els.steering.artefact import Artefact
 from els.core.generation import eos_ids
 from els.core.models import LoadedModel
 from els.serve.protocol import ApiError, Limits
+from els.steering.artefact import Artefact
 from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
 

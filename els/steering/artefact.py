@@ -21,10 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from els.core.models import config_fingerprint, decoder_blocks
 from els.steering.energy import EnergyStack
 from els.steering.gate import TENSOR_PREFIX, HarmGate
 from els.steering.manifest import check_manifest
-from els.core.models import config_fingerprint, decoder_blocks
 from els.steering.settings import SteerSettings
 
 if TYPE_CHECKING:

@@ -51,10 +51,6 @@ class EnergyStack(nn.Module):
         self.register_buffer("inv_std", torch.ones(n, dim))
         self.reset_parameters(seeds or list(range(n)))
 
-    @property
-    def n(self) -> int:
-        return self.w_out.shape[0]
-
     @torch.no_grad()
     def reset_parameters(self, seeds: list[int]) -> None:
         """nn.Linear's default init, drawn per member from its own seed, so a member's init does not depend

@@ -9,13 +9,14 @@ per new token. Its decision holds for the whole generate call.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from els.core.hooks import StopForward
 from els.core.models import block_input, decoder_blocks
 
 TENSOR_PREFIX = "harm_gate."
@@ -68,11 +69,6 @@ class HarmGate:
         p = TENSOR_PREFIX
         return cls(int(tensors[f"{p}layer"][0]), tensors[f"{p}weight"].float(), float(tensors[f"{p}bias"][0]),
                    float(tensors[f"{p}threshold"][0]), tensors.get(f"{p}directions"), report or {})
-
-
-class StopForward(Exception):
-    """Raised from a block's pre-hook to end a forward pass there: nothing above that block is needed (the
-    gate's pre-pass here, the gate's training forward passes in els.training.gate)."""
 
 
 @dataclass

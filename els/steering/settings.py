@@ -7,8 +7,8 @@ override and a request's options mean the same everywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
 
 import torch
 
@@ -69,7 +69,7 @@ class SteerSettings:
 
     @classmethod
     def from_manifest(cls, steer: dict) -> SteerSettings:
-        """The settings an artefact's manifest holds (before format 1.1 the gate threshold was named `gate`)."""
+        """The settings an artefact's manifest holds (older manifests name the gate threshold `gate`)."""
         return cls(eta=steer["eta"], steps=steer["steps"], threshold=steer.get("threshold", steer.get("gate")),
                    harm_gate=steer.get("harm_gate"), positions=steer.get("positions", "last"),
                    project=bool(steer.get("project", False)))

@@ -7,20 +7,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
+from els.core.hooks import add_pre_hooks
+from els.core.models import block_input, decoder_blocks, with_block_input
 from els.steering.artefact import Artefact
 from els.steering.energy import EnergyMember
 from els.steering.gate import GateState, read_gate
-from els.core.hooks import add_pre_hooks
-from els.core.models import block_input, decoder_blocks, with_block_input
 from els.steering.settings import RowValue, SteerSettings
+
 
 @dataclass
 class LayerStats:

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from els.data.promptset import Kind, PromptSet
 from els.core.executor import Batch, Executor, LocalExecutor
-from els.steering.energy import STATES
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS, length_batches, prompt_texts
 from els.core.io import save_tensors_atomic, write_atomic
-from els.judges.model import Judge
 from els.core.models import LoadedModel, config_fingerprint
+from els.data.promptset import Kind, PromptSet
+from els.judges.model import Judge
+from els.steering.energy import STATES
 
 
 def state_of(kind: Kind, refused: bool) -> str:
@@ -88,7 +88,8 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
         old = json.loads(meta_path.read_text())
         if old != meta:
             raise ValueError(
-                f"{out} holds a collection made with other settings ({_diff(old, meta)}); use another --out or delete it"
+                f"{out} holds a collection made with other settings ({_diff(old, meta)}); "
+                "use another --out or delete it"
             )
         if (out / "states.jsonl").exists():
             return load_collection(out)

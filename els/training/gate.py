@@ -14,21 +14,21 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
 
-from els.data.promptset import Kind, PromptSet
-from els.data.prompts import load_prompts
-from els.data.framings import frame_set, framed_sources
-from els.steering.gate import HarmGate, StopForward
 from els.core.generation import length_batches
-from els.core.hooks import record_last_token
-from els.core.stats import auroc, fit_logistic
+from els.core.hooks import prompt_states
 from els.core.io import save_tensors_atomic, write_atomic
 from els.core.models import LoadedModel, cache_dir, chat_texts, config_fingerprint, load_model, user_conversations
+from els.core.stats import auroc, fit_logistic
+from els.data.framings import frame_set, framed_sources
+from els.data.prompts import load_prompts
+from els.data.promptset import Kind, PromptSet
+from els.steering.gate import HarmGate
 
 Encoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> unit-norm sentence embeddings [N, e]
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -109,28 +109,6 @@ def framed_pool(pool: Sequence[PromptSet], max_per_kind: int = 600, per_prompt: 
     return out, sources
 
 
-@torch.inference_mode()
-def _forward(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
-    """[B, L, d]: each block's input at the last prompt token (the prefill, no generation)."""
-    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.model.device)
-    blocks = lm.blocks
-
-    def stop(module, args, kwargs):
-        raise StopForward
-
-    # generate's position ids under left padding, so the gate reads what it will read at generation time
-    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    with record_last_token(blocks) as captured:
-        handle = blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)  # after the recorder's hook
-        try:
-            lm.model(**enc, position_ids=positions, use_cache=False)
-        except StopForward:
-            pass  # skips the last block and the vocabulary projection, which the gate never reads
-        finally:
-            handle.remove()
-    return torch.stack(captured, dim=1)  # type: ignore[arg-type]
-
-
 def activation_key(lm: LoadedModel, prompts: Sequence[str], system: str | None = None) -> str:
     """Model (name, architecture, dtype, chat template) + prompts: a cache entry is reused only for the same."""
     parts = [str(CACHE_VERSION), lm.name, config_fingerprint(lm.model), str(lm.model.dtype),
@@ -157,7 +135,7 @@ def prompt_activations(lm: LoadedModel, prompts: Sequence[str], cache_dir: Path,
     for b, idx in enumerate(batches):
         shard = shard_dir / f"{b:05d}.safetensors"
         if not shard.exists():
-            save_tensors_atomic({"acts": _forward(lm, [texts[i] for i in idx]).to(store).contiguous()}, shard)
+            save_tensors_atomic({"acts": prompt_states(lm, [texts[i] for i in idx]).to(store).contiguous()}, shard)
         if progress and (b % 20 == 0 or b == len(batches) - 1):
             print(f"  forward {b + 1}/{len(batches)} batches", flush=True)
     order = torch.tensor([i for idx in batches for i in idx])
@@ -275,7 +253,7 @@ def tpr_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float) -> float:
 def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], system: str | None = None,
                        ) -> list[float]:
     """p(harmful) of single-turn prompts (not cached: for spot checks)."""
-    return [float(gate.probability_from_layers(_forward(lm, [t]))[0])
+    return [float(gate.probability_from_layers(prompt_states(lm, [t]))[0])
             for t in chat_texts(lm.tokenizer, user_conversations(list(prompts), system))]
 
 

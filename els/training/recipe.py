@@ -12,21 +12,29 @@ from pathlib import Path
 
 import torch
 
-from els.steering.artefact import (DEFAULT_LAYER_RULE, DEFAULT_TOP_N, FORMAT_VERSION, LAYER_RULES, Artefact,
-                                   layer_probes_gate, package_version, steer_layers)
-from els.training.collect import Collection, collect
-from els.data.promptset import PromptSet
-from els.data.prompts import load_prompts
-from els.steering.energy import CONTRASTS, STATES
-from els.training.energy import TrainConfig, TrainResult, fit_harm_probe, train_energy
-from els.core.stats import stratified_split, youden_threshold
-from els.training.gate import DEFAULT_EVAL, DEFAULT_EXCLUDE, DEFAULT_POOL, fit_gate, load_spec
-from els.steering.gate import HarmGate
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate
-from els.judges.model import Judge, get_judge
 from els.core.models import LoadedModel, cache_dir
+from els.core.stats import stratified_split, youden_threshold
+from els.data.prompts import load_prompts
+from els.data.promptset import PromptSet
+from els.judges.model import Judge, get_judge
+from els.steering.artefact import (
+    DEFAULT_LAYER_RULE,
+    DEFAULT_TOP_N,
+    FORMAT_VERSION,
+    LAYER_RULES,
+    Artefact,
+    layer_probes_gate,
+    package_version,
+    steer_layers,
+)
+from els.steering.energy import CONTRASTS, STATES
+from els.steering.gate import HarmGate
 from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
+from els.training.collect import Collection, collect
+from els.training.energy import TrainConfig, TrainResult, fit_harm_probe, train_energy
+from els.training.gate import DEFAULT_EVAL, DEFAULT_EXCLUDE, DEFAULT_POOL, fit_gate, load_spec
 
 DEFAULT_BENIGN = ("els-benign",)
 DEFAULT_HARMFUL = ("els-harmful",)
