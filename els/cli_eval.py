@@ -223,14 +223,16 @@ def judge_check_cmd(
     from els.agreement import default_labelled_files, judge_check, judge_table
     from els.judges import read_labelled, train_learned_judge
 
+    names = [j.strip() for j in judges.split(",") if j.strip()]
+    if not names:
+        raise typer.BadParameter(f"--judges names no judge (choose from {', '.join(JUDGES)})")
     try:
         paths = list(files) if files else default_labelled_files()
         if retrain_learned:
             judge_dir = Path(__file__).parent / "resources"
             train_learned_judge([read_labelled(p) for p in paths]).save(judge_dir)
             console.print(f"learned judge retrained on {len(paths)} file(s), written to {judge_dir}")
-        results = judge_check(paths, [j.strip() for j in judges.split(",") if j.strip()],
-                              model_judge_limit=model_judge_limit or None, seed=seed, log=console.print)
+        results = judge_check(paths, names, model_judge_limit=model_judge_limit or None, seed=seed, log=console.print)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     text = judge_table(results)

@@ -22,7 +22,7 @@ import socket
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 from urllib.parse import urlparse
 
 Kind = Literal["benign", "harmful"]
@@ -90,13 +90,27 @@ def _local_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+# Python's csv refuses fields over 131,072 characters by default; a long prompt or answer is not an error.
+# The C long caps the limit on some platforms, hence not sys.maxsize.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def csv_rows(lines: Iterable[str], source: str) -> list[dict]:
+    """csv.DictReader's rows of `lines` (a text file or a list of lines); a malformed file is one line naming `source`."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        return list(csv.DictReader(lines))
+    except csv.Error as e:
+        raise ValueError(f"{source}: not a readable CSV file ({e})") from None
+
+
 def _read_rows(path: Path, key: str | None = None) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            return csv_rows(f, str(path))
     if suffix == ".jsonl":
         rows = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -3,6 +3,7 @@ input changed (tests/test_cli_errors.py does the same for flags and artefacts)."
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from els.cli import app
 from els.collect import load_collection
+from els.data import read_file
 
 TRAIN = ["--harm-data", "none", "--epochs", "1", "--widths", "8", "--top-n", "1"]
 
@@ -125,3 +127,24 @@ def test_a_damaged_collection_is_one_line_and_writes_nothing(made, tmp_path, req
                                       str(made / "model"), *TRAIN])
     one_line_error(result, names)
     assert not (tmp_path / "a").exists() and _snapshot(col) == before
+
+
+LONG = "how do i bake a cake " * 10_000  # 210,000 characters: over csv's default field limit of 131,072
+
+
+def test_csv_fields_over_the_default_limit_are_read(tmp_path):
+    prompts = tmp_path / "p.csv"
+    with prompts.open("w", newline="") as f:
+        csv.writer(f).writerows([["prompt"], ["short one"], [LONG]])
+    assert read_file(prompts, "prompt").prompts == ["short one", LONG.strip()]
+    labelled = tmp_path / "labelled.csv"
+    with labelled.open("w", newline="") as f:
+        csv.writer(f).writerows([["prompt", "completion", "final_label"], ["p1", "Sure, " + LONG, "1_full_compliance"],
+                                 ["p2", "I'm sorry, I cannot help with that.", "2_full_refusal"]])
+    result = CliRunner().invoke(app, ["judge-check", str(labelled), "--judges", "prefix"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("judges", ["", " , ,"])
+def test_judge_check_without_judges_is_one_line(tmp_path, judges):
+    one_line_error(CliRunner().invoke(app, ["judge-check", str(tmp_path / "any.csv"), "--judges", judges]), "--judges")
