@@ -146,6 +146,7 @@ def eval_cmd(
     workers: Workers = None,
 ) -> None:
     """Compare base and methods on benchmarks: refusal rates with intervals, quality, speed, report and plots."""
+    from els.collect import load_collection
     from els.data import load_benchmark
     from els.evaluate import EvalConfig, Generation, evaluate
     from els.methods import MethodContext, resolve_methods
@@ -172,8 +173,8 @@ def eval_cmd(
         art = Artefact.load(steer_dir) if steer_dir is not None else None
         if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
             states = steer_dir.parent / "collect"
-        if states is not None and not (states / "states.jsonl").exists():
-            raise FileNotFoundError(f"--states {states} holds no finished collection (states.jsonl)")
+        if states is not None:  # read in full now: the report reads it only after every answer is generated
+            load_collection(states)
         settings = {k: v for k, v in (("eta", eta), ("steps", steps)) if v is not None}
         names = methods.split(",") if methods else (["base", "els"] if art is not None else ["base"])
         chosen = resolve_methods(names, MethodContext(art, states, settings))

@@ -148,3 +148,31 @@ def test_csv_fields_over_the_default_limit_are_read(tmp_path):
 @pytest.mark.parametrize("judges", ["", " , ,"])
 def test_judge_check_without_judges_is_one_line(tmp_path, judges):
     one_line_error(CliRunner().invoke(app, ["judge-check", str(tmp_path / "any.csv"), "--judges", judges]), "--judges")
+
+
+@pytest.mark.parametrize("spec, names", [
+    ("{tmp}/none.csv:prompt=benign", "none.csv"),
+    ("{tmp}/p.csv:text=benign", "text"),
+    ("{tmp}/p.csv:prompt=neutral", "neutral"),
+    ("no-such-benchmark", "no-such-benchmark"),
+    (" , ", "--benchmarks"),
+])
+def test_eval_with_a_bad_benchmark_writes_no_folder(made, tmp_path, spec, names):
+    (tmp_path / "p.csv").write_text("prompt\nhow do i bake a cake\n")
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e"), "--model", str(made / "model"),
+                                      "--benchmarks", spec.format(tmp=tmp_path), "--judge", "prefix",
+                                      "--quality-n", "0", "--speed-n", "0"])
+    one_line_error(result, names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
+def test_eval_with_a_damaged_collection_fails_before_generating(made, tmp_path):
+    col = tmp_path / "col"
+    shutil.copytree(made / "col", col)
+    DAMAGED["NaN"][0](col)
+    (tmp_path / "p.csv").write_text("prompt\nhow do i bake a cake\n")
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e"), "--model", str(made / "model"),
+                                      "--benchmarks", f"{tmp_path / 'p.csv'}:prompt=benign", "--states", str(col),
+                                      "--judge", "prefix", "--quality-n", "0", "--speed-n", "0"])
+    one_line_error(result, "states.safetensors")
+    assert not (tmp_path / "e").exists()
