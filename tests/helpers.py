@@ -89,3 +89,12 @@ def tiny_artefact(lm: LoadedModel, *, top_n: int = 2, layer_rule: str = "top_auc
     result = train_energy(col.activations, col.states, cfg)
     settings = SteerSettings(**({"eta": 0.5, "steps": 3, "threshold": None, "harm_gate": None} | steer))
     return make_artefact(result, col, cfg, settings, layer_rule=layer_rule, top_n=top_n)
+
+
+def one_line_error(result, names: str) -> str:
+    """Assert that a CliRunner `result` is exit code 2 and one `error: ` line naming `names`, no traceback."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, RuntimeError))
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.output
+    return lines[0]

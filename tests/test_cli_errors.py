@@ -22,7 +22,7 @@ from els.cli.main import app
 from els.eval.cache import artefact_digest
 from els.steering.artefact import INTEGRITY, Artefact
 
-from helpers import tiny_artefact, tiny_model
+from helpers import one_line_error, tiny_artefact, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,14 +82,6 @@ TAMPERED = {
 }
 
 
-def _one_line_error(result, names: str) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, RuntimeError))
-    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.output
-    return lines[0]
-
-
 def test_untampered_artefact_generates(made):
     result = CliRunner().invoke(app, ["generate", "hi", "--model", str(made / "model"), "--steer",
                                       str(made / "artefact"), "--max-new-tokens", "2"])
@@ -106,7 +98,7 @@ def test_tampered_artefact_gives_one_line(made, tmp_path, case):
         Artefact.load(art)
     result = CliRunner().invoke(app, ["generate", "hi", "--model", str(made / "model"), "--steer", str(art),
                                       "--max-new-tokens", "2"])
-    _one_line_error(result, names)
+    one_line_error(result, names)
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -125,7 +117,7 @@ def test_bad_flag_gives_one_line_and_writes_nothing(made, tmp_path, args, flag):
     # the tiny model: without the fix, some of these would load it before failing
     args = [a.format(tmp=tmp_path, model=made / "model", art=made / "artefact") for a in args]
     args += [] if "--model" in args else ["--model", str(made / "model")]
-    _one_line_error(CliRunner().invoke(app, args), flag)
+    one_line_error(CliRunner().invoke(app, args), flag)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -134,8 +126,8 @@ def test_a_bad_flag_leaves_the_out_folder_for_the_corrected_rerun(made, tmp_path
     prompts.write_text("prompt\nhow do i bake a cake\nhow do i make a bomb\n")
     base = ["collect", "--out", str(tmp_path / "c"), "--model", str(made / "model"), "--benign", f"{prompts}:prompt",
             "--harmful", f"{prompts}:prompt", "--judge", "prefix"]
-    _one_line_error(CliRunner().invoke(app, base + ["--max-new-tokens", "0"]), "--max-new-tokens")
-    _one_line_error(CliRunner().invoke(app, base + ["--batch-size", "0"]), "--batch-size")
+    one_line_error(CliRunner().invoke(app, base + ["--max-new-tokens", "0"]), "--max-new-tokens")
+    one_line_error(CliRunner().invoke(app, base + ["--batch-size", "0"]), "--batch-size")
     assert not (tmp_path / "c").exists()
     result = CliRunner().invoke(app, base + ["--max-new-tokens", "2", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
@@ -199,7 +191,7 @@ def test_run_with_a_missing_input_fails_before_the_model_loads(made, tmp_path, m
     monkeypatch.setenv("ELS_DATA", str(tmp_path / "no-data"))
     monkeypatch.setattr("els.data.prompts._hub_resolves", lambda: False)  # a bare machine: no network
     args = ["run", "--model", str(made / "model"), "--out", str(tmp_path / "run"), flag, value.format(tmp=tmp_path)]
-    _one_line_error(CliRunner().invoke(app, args), names)
+    one_line_error(CliRunner().invoke(app, args), names)
     assert not (tmp_path / "run").exists()
 
 
@@ -234,7 +226,7 @@ def test_out_of_range_flags_fail_before_the_model_loads(made, tmp_path, monkeypa
     monkeypatch.setattr("els.cli.errors.models.load_model", must_not_load)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (made / "artefact").iterdir())
     args = [a.format(tmp=tmp_path, art=made / "artefact") for a in args] + ["--model", str(made / "model")]
-    _one_line_error(CliRunner().invoke(app, args), flag)
+    one_line_error(CliRunner().invoke(app, args), flag)
     assert list(tmp_path.iterdir()) == []
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (made / "artefact").iterdir()) == before
 
@@ -290,7 +282,7 @@ def test_an_edited_manifest_field_is_one_line_naming_file_and_field(made, tmp_pa
     assert field in str(e.value) and "\n" not in str(e.value), e.value
     result = CliRunner().invoke(app, ["generate", "hi", "--model", str(made / "model"), "--steer", str(art),
                                       "--max-new-tokens", "2"])
-    _one_line_error(result, field)
+    one_line_error(result, field)
 
 
 def test_a_harm_gate_on_a_layer_the_model_lacks_is_one_line(made, tmp_path):

@@ -59,6 +59,22 @@ def test_collect_writes_states_and_resumes_after_interruption(tmp_path):
     assert set(rows[0]) == {"prompt", "kind", "source", "answer", "refused", "state"}
 
 
+@pytest.mark.parametrize("torn", ["00001.safetensors", "00001.jsonl"])
+def test_a_torn_shard_is_generated_again_on_resume(tmp_path, torn):
+    lm = tiny_model("qwen2")
+    run = dict(max_new_tokens=3, batch_size=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        collect(lm, SETS, tmp_path / "c", judge=FlakyJudge(fail_at=3), **run)
+    shard = tmp_path / "c" / "batches" / torn
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    judge = FlakyJudge()
+    col = collect(lm, SETS, tmp_path / "c", judge=judge, **run)
+    assert judge.calls == 3  # the torn batch and the two never written
+    fresh = collect(lm, SETS, tmp_path / "fresh", judge=FlakyJudge(), **run)
+    assert col.states == fresh.states and [r.answer for r in col.records] == [r.answer for r in fresh.records]
+    assert torch.allclose(fresh.activations, col.activations, atol=1e-5)
+
+
 def test_collect_refuses_other_settings_in_same_dir(tmp_path):
     lm = tiny_model("qwen2")
     collect(lm, SETS, tmp_path, judge=FlakyJudge(), max_new_tokens=3, batch_size=2, progress=False)

@@ -114,6 +114,32 @@ def test_activation_cache_resumes_by_batch_and_reruns_instantly(tmp_path, monkey
     assert len(calls) == 3
 
 
+def test_a_torn_activation_shard_or_cache_is_computed_again(tmp_path, monkeypatch):
+    lm = tiny_model("qwen2")
+    fresh = prompt_activations(lm, PROMPTS, tmp_path / "fresh", batch_size=3)
+    real, calls, fail = gate_mod.prompt_states, [], [3]
+
+    def interrupted(lm_, texts):
+        calls.append(len(texts))
+        if len(calls) in fail:
+            fail.clear()
+            raise KeyboardInterrupt
+        return real(lm_, texts)
+
+    monkeypatch.setattr(gate_mod, "prompt_states", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prompt_activations(lm, PROMPTS, tmp_path / "c", batch_size=3)
+    shard = sorted((tmp_path / "c" / "acts").glob("*.batches/*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    calls.clear()
+    assert torch.equal(prompt_activations(lm, PROMPTS, tmp_path / "c", batch_size=3), fresh)
+    assert len(calls) == 2  # the torn batch and the one never written
+    final = next((tmp_path / "c" / "acts").glob("*.safetensors"))
+    final.write_bytes(b"")
+    calls.clear()
+    assert torch.equal(prompt_activations(lm, PROMPTS, tmp_path / "c", batch_size=3), fresh) and len(calls) == 3
+
+
 def synthetic(n: int = 400, layers: int = 4, dim: int = 16, signal_layer: int = 2, seed: int = 0):
     """Harmful rows shifted along one direction at `signal_layer` only; other layers are noise."""
     g = torch.Generator().manual_seed(seed)

@@ -164,6 +164,7 @@ def eval_cmd(
     from els.eval.methods import MethodContext, resolve_methods
     from els.eval.report import write_report
     from els.judges.model import DEFAULT_EVAL_JUDGE
+    from els.training.collect import load_collection
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, speed_batch=speed_batch)
@@ -185,8 +186,8 @@ def eval_cmd(
         art = Artefact.load(steer_dir) if steer_dir is not None else None
         if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
             states = steer_dir.parent / "collect"
-        if states is not None and not (states / "states.jsonl").exists():
-            raise FileNotFoundError(f"--states {states} holds no finished collection (states.jsonl)")
+        if states is not None:  # read in full now: the report reads it only after every answer is generated
+            load_collection(states)
         settings = {k: v for k, v in (("eta", eta), ("steps", steps)) if v is not None}
         names = methods.split(",") if methods else (["base", "els"] if art is not None else ["base"])
         chosen = resolve_methods(names, MethodContext(art, states, settings))
@@ -240,14 +241,16 @@ def judge_check_cmd(
     from els.eval.agreement import default_labelled_files, judge_check, judge_table
     from els.judges.model import read_labelled, train_learned_judge
 
+    names = [j.strip() for j in judges.split(",") if j.strip()]
+    if not names:
+        raise typer.BadParameter(f"--judges names no judge (choose from {', '.join(JUDGES)})")
     try:
         paths = list(files) if files else default_labelled_files()
         if retrain_learned:
             judge_dir = Path(__file__).parents[1] / "data" / "resources"
             train_learned_judge([read_labelled(p) for p in paths]).save(judge_dir)
             console.print(f"learned judge retrained on {len(paths)} file(s), written to {judge_dir}")
-        results = judge_check(paths, [j.strip() for j in judges.split(",") if j.strip()],
-                              model_judge_limit=model_judge_limit or None, seed=seed, log=console.print)
+        results = judge_check(paths, names, model_judge_limit=model_judge_limit or None, seed=seed, log=console.print)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     text = judge_table(results)

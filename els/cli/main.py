@@ -58,7 +58,7 @@ from els.steering.gate import HarmGate
 from els.steering.settings import SteerSettings
 from els.steering.steering import steer
 from els.training import recipe
-from els.training.collect import Collection, collect, load_collection
+from els.training.collect import Collection, check_fits, collect, load_collection
 from els.training.energy import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
@@ -105,6 +105,7 @@ def _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, executor=
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     states: Annotated[Path, typer.Argument(help="A directory written by `els collect`.")],
     out: Annotated[Path, typer.Option(help="Artefact directory to write.")],
     top_n: Annotated[int, typer.Option(help="Steer the N layers of best validation AUC.")] = DEFAULT_TOP_N,
@@ -131,7 +132,11 @@ def train_cmd(
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
     col = load_collection(states)
     sets = _harm_sets(how)
-    lm = load_model(model, device=device, dtype=dtype) if sets is not None else None
+    # A --model given on its own is loaded too, to check that the activations are its own.
+    named = ctx.get_parameter_source("model").name != "DEFAULT"
+    lm = load_model(model, device=device, dtype=dtype) if sets is not None or named else None
+    if lm is not None:
+        check_fits(col, lm, states)
     _train(col, out, how, _harm_gate(lm, how, sets) if lm is not None else None)
 
 
@@ -238,7 +243,7 @@ def _run_signature() -> inspect.Signature:
     params = {"out": out}
     for command in (collect_cmd, train_cmd):
         for p in inspect.signature(command, eval_str=True).parameters.values():
-            if p.name not in ("out", "states"):
+            if p.name not in ("ctx", "out", "states"):
                 params.setdefault(p.name, p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
     return inspect.Signature(list(params.values()))
 

@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader sees the old content or the new, never part of it."""
+"""Atomic file writes (a reader sees the old content or the new, never part of it) and CSV reading."""
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -29,3 +31,15 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
 
+
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def csv_rows(lines: Iterable[str], source: str) -> list[dict]:
+    """csv.DictReader's rows of `lines` (a text file or a list of lines); a malformed file is one line naming
+    `source`. Fields may be long (a pasted document as a prompt): the csv module's 128 KiB cap is lifted."""
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        return list(csv.DictReader(lines))
+    except csv.Error as e:
+        raise ValueError(f"{source}: not a readable CSV file ({e})") from None

@@ -12,7 +12,6 @@ pinned Hugging Face copy through `datasets` (cached by it under ~/.cache/hugging
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
+from els.core.io import csv_rows
 from els.data.promptset import KINDS, Kind, PromptSet
 
 
@@ -45,13 +45,15 @@ def _local_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+# Python's csv refuses fields over 131,072 characters by default; a long prompt or answer is not an error.
+# The C long caps the limit on some platforms, hence not sys.maxsize.
 def _read_rows(path: Path, key: str | None = None) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            return csv_rows(f, str(path))
     if suffix == ".jsonl":
         rows = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -3,7 +3,6 @@ trained on XSTest's human-labelled completions (the labelled files are read here
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from els.core.io import save_tensors_atomic
+from els.core.io import csv_rows, save_tensors_atomic
 from els.core.models import cache_dir
 from els.judges.strings import PrefixJudge, SubstringJudge, normalise
 
@@ -41,7 +40,7 @@ def read_labelled(path: Path | str) -> LabelledSet:
     if not path.exists():
         raise FileNotFoundError(f"labelled file not found: {path}")
     raw = path.read_bytes()
-    rows = list(csv.DictReader(raw.decode("utf-8").splitlines(keepends=True)))
+    rows = csv_rows(raw.decode("utf-8").splitlines(keepends=True), str(path))
     if not rows:
         raise ValueError(f"{path}: no rows")
     missing = {"prompt", "completion", "final_label"} - set(rows[0])

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from els.core.executor import Batch, Executor, LocalExecutor
@@ -18,6 +17,7 @@ from els.core.models import LoadedModel, config_fingerprint
 from els.data.promptset import Kind, PromptSet
 from els.judges.model import Judge
 from els.steering.energy import STATES
+from els.training.collection_files import read_activations, read_meta, read_rows
 
 
 def state_of(kind: Kind, refused: bool) -> str:
@@ -85,7 +85,7 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     meta = _meta(lm, sets, max_new_tokens, batch_size, judge, system)
     meta_path = out / "collect.json"
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        old = read_meta(meta_path)
         if old != meta:
             raise ValueError(
                 f"{out} holds a collection made with other settings ({_diff(old, meta)}); "
@@ -102,7 +102,7 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     shard_dir = out / "batches"
     # Generation stops where the judge's verdict is fixed: the states are those of full-length answers.
     todo = [Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon)
-            for b, idx in enumerate(batches) if not (shard_dir / f"{b:05d}.safetensors").exists()]
+            for b, idx in enumerate(batches) if not _shard_done(shard_dir, b, idx)]
     finished = (executor or LocalExecutor(lm)).map(todo)
     for job, done in tqdm(finished, desc="collect", total=len(batches), initial=len(batches) - len(todo),
                           disable=not progress):
@@ -119,16 +119,32 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
         save_tensors_atomic({"activations": acts}, shard_dir / f"{b:05d}.safetensors")
 
     rows, acts = [], []
-    for b in range(len(batches)):
-        rows += [json.loads(line) for line in (shard_dir / f"{b:05d}.jsonl").read_text().splitlines()]
-        acts.append(load_file(shard_dir / f"{b:05d}.safetensors")["activations"])
+    for b, idx in enumerate(batches):
+        rows += read_rows(shard_dir / f"{b:05d}.jsonl")
+        acts.append(read_activations(shard_dir / f"{b:05d}.safetensors", len(idx)))
     order = sorted(range(len(rows)), key=lambda k: rows[k]["index"])
     activations = torch.cat(acts)[order]
-    records = [Record(**{k: v for k, v in rows[k].items() if k != "index"}) for k in order]
+    records = [_record(rows[k]) for k in order]
     save_tensors_atomic({"activations": activations}, out / "states.safetensors")
     write_atomic(out / "states.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
     shutil.rmtree(shard_dir)
     return Collection(records, activations, meta)
+
+
+def _shard_done(shard_dir: Path, b: int, idx: list[int]) -> bool:
+    """Whether batch `b` was written whole; a torn or foreign shard is generated again rather than fatal."""
+    if not (shard_dir / f"{b:05d}.safetensors").exists():
+        return False
+    try:
+        rows = read_rows(shard_dir / f"{b:05d}.jsonl")
+        read_activations(shard_dir / f"{b:05d}.safetensors", len(idx))
+    except (ValueError, OSError):
+        return False
+    return [r.get("index") for r in rows] == list(idx)
+
+
+def _record(row: dict) -> Record:
+    return Record(**{f: row[f] for f in Record.__dataclass_fields__})
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -136,12 +152,27 @@ def _diff(old: dict, new: dict) -> str:
 
 
 def load_collection(path: Path) -> Collection:
+    """A finished collection; a missing, damaged or edited file is one line naming it
+    (els.training.collection_files)."""
     path = Path(path)
     if not (path / "states.jsonl").exists():
         raise FileNotFoundError(f"{path} holds no finished collection (states.jsonl); run `els collect` first")
-    records = [Record(**json.loads(line)) for line in (path / "states.jsonl").read_text().splitlines()]
-    activations = load_file(path / "states.safetensors")["activations"]
-    if activations.shape[0] != len(records):
-        raise ValueError(f"{path}: {activations.shape[0]} activation rows for {len(records)} records")
-    return Collection(records, activations, json.loads((path / "collect.json").read_text()))
+    for name in ("states.safetensors", "collect.json"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path} is not a complete collection (no {name})")
+    records = [_record(r) for r in read_rows(path / "states.jsonl")]
+    if not records:
+        raise ValueError(f"{path / 'states.jsonl'} holds no records")
+    activations = read_activations(path / "states.safetensors", len(records))
+    return Collection(records, activations, read_meta(path / "collect.json"))
+
+
+def check_fits(col: Collection, lm: LoadedModel, where: Path) -> None:
+    """Refuse activations whose layers or width are not those of `lm`: an energy trained on them could not steer it."""
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    want = (len(lm.blocks), cfg.hidden_size)
+    if tuple(col.activations.shape[1:]) != want:
+        raise ValueError(f"{where / 'states.safetensors'}: activations of {col.activations.shape[1]} layers of "
+                         f"width {col.activations.shape[2]} do not fit --model {lm.name} ({want[0]} layers of "
+                         f"width {want[1]})")
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from els.core.generation import length_batches
@@ -125,25 +126,36 @@ def prompt_activations(lm: LoadedModel, prompts: Sequence[str], cache_dir: Path,
     16-bit (lossless: the residual stream is computed in that dtype), halving the disk.
     """
     final = Path(cache_dir) / "acts" / f"{activation_key(lm, prompts, system)}.safetensors"
-    if final.exists():
-        return load_file(final)["acts"].float()
+    if (done := _cached(final, len(prompts))) is not None:
+        return done.float()
     texts = chat_texts(lm.tokenizer, user_conversations(list(prompts), system))
     lengths = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
     batches = length_batches(texts, lengths, batch_size)
     store = lm.model.dtype if lm.model.dtype in (torch.bfloat16, torch.float16) else torch.float32
     shard_dir = final.with_suffix(".batches")
+    parts = []
     for b, idx in enumerate(batches):
         shard = shard_dir / f"{b:05d}.safetensors"
-        if not shard.exists():
-            save_tensors_atomic({"acts": prompt_states(lm, [texts[i] for i in idx]).to(store).contiguous()}, shard)
+        if (part := _cached(shard, len(idx))) is None:
+            part = prompt_states(lm, [texts[i] for i in idx]).to(store).cpu().contiguous()
+            save_tensors_atomic({"acts": part}, shard)
+        parts.append(part)
         if progress and (b % 20 == 0 or b == len(batches) - 1):
             print(f"  forward {b + 1}/{len(batches)} batches", flush=True)
     order = torch.tensor([i for idx in batches for i in idx])
-    acts = torch.cat([load_file(shard_dir / f"{b:05d}.safetensors")["acts"] for b in range(len(batches))])
-    acts = acts[torch.argsort(order)]  # back to the prompts' order
+    acts = torch.cat(parts)[torch.argsort(order)]  # back to the prompts' order
     save_tensors_atomic({"acts": acts.contiguous()}, final)
     shutil.rmtree(shard_dir)
     return acts.float()
+
+
+def _cached(path: Path, rows: int) -> torch.Tensor | None:
+    """The [rows, L, d] `acts` stored at `path`; None when absent or torn, so that it is computed again."""
+    try:
+        acts = load_file(path)["acts"]
+    except (SafetensorError, OSError, KeyError):
+        return None
+    return acts if acts.ndim == 3 and acts.shape[0] == rows else None
 
 
 def _by_source(harmful: torch.Tensor, source: list[str]) -> tuple[list[list[int]], list[list[int]]]:

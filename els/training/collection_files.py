@@ -1,0 +1,91 @@
+"""The schema of a collection's files (collect.json, states.jsonl, states.safetensors and the batch shards):
+each is parsed and checked on load, so that a damaged or edited file is one line naming it, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from els.steering.energy import STATES
+
+State = Literal[STATES]  # type: ignore[valid-type]
+
+
+class RecordFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # a shard's row also holds its index
+
+    prompt: StrictStr
+    kind: Literal["benign", "harmful"]
+    source: StrictStr
+    answer: StrictStr
+    refused: StrictBool
+    state: State
+
+
+class MetaFields(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the settings are compared as written, not read one by one
+
+    model: StrictStr
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"])
+    return f"{where + ': ' if where else ''}{err['msg']}"
+
+
+def read_meta(path: Path) -> dict:
+    """collect.json, a JSON object naming at least the model."""
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a collection's settings (a JSON object)")
+    try:
+        MetaFields.model_validate(meta)
+    except ValidationError as e:
+        raise ValueError(f"{path}: {_first_error(e)}") from None
+    return meta
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of states.jsonl (or a shard's .jsonl), each checked against RecordFields; returned as written."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            RecordFields.model_validate(row)
+        except ValueError as e:  # ValidationError is one
+            why = _first_error(e) if isinstance(e, ValidationError) else f"not valid JSON ({e})"
+            raise ValueError(f"{path} line {n}: {why}") from None
+        rows.append(row)
+    return rows
+
+
+def read_activations(path: Path, rows: int | None = None) -> torch.Tensor:
+    """The float [N, L, d] `activations` tensor of `path`, finite, with `rows` rows when given."""
+    try:
+        acts = load_file(path)["activations"]
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    except KeyError:
+        raise ValueError(f"{path} holds no `activations` tensor") from None
+    if acts.ndim != 3 or not acts.is_floating_point():
+        raise ValueError(f"{path}: activations must be a float [N, L, d] tensor, got {acts.dtype} "
+                         f"{list(acts.shape)}")
+    if rows is not None and acts.shape[0] != rows:
+        raise ValueError(f"{path}: {acts.shape[0]} activation rows for {rows} records")
+    if not torch.isfinite(acts).all():
+        raise ValueError(f"{path}: activations contain NaN or infinity")
+    return acts
