@@ -98,3 +98,11 @@ def one_line_error(result, names: str) -> str:
     assert "Traceback" not in result.output and not isinstance(result.exception, (KeyError, RuntimeError))
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], result.output
     return lines[0]
+
+
+def saved_tiny_model(root):
+    """The tiny Qwen2 model saved as a model directory under `root/model`, as a user would pass it."""
+    lm = tiny_model("qwen2")
+    lm.model.save_pretrained(root / "model")
+    lm.tokenizer.save_pretrained(root / "model")
+    return lm

@@ -22,7 +22,7 @@ from els.cli.main import app
 from els.eval.cache import artefact_digest
 from els.steering.artefact import INTEGRITY, Artefact
 
-from helpers import one_line_error, tiny_artefact, tiny_model
+from helpers import one_line_error, saved_tiny_model, tiny_artefact
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,9 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def made(tmp_path_factory):
     """A tiny model saved as a model directory and an artefact trained for it."""
     root = tmp_path_factory.mktemp("made")
-    lm = tiny_model("qwen2")
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
+    lm = saved_tiny_model(root)
     tiny_artefact(lm).save(root / "artefact")
     return root
 

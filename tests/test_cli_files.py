@@ -19,7 +19,7 @@ from els.cli import app
 from els.data import read_file
 from els.training.collect import load_collection
 
-from helpers import one_line_error, synthetic_collection, tiny_model
+from helpers import one_line_error, saved_tiny_model, synthetic_collection
 
 TRAIN = ["--harm-data", "none", "--epochs", "1", "--widths", "8", "--top-n", "1"]
 
@@ -28,9 +28,7 @@ TRAIN = ["--harm-data", "none", "--epochs", "1", "--widths", "8", "--top-n", "1"
 def made(tmp_path_factory):
     """The tiny model saved as a model directory and a collection of its shape, as `els collect` writes it."""
     root = tmp_path_factory.mktemp("made")
-    lm = tiny_model("qwen2")
-    lm.model.save_pretrained(root / "model")
-    lm.tokenizer.save_pretrained(root / "model")
+    lm = saved_tiny_model(root)
     col = synthetic_collection(lm, n=32)
     (root / "col").mkdir()
     save_file({"activations": col.activations.contiguous()}, root / "col" / "states.safetensors")

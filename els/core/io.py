@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tempfile
 from collections.abc import Iterable
@@ -43,3 +44,14 @@ def csv_rows(lines: Iterable[str], source: str) -> list[dict]:
         return list(csv.DictReader(lines))
     except csv.Error as e:
         raise ValueError(f"{source}: not a readable CSV file ({e})") from None
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`; anything else (bad JSON, bad UTF-8, a list) is one line naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e  # --debug shows the parser's error
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not {what} (a JSON object)")
+    return obj

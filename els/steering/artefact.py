@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from els.core.io import read_json_object
 from els.core.models import config_fingerprint, decoder_blocks
 from els.steering.energy import EnergyStack
 from els.steering.gate import TENSOR_PREFIX, HarmGate
@@ -114,12 +115,7 @@ class Artefact:
         mpath, wpath = path / MANIFEST, path / WEIGHTS
         if not mpath.exists():
             raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{mpath} is not valid JSON ({e})") from e
-        if not isinstance(manifest, dict):
-            raise ValueError(f"{mpath} is not an ELS manifest (a JSON object)")
+        manifest = read_json_object(mpath, "an ELS manifest")
         if manifest.get("format_version") not in READABLE_FORMATS:
             raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads "
                              f"{READABLE_FORMATS}")

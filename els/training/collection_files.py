@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationErr
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from els.core.io import read_json_object
 from els.steering.energy import STATES
 
 State = Literal[STATES]  # type: ignore[valid-type]
@@ -42,12 +43,7 @@ def _first_error(e: ValidationError) -> str:
 
 def read_meta(path: Path) -> dict:
     """collect.json, a JSON object naming at least the model."""
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} is not a collection's settings (a JSON object)")
+    meta = read_json_object(path, "a collection's settings")
     try:
         MetaFields.model_validate(meta)
     except ValidationError as e:
