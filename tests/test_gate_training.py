@@ -90,16 +90,7 @@ def test_activation_cache_resumes_by_batch_and_reruns_instantly(tmp_path, monkey
         lm.tokenizer, gate_mod.user_conversations(PROMPTS))])
     assert torch.allclose(fresh, single, atol=1e-4)
 
-    real, calls, fail = gate_mod.prompt_states, [], [2]
-
-    def flaky(lm_, texts):
-        calls.append(len(texts))
-        if len(calls) in fail:
-            fail.clear()
-            raise KeyboardInterrupt
-        return real(lm_, texts)
-
-    monkeypatch.setattr(gate_mod, "prompt_states", flaky)
+    calls = _interrupt_forward_at(2, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prompt_activations(lm, PROMPTS, tmp_path / "c", batch_size=3)
     assert len(list((tmp_path / "c" / "acts").glob("*.batches/*.safetensors"))) == 1
@@ -117,16 +108,7 @@ def test_activation_cache_resumes_by_batch_and_reruns_instantly(tmp_path, monkey
 def test_a_torn_activation_shard_or_cache_is_computed_again(tmp_path, monkeypatch):
     lm = tiny_model("qwen2")
     fresh = prompt_activations(lm, PROMPTS, tmp_path / "fresh", batch_size=3)
-    real, calls, fail = gate_mod.prompt_states, [], [3]
-
-    def interrupted(lm_, texts):
-        calls.append(len(texts))
-        if len(calls) in fail:
-            fail.clear()
-            raise KeyboardInterrupt
-        return real(lm_, texts)
-
-    monkeypatch.setattr(gate_mod, "prompt_states", interrupted)
+    calls = _interrupt_forward_at(3, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prompt_activations(lm, PROMPTS, tmp_path / "c", batch_size=3)
     shard = sorted((tmp_path / "c" / "acts").glob("*.batches/*.safetensors"))[1]
@@ -241,3 +223,19 @@ def test_tpr_at_fpr_hand_values():
     pos = torch.tensor([0.5, 0.8, 0.95])
     assert tpr_at_fpr(pos, neg, 0.0) == pytest.approx(1 / 3)  # above every benign score: only 0.95
     assert tpr_at_fpr(pos, neg, 0.2) == 1.0  # 0.9 may be flagged: threshold 0.5 then flags 1 of 5 benign
+
+
+def _interrupt_forward_at(call: int, monkeypatch) -> list[int]:
+    """Make the gate's forward pass raise KeyboardInterrupt on its `call`-th call (once); returns the list of
+    batch sizes it is called with, which the test may clear."""
+    real, calls, fail = gate_mod.prompt_states, [], [call]
+
+    def interrupted(lm_, texts):
+        calls.append(len(texts))
+        if len(calls) in fail:
+            fail.clear()
+            raise KeyboardInterrupt
+        return real(lm_, texts)
+
+    monkeypatch.setattr(gate_mod, "prompt_states", interrupted)
+    return calls

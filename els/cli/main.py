@@ -131,13 +131,13 @@ def train_cmd(
     forward passes need the collection's model)."""
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
     col = load_collection(states)
-    sets = _harm_sets(how)
+    sets = recipe.harm_sets(how)
     # A --model given on its own is loaded too, to check that the activations are its own.
     named = ctx.get_parameter_source("model").name != "DEFAULT"
     lm = load_model(model, device=device, dtype=dtype) if sets is not None or named else None
     if lm is not None:
         check_fits(col, lm, states)
-    _train(col, out, how, _harm_gate(lm, how, sets) if lm is not None else None)
+    _train(col, out, how, recipe.fit_harm_gate(lm, how, sets=sets) if lm is not None else None)
 
 
 def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions,
@@ -155,20 +155,6 @@ def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate,
     cfg = TrainConfig(parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
     pool = () if harm_data.strip().lower() == "none" else tuple(s.strip() for s in harm_data.split(",") if s.strip())
     return recipe.Recipe(cfg, settings, layer_rule=layer_rule, top_n=top_n, harm_data=pool)
-
-
-def _harm_sets(how: recipe.Recipe) -> recipe.HarmSets | None:
-    try:
-        return recipe.harm_sets(how) if how.harm_data else None
-    except (FileNotFoundError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
-
-
-def _harm_gate(lm, how: recipe.Recipe, sets: recipe.HarmSets | None) -> HarmGate | None:
-    try:
-        return recipe.fit_harm_gate(lm, how, sets=sets)
-    except (FileNotFoundError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
 
 
 def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None) -> Artefact:
@@ -205,7 +191,7 @@ def run_cmd(**options) -> None:
     # Every input is read before the model loads: a missing one costs seconds, not a collection.
     t = time.perf_counter()
     sets = prompt_sets(o.benign, "benign", o.limit, o.seed) + prompt_sets(o.harmful, "harmful", o.limit, o.seed)
-    pool = _harm_sets(how)
+    pool = recipe.harm_sets(how)
     times["inputs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map)
@@ -215,7 +201,7 @@ def run_cmd(**options) -> None:
         col = _collect(lm, o.out / "collect", sets, o.max_new_tokens, o.batch_size, o.judge, o.system, ex)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    gate = _harm_gate(lm, how, pool)
+    gate = recipe.fit_harm_gate(lm, how, sets=pool)
     times["gate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     art = _train(col, o.out / "artefact", how, gate)

@@ -72,9 +72,12 @@ class HarmSets:
     exclude: list[PromptSet]
 
 
-def harm_sets(recipe: Recipe = Recipe()) -> HarmSets:
+def harm_sets(recipe: Recipe = Recipe()) -> HarmSets | None:
     """Load the recipe's pool (a missing set is an error) and exclusion sets (a missing one is skipped: a set
-    this machine cannot read is one it cannot be evaluated on either). Cheap: call it before any model work."""
+    this machine cannot read is one it cannot be evaluated on either); None without a pool. Cheap: call it
+    before any model work."""
+    if not recipe.harm_data:
+        return None
     exclude = []
     for spec in recipe.harm_exclude:
         try:
@@ -87,9 +90,9 @@ def harm_sets(recipe: Recipe = Recipe()) -> HarmSets:
 def fit_harm_gate(lm: LoadedModel, recipe: Recipe = Recipe(), cache: Path | None = None, progress: bool = True,
                   sets: HarmSets | None = None) -> HarmGate | None:
     """The recipe's harm gate, from prompt-only forward passes of its pool (cached); None without a pool."""
-    if not recipe.harm_data:
-        return None
     sets = sets or harm_sets(recipe)
+    if sets is None:
+        return None
     gate, _ = fit_gate(lm, sets.pool, [], cache or cache_dir() / "gate", exclude=sets.exclude, progress=progress,
                        seed=recipe.train.seed, max_false_flag=recipe.harm_flag_rate)
     return gate
@@ -112,7 +115,7 @@ def train(lm: LoadedModel, out: Path | str, *, benign: list[PromptSet] | None = 
     out = Path(out)
     benign = benign or [load_prompts(s).with_kind("benign") for s in DEFAULT_BENIGN]
     harmful = harmful or [load_prompts(s).with_kind("harmful") for s in DEFAULT_HARMFUL]
-    sets = harm_sets(recipe) if recipe.harm_data else None  # a missing input fails here, before any generation
+    sets = harm_sets(recipe)  # a missing input fails here, before any generation
     col = collect(lm, [*benign, *harmful], out / "collect", judge=get_judge(recipe.judge),
                   max_new_tokens=recipe.max_new_tokens, batch_size=recipe.batch_size, system=recipe.system,
                   progress=progress)
