@@ -73,9 +73,10 @@ class _VerdictFixed(StoppingCriteria):
         new = input_ids[:, self.prompt_len :]
         done = torch.zeros(len(new), dtype=torch.bool, device=input_ids.device)
         for i, row in enumerate(new.tolist()):
-            opening = self.tok.decode(row[:-1], skip_special_tokens=True).strip()
-            if self.stopped_at[i] is None and len(opening) >= self.chars:
-                self.stopped_at[i] = len(row)
+            if self.stopped_at[i] is None:  # a stopped row is not decoded again at every later step
+                opening = self.tok.decode(row[:-1], skip_special_tokens=True).strip()
+                if len(opening) >= self.chars:
+                    self.stopped_at[i] = len(row)
             done[i] = self.stopped_at[i] is not None
         return done
 
