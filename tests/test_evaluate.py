@@ -146,7 +146,8 @@ def test_method_registry(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'bogus'; available: base, els"):
         resolve_methods(["base", "bogus"], MethodContext(art))
     states = save_collection(synthetic_collection(lm), tmp_path / "collect")
-    with pytest.raises(ValueError, match="unknown method 'bogus'; available: base, els, system-prompt"):
+    available = r"available: base, els, els\+system-prompt, system-prompt"
+    with pytest.raises(ValueError, match=f"unknown method 'bogus'; {available}"):
         resolve_methods(["bogus"], MethodContext(art, states))
     methods = resolve_methods(["els", "system-prompt", "ablation"], MethodContext(art, states))
     assert [m.name for m in methods] == ["base", "els", "system-prompt", "ablation"]
@@ -165,7 +166,8 @@ def test_cache_key_depends_on_what_decides_the_answer():
     art = tiny_artefact(lm)
     fp = store.model_fingerprint(lm)
     assert fp == store.model_fingerprint(lm) and fp != store.model_fingerprint(tiny_model("qwen2", seed=1))
-    cfgs = [store.method_config(m) for m in (Base(), Els(art), Els(art, {"eta": 0.1}), Base(system="x"))]
+    cfgs = [store.method_config(m)
+            for m in (Base(), Els(art), Els(art, art.settings.override(eta=0.1)), Base(system="x"))]
     assert len({store.digest(c) for c in cfgs}) == 4
     g = Generation(8).key()
     assert store.cache_key(fp, "m", "p", g) != store.cache_key(fp, "m", "p", Generation(9).key())
@@ -394,7 +396,8 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, files, saved_tiny):
     args = ["eval", "--model", str(saved_tiny), "--steer", str(tmp_path / "run" / "artefact"), "--benchmarks",
             f"{files['benign']}:prompt=benign,{files['harmful']}:prompt=harmful", "--out", str(out),
             "--max-new-tokens", "4", "--batch-size", "2", "--judge", "prefix", "--quality-set",
-            f"{files['harmless']}:prompt=benign", "--quality-n", "2", "--speed-n", "2", "--dtype", "float32"]
+            f"{files['harmless']}:prompt=benign", "--quality-n", "2", "--speed-n", "2", "--dtype", "float32",
+            "--capability-n", "0"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     s = json.loads((out / "summary.json").read_text())

@@ -40,10 +40,10 @@ def test_old_manifest_with_gate_reads_as_threshold(tmp_path):
     art = tiny_artefact(tiny_model("qwen2"), threshold=0.25)
     art.save(tmp_path / "a")
     manifest = json.loads((tmp_path / "a" / "els.json").read_text())
-    manifest["steer"]["gate"] = manifest["steer"].pop("threshold")
+    manifest["steer"]["gate"] = manifest["steer"].pop("energy_gate")
     (tmp_path / "a" / "els.json").write_text(json.dumps(manifest))
     old = Artefact.load(tmp_path / "a")
-    assert old.settings.threshold == 0.25 and old.settings == art.settings
+    assert old.settings.energy_gate == 0.25 and old.settings == art.settings
 
 
 def test_save_keeps_the_old_artefact_when_the_swap_fails(tmp_path, monkeypatch):

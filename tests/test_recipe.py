@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from els.core.generation import generate
-from els.core.stats import stratified_split
 from els.data.promptset import PromptSet
 from els.judges.model import PrefixJudge
 from els.steering.artefact import Artefact
-from els.steering.energy import CONTRASTS, STATES
+from els.steering.energy import CONTRASTS
 from els.steering.settings import SteerSettings
 from els.steering.steering import steer
 from els.training import recipe
 from els.training.energy import TrainConfig, train_energy
-from els.training.recipe import Recipe, fit, held_out, train, validate
+from els.training.recipe import Recipe, fit, held_out, safety_config, train, validate
 
 from helpers import synthetic_collection, tiny_model
 
@@ -38,13 +37,13 @@ def test_fit_uses_the_recipe_defaults_and_matches_the_steps_it_chains():
 
 
 def _trained_rows(col, cfg: TrainConfig) -> tuple[set[int], set[int]]:
-    """The rows the energy and the harm probe learned from, drawn as train_energy and make_artefact draw them."""
-    states = col.states
-    good, bad = CONTRASTS[cfg.contrast]
-    used = {i for i, s in enumerate(states) if s in good + bad}
-    energy_train = used - set(train_energy(col.activations, states, cfg).val_index)
-    probe_train = set(stratified_split(states, cfg.val_fraction, cfg.seed, STATES)[0])
-    return energy_train, probe_train
+    """The rows the compliance and the safety energy learned from, drawn as train_energy draws them."""
+    out = []
+    for c in (cfg, safety_config(cfg)):
+        good, bad = CONTRASTS[c.contrast]
+        used = {i for i, s in enumerate(col.states) if s in good + bad}
+        out.append(used - set(train_energy(col.activations, col.states, c).val_index))
+    return out[0], out[1]
 
 
 def test_held_out_rows_are_disjoint_from_every_training_row():
@@ -53,8 +52,8 @@ def test_held_out_rows_are_disjoint_from_every_training_row():
     for contrast in ("benign", "four-state"):
         cfg = TrainConfig(widths=(8,), epochs=1, batch_size=8, contrast=contrast)
         rows = held_out(col, cfg)
-        energy_train, probe_train = _trained_rows(col, cfg)
-        assert rows and not set(rows) & (energy_train | probe_train), contrast
+        energy_train, safety_train = _trained_rows(col, cfg)
+        assert rows and not set(rows) & (energy_train | safety_train), contrast
         kinds = {col.records[i].kind for i in rows}
         assert kinds == {"benign", "harmful"}, contrast
 

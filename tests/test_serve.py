@@ -106,13 +106,12 @@ def test_steered_and_unsteered_match_the_library(served):
     messages = user(PROMPTS[0])
     off = ask(served.client, messages, els={"enabled": False})
     assert off["text"].strip() == library_answer(served.ref, served.art, messages, 6)[0]
-    assert off["els"] == {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None,
-                          "positions": None, "layers": [], "steps_skipped": 0}
+    assert off["els"] == {"enabled": False, "side": "off", "p_harmful": None, "layers": [], "steps_skipped": 0}
     on = ask(served.client, messages, els={"eta": 1.0, "steps": 2})
     expected, report = library_answer(served.ref, served.art, messages, 6, eta=1.0, steps=2)
     assert on["text"].strip() == expected and on["text"] != off["text"]
     diag = on["els"]
-    assert diag["enabled"] and diag["eta"] == 1.0 and diag["steps"] == 2 and diag["threshold"] is None
+    assert diag["enabled"] and diag["eta"] == 1.0 and diag["steps"] == 2 and diag["energy_gate"] is None
     assert [d["layer"] for d in diag["layers"]] == served.art.layers
     for d in diag["layers"]:
         rep = report[d["layer"]]
@@ -134,7 +133,7 @@ def test_multi_turn_goes_through_the_template_and_steers_the_new_turn(served):
         expected, report = library_answer(served.ref, served.art, conversation, 5, **steer)
         assert got["text"].strip() == expected
         if report:
-            assert got["els"]["threshold"] == -1e3
+            assert got["els"]["energy_gate"] == -1e3  # the older spelling `threshold` still reads
             assert [d["energy_before"] for d in got["els"]["layers"]] == pytest.approx(
                 [report[layer]["energy_before"][0] for layer in served.art.layers], abs=1e-4)
 
@@ -268,8 +267,8 @@ def _same(a: dict, b: dict) -> bool:
     if {k: v for k, v in a.items() if k != "els"} != {k: v for k, v in b.items() if k != "els"}:
         return False
     ea, eb = a["els"], b["els"]
-    keys = ("enabled", "eta", "steps", "threshold", "positions", "steps_skipped")
-    if [ea[k] for k in keys] != [eb[k] for k in keys]:
+    keys = ("enabled", "eta", "steps", "energy_gate", "positions", "steps_skipped", "side")
+    if [ea.get(k) for k in keys] != [eb.get(k) for k in keys]:
         return False
     return all(la["layer"] == lb["layer"] and la["steps_taken"] == lb["steps_taken"]
                and math.isclose(la["energy_before"], lb["energy_before"], rel_tol=1e-3, abs_tol=1e-3)
@@ -347,7 +346,7 @@ def test_default_model_server_process(tmp_path):
         plain = client.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
                                                extra_body={"els": {"enabled": False}})
         diag = steered.model_extra["els"]
-        assert diag["enabled"] and diag["eta"] == 0.5 and diag["steps"] == 3 and diag["threshold"] == 0.0
+        assert diag["enabled"] and diag["eta"] == 0.5 and diag["steps"] == 3 and diag["energy_gate"] == 0.0
         assert [d["layer"] for d in diag["layers"]] == art.layers
         for d in diag["layers"]:
             assert math.isfinite(d["energy_before"]) and math.isfinite(d["energy_after"])

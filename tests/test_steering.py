@@ -10,7 +10,7 @@ from els.core.stats import stratified_split
 from els.steering.artefact import Artefact
 from els.steering.energy import STATES
 from els.steering.settings import SteerSettings
-from els.steering.steering import steer
+from els.steering.steering import descend_rows, steer
 from els.training.energy import TrainConfig, train_energy
 from els.training.recipe import make_artefact
 
@@ -59,10 +59,9 @@ def test_each_step_moves_by_eta_times_norm():
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm, steps=1, eta=0.1)
     layer = art.layers[0]
-    s = steer(lm.model, art)
     energy = art.energy.member(art.member_index(layer))
     h = torch.randn(5, 32)
-    x, *_ = s.descend(energy, h, scale=2.0, offset=0.0)
+    x, *_ = descend_rows(energy, h, torch.full((5,), 0.1 * 2.0), torch.ones(5, dtype=torch.long), 1)
     assert torch.allclose((x - h).norm(dim=-1), torch.full((5,), 0.2), atol=1e-5)
 
 
@@ -91,7 +90,8 @@ def test_per_row_positions_match_separate_runs():
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm, eta=2.0)
     texts = _texts(lm)[:2]
-    with steer(lm.model, art, positions=["last", "prompt"]) as mixed:
+    rows = [art.settings.override(positions="last"), art.settings.override(positions="prompt")]
+    with steer(lm.model, art, rows) as mixed:
         both = generate_batch(lm, texts, max_new_tokens=6).texts
     with steer(lm.model, art, positions="last"):
         row0 = generate_batch(lm, texts[:1], max_new_tokens=6).texts
@@ -142,13 +142,13 @@ def test_gate_skips_rows_below_threshold():
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm)
     enc = lm.tokenizer(_texts(lm), return_tensors="pt", padding=True, add_special_tokens=False)
-    with steer(lm.model, art, threshold=1e9) as closed, torch.no_grad():
+    with steer(lm.model, art, energy_gate=1e6) as closed, torch.no_grad():
         gated = lm.model(**enc).logits
     base = lm.model(**enc).logits
     assert torch.allclose(gated, base)
     rep = closed.report()
     assert all(r["steps_taken"] == 0 and r["steps_skipped"] > 0 for r in rep.values())
-    with steer(lm.model, art, threshold=-1e9) as opened, torch.no_grad():
+    with steer(lm.model, art, energy_gate=-1e6) as opened, torch.no_grad():
         lm.model(**enc)
     assert all(r["steps_skipped"] == 0 for r in opened.report().values())
 
@@ -158,7 +158,8 @@ def test_per_row_settings_match_separate_runs():
     art = tiny_artefact(lm)
     texts = _texts(lm)[:2]
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with steer(lm.model, art, eta=[0.0, 1.0], steps=[3, 2]), torch.no_grad():
+    with steer(lm.model, art, [art.settings.override(eta=0.0), art.settings.override(eta=1.0, steps=2)]), \
+            torch.no_grad():
         mixed = lm.model(**enc).logits[:, -1]
     with steer(lm.model, art, eta=0.0), torch.no_grad():
         row0 = lm.model(**enc).logits[0, -1]
@@ -270,9 +271,65 @@ def test_per_row_harm_gate():
     enc = lm.tokenizer(_texts(lm)[:2], return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         base = lm.model(**enc).logits[:, -1]
-    with steer(lm.model, art, harm_gate=[0.0, None]), torch.no_grad():
+    with steer(lm.model, art, [art.settings.override(harm_gate=0.0), art.settings.override(harm_gate=None)]), \
+            torch.no_grad():
         mixed = lm.model(**enc).logits[:, -1]
     assert torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[1], base[1])
+    with pytest.raises(ValueError, match="per-row settings have 3 rows for a batch of 2"), torch.no_grad():
+        with steer(lm.model, art, [art.settings] * 3):
+            lm.model(**enc)
+
+
+def test_two_sided_flagged_rows_descend_the_safety_energy():
+    """flagged="refuse": a flagged row takes the safety energy's steps (and lowers that energy), a passed row
+    the compliance energy's; "leave" leaves the flagged row as base has it."""
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm, eta=0.5, steps=2, refuse_eta=0.5)
+    enc = lm.tokenizer(_texts(lm)[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        base = lm.model(**enc).logits[:, -1]
+    # row 0 flagged (p >= 0 always), row 1 passed (p < 1 + eps always)
+    refuse = [art.settings.override(harm_gate=0.0, flagged="refuse"), art.settings.override(harm_gate=1.0)]
+    leave = [art.settings.override(harm_gate=0.0, flagged="leave"), art.settings.override(harm_gate=1.0)]
+    with steer(lm.model, art, refuse) as two, torch.no_grad():
+        two_sided = lm.model(**enc).logits[:, -1]
+    with steer(lm.model, art, leave) as one, torch.no_grad():
+        one_sided = lm.model(**enc).logits[:, -1]
+    assert torch.allclose(one_sided[0], base[0]) and not torch.allclose(two_sided[0], base[0])
+    assert torch.allclose(one_sided[1], two_sided[1])  # the passed row is steered the same either way
+    assert [side for side, _ in two.sides()] == ["refuse", "answer"]
+    assert [side for side, _ in one.sides()] == ["leave", "answer"]
+    stats = two.stats[art.layers[0]]
+    assert stats.rows_taken.tolist() == [2, 2] and float(stats.energy_after[0]) < float(stats.energy_before[0])
+    # the flagged row's energies are the safety energy's
+    safety = art.safety.member(art.member_index(art.layers[0]))
+    h = lm.model(**enc, output_hidden_states=True).hidden_states[art.layers[0]][:, -1]
+    assert float(stats.energy_before[0]) == pytest.approx(float(safety(h.float())[0]), abs=1e-4)
+
+
+def test_refuse_needs_a_safety_energy():
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm)
+    old = Artefact(art.energy, art.manifest, art.gate)  # as written before two-sided steering
+    with pytest.raises(ValueError, match="safety energy"):
+        steer(lm.model, old, harm_gate=0.5, flagged="refuse")
+    steer(lm.model, old, harm_gate=0.5, flagged="leave")  # the one-sided mode still works
+    steer(lm.model, old, harm_gate=None, flagged="refuse")  # no gate: nothing is flagged
+
+
+def test_settings_are_one_type_with_one_spelling_of_off():
+    s = SteerSettings()
+    assert s.override(harm_gate=None).harm_gate is None and s.override(eta=1.0).harm_gate == s.harm_gate
+    assert s.override(threshold=0.3).energy_gate == 0.3  # the older name still reads
+    with pytest.raises(ValueError, match="unknown steering setting 'bogus'"):
+        s.override(bogus=1)
+    for bad in ({"eta": float("inf")}, {"eta": 5.0}, {"steps": 33}, {"steps": 1.5}, {"harm_gate": 1.5},
+                {"harmful": "ignore"}, {"positions": "first"}, {"refuse_eta": -1.0}, {"project": 1}):
+        with pytest.raises(ValueError):
+            s.override(**bad)
+    old = {"layers": [1], "eta": 0.2, "steps": 2, "gate": 0.1, "harm_gate": 0.5}  # a format-1 steer section
+    assert SteerSettings.from_manifest(old) == SteerSettings(eta=0.2, steps=2, energy_gate=0.1, harm_gate=0.5,
+                                                             flagged="leave", refuse_eta=0.2, positions="last")
 
 
 def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
@@ -280,14 +337,14 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
     col = synthetic_collection(lm)
     cfg = TrainConfig(widths=(16,), epochs=3, lr=1e-3, batch_size=16, contrast="benign")
     result = train_energy(col.activations, col.states, cfg)
-    settings = SteerSettings(eta=0.1, steps=2, threshold=None, harm_gate=0.5, positions="prompt")
+    settings = SteerSettings(eta=0.1, steps=2, energy_gate=None, harm_gate=0.5, flagged="leave", positions="prompt")
     art = make_artefact(result, col, cfg, settings, layer_rule="last", top_n=2)
     art.save(tmp_path / "a")
     loaded = Artefact.load(tmp_path / "a")
     m = loaded.manifest
     assert m["steer"]["layers"] == [1, 2] and m["steer"]["positions"] == "prompt"
     assert m["steer"]["layer_rule"] == "last" and m["energy"]["contrast"] == "benign"
-    assert loaded.settings == settings and "gate" not in m["steer"] and m["steer"]["threshold"] is None
+    assert loaded.settings == settings and "gate" not in m["steer"] and m["steer"]["energy_gate"] is None
     # the harm probe is fitted and scored on both kinds, whatever rows the energy used: its validation split
     # is drawn over all four states, so it holds harmful and benign rows
     _, probe_val = stratified_split(col.states, cfg.val_fraction, cfg.seed, STATES)

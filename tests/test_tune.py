@@ -75,14 +75,14 @@ def test_tune_end_to_end_and_resume(tmp_path):
     loaded = Artefact.load(tmp_path / "tuned")
     chosen = result["chosen"]["settings"]
     steer = loaded.manifest["steer"]
-    assert (steer["layers"], steer["eta"], steer["steps"], steer["threshold"]) == (
-        chosen["layers"], chosen["eta"], chosen["steps"], chosen["threshold"])
+    assert (steer["layers"], steer["eta"], steer["steps"], steer["energy_gate"]) == (
+        chosen["layers"], chosen["eta"], chosen["steps"], chosen["energy_gate"])
     assert loaded.manifest["tune"]["n_trials"] == 3 and loaded.manifest["tune"]["validation"] == sets
     assert (steer["harm_gate"], steer["positions"], steer["layer_rule"]) == (
         chosen["harm_gate"], chosen["positions"], result["chosen"]["params"]["layer_rule"])
     assert steer.keys() == art.manifest["steer"].keys()
     s = Steering(lm.model, loaded)
-    assert s.layers == chosen["layers"] and s.settings.threshold == chosen["threshold"]
+    assert s.layers == chosen["layers"] and s.settings.energy_gate == chosen["energy_gate"]
 
     assert tune(lm, art, tmp_path, n_trials=4, **kw)["n_trials"] == 4  # resumes: one more trial, same base
     with pytest.raises(ValueError, match="other settings"):

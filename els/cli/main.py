@@ -18,14 +18,11 @@ from els.cli.errors import ErrorsGroup, at_least, debug_option, load_model
 from els.cli.options import (
     DEFAULT_BENIGN,
     DEFAULT_CONTRAST,
-    DEFAULT_ETA,
     DEFAULT_HARM_DATA,
-    DEFAULT_HARM_GATE,
     DEFAULT_HARMFUL,
     DEFAULT_JUDGE,
-    DEFAULT_POSITIONS,
-    DEFAULT_STEPS,
     DEFAULT_WIDTHS,
+    STEER_OPTIONS,
     TRAIN_DEFAULTS,
     Benign,
     Contrast,
@@ -37,7 +34,6 @@ from els.cli.options import (
     LayerRule,
     Limit,
     Model,
-    Positions,
     Ray,
     RayAddress,
     Workers,
@@ -47,6 +43,7 @@ from els.cli.options import (
     parse_widths,
     prompt_sets,
     ray_executor,
+    steer_options,
 )
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate
 from els.core.io import write_atomic
@@ -55,11 +52,13 @@ from els.judges.model import JUDGES, get_judge
 from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
 from els.steering.energy import CONTRASTS
 from els.steering.gate import HarmGate
-from els.steering.settings import SteerSettings
-from els.steering.steering import steer
+from els.steering.steering import Steering
 from els.training import recipe
 from els.training.collect import Collection, check_fits, collect, load_collection
 from els.training.energy import TrainConfig
+
+SIDES = {"answer": "steered towards answering", "refuse": "steered towards refusing",
+         "leave": "flagged, left unsteered", "off": "unsteered"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
                   cls=ErrorsGroup)
@@ -104,19 +103,13 @@ def _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, executor=
 
 
 @app.command("train")
+@steer_options
 def train_cmd(
     ctx: typer.Context,
     states: Annotated[Path, typer.Argument(help="A directory written by `els collect`.")],
     out: Annotated[Path, typer.Option(help="Artefact directory to write.")],
     top_n: Annotated[int, typer.Option(help="Steer the N layers of best validation AUC.")] = DEFAULT_TOP_N,
-    eta: Annotated[float, typer.Option(help="Step size as a fraction of the layer's mean hidden norm.")] = DEFAULT_ETA,
-    steps: Annotated[int, typer.Option(help="Gradient steps K per forward pass.")] = DEFAULT_STEPS,
-    gate: Annotated[Optional[float], typer.Option(
-        help="Gate threshold (energy above the calibrated offset); off by default.")] = None,
-    harm_gate: Annotated[float, typer.Option(help="Leave prompts the harm probe rates at least this likely harmful "
-                                                  "unsteered; 1 turns the gate off.")] = DEFAULT_HARM_GATE,
     layer_rule: LayerRule = DEFAULT_LAYER_RULE,
-    positions: Positions = DEFAULT_POSITIONS,
     contrast: Contrast = DEFAULT_CONTRAST,
     widths: Annotated[str, typer.Option(
         help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = DEFAULT_WIDTHS,
@@ -126,10 +119,11 @@ def train_cmd(
     model: Model = DEFAULT_MODEL,
     device: Device = None,
     dtype: Dtype = "auto",
+    steer: Optional[dict] = None,
 ) -> None:
-    """Train the per-layer energy models and the harm gate and write the steering artefact (the gate's
-    forward passes need the collection's model)."""
-    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
+    """Train the compliance and safety energies and the harm gate and write the steering artefact (the gate's
+    forward passes need the collection's model). The steering flags set the artefact's settings."""
+    how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, steer or {}, harm_data)
     col = load_collection(states)
     sets = recipe.harm_sets(how)
     # A --model given on its own is loaded too, to check that the activations are its own.
@@ -137,24 +131,21 @@ def train_cmd(
     lm = load_model(model, device=device, dtype=dtype) if sets is not None or named else None
     if lm is not None:
         check_fits(col, lm, states)
-    _train(col, out, how, recipe.fit_harm_gate(lm, how, sets=sets) if lm is not None else None)
+    _train(col, out, how, recipe.fit_harm_gate(lm, how, sets=sets, collection=col) if lm is not None else None)
 
 
-def _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions,
-            harm_data) -> recipe.Recipe:
+def _recipe(widths: str, epochs: int, seed: int, contrast: str, top_n: int, layer_rule: str, steer: dict,
+            harm_data: str) -> recipe.Recipe:
     at_least(1, top_n=top_n, epochs=epochs)
     if layer_rule not in LAYER_RULES:
         raise typer.BadParameter(f"--layer-rule must be one of {', '.join(LAYER_RULES)}, got {layer_rule!r}")
     if contrast not in CONTRASTS:
         raise typer.BadParameter(f"--contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
-    try:
-        settings = SteerSettings(eta=eta, steps=steps, threshold=gate, harm_gate=None if harm_gate >= 1 else harm_gate,
-                                 positions=positions)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
     cfg = TrainConfig(parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
     pool = () if harm_data.strip().lower() == "none" else tuple(s.strip() for s in harm_data.split(",") if s.strip())
-    return recipe.Recipe(cfg, settings, layer_rule=layer_rule, top_n=top_n, harm_data=pool)
+    # An explicit --harm-gate wins over the threshold chosen on the pool (steer_options has checked the values).
+    return recipe.Recipe(cfg, recipe.Recipe().settings.override(**steer), layer_rule=layer_rule, top_n=top_n,
+                         harm_data=pool, pool_threshold="harm_gate" not in steer)
 
 
 def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None) -> Artefact:
@@ -175,16 +166,16 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None
                   + (f", validation macro AUROC {g['val_macro_auroc']:.3f}" if "val_macro_auroc" in g else
                      " (probe on the collection's prompts)"))
     console.print(f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
-                  f"positions {st.positions}, harm gate {st.harm_gate}, project {st.project})")
+                  f"positions {st.positions}, harm gate {st.harm_gate}, flagged prompts: {st.flagged} "
+                  f"(eta {st.refuse_eta}), project {st.project})")
     return art
 
 
-def run_cmd(**options) -> None:
+def run_cmd(steer: dict, **options) -> None:
     """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json).
     Its options are those of `els collect` and `els train` (see `_run_signature`)."""
     o = SimpleNamespace(**options)
-    how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, o.eta, o.steps, o.gate,
-                  o.harm_gate, o.positions, o.harm_data)
+    how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, steer, o.harm_data)
     at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
     need_ray(o.ray, o.ray_address, o.workers)
     times = {}
@@ -201,7 +192,7 @@ def run_cmd(**options) -> None:
         col = _collect(lm, o.out / "collect", sets, o.max_new_tokens, o.batch_size, o.judge, o.system, ex)
     times["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    gate = recipe.fit_harm_gate(lm, how, sets=pool)
+    gate = recipe.fit_harm_gate(lm, how, sets=pool, collection=col)
     times["gate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     art = _train(col, o.out / "artefact", how, gate)
@@ -229,34 +220,31 @@ def _run_signature() -> inspect.Signature:
     params = {"out": out}
     for command in (collect_cmd, train_cmd):
         for p in inspect.signature(command, eval_str=True).parameters.values():
-            if p.name not in ("ctx", "out", "states"):
+            if p.name not in ("ctx", "out", "states", "steer", *STEER_OPTIONS):
                 params.setdefault(p.name, p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
     return inspect.Signature(list(params.values()))
 
 
 run_cmd.__signature__ = _run_signature()  # type: ignore[attr-defined]
-app.command("run")(run_cmd)
+app.command("run")(steer_options(run_cmd))
 
 
 @app.command("generate")
+@steer_options
 def generate_cmd(
     prompts: Annotated[list[str], typer.Argument(help="Prompts to answer.")],
     model: Model = DEFAULT_MODEL,
     steer_dir: Annotated[Optional[Path], typer.Option("--steer", help="Artefact directory.")] = None,
     compare: Annotated[bool, typer.Option(help="Print the unsteered answer too (needs --steer).")] = False,
-    eta: Annotated[Optional[float], typer.Option(help="Override the artefact's eta.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Override the artefact's K.")] = None,
-    harm_gate: Annotated[Optional[float], typer.Option(help="Override the artefact's harm gate.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Override the steered layers, e.g. 21,22,23.")] = None,
-    positions: Annotated[Optional[str], typer.Option(help="Override the artefact's positions: last, prompt.")] = None,
-    project: Annotated[Optional[bool], typer.Option(help="Override whether steps are kept orthogonal to the harm "
-                                                         "probe's direction.")] = None,
     max_new_tokens: int = 128,
     system: Optional[str] = None,
     device: Device = None,
     dtype: Dtype = "auto",
+    steer: Optional[dict] = None,
 ) -> None:
-    """Answer prompts, steered with --steer; --compare prints `base:` and `els:` answers."""
+    """Answer prompts, steered with --steer (the steering flags override the artefact's settings); --compare
+    prints `base:` and `els:` answers, and each steered answer says which side the harm gate sent it."""
     if compare and steer_dir is None:
         raise typer.BadParameter("--compare needs --steer")
     at_least(1, max_new_tokens=max_new_tokens)
@@ -267,9 +255,9 @@ def generate_cmd(
     if steer_dir is not None:
         try:
             chosen = None if layers is None else parse_ints(layers, "--layers")
-            with steer(lm.model, art, eta=eta, steps=steps, harm_gate=harm_gate, layers=chosen, positions=positions,
-                       project=project):
+            with Steering(lm.model, art, layers=chosen, **(steer or {})) as s:
                 steered = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system)
+                sides = s.sides()
         except (FileNotFoundError, ValueError) as e:
             raise typer.BadParameter(str(e)) from None
     for i, prompt in enumerate(prompts):
@@ -278,6 +266,10 @@ def generate_cmd(
         if base is not None:
             console.print(f"[bold]base:[/bold] {base[i]}" if compare else base[i], highlight=False)
         if steered is not None:
+            if compare:
+                side, p = sides[i]
+                gate = "" if p is None else f"p(harmful) {p:.3f}, threshold {s.settings.harm_gate:.3f}: "
+                console.print(f"[dim]harm gate: {gate}{SIDES[side]}[/dim]", highlight=False)
             console.print(f"[bold]els:[/bold] {steered[i]}" if compare else steered[i], highlight=False)
 
 

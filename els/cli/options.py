@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -11,7 +14,7 @@ from rich.console import Console
 from els.data.prompts import load_prompts
 from els.parallel.ray_executor import RayMissing, import_ray, make_executor
 from els.steering.artefact import LAYER_RULES
-from els.steering.settings import SteerSettings
+from els.steering.settings import FLAGGED_MODES, SteerSettings
 from els.training import recipe
 from els.training.energy import TrainConfig
 
@@ -21,11 +24,8 @@ console = Console()
 DEFAULT_BENIGN = list(recipe.DEFAULT_BENIGN)
 DEFAULT_HARMFUL = list(recipe.DEFAULT_HARMFUL)
 DEFAULT_JUDGE = recipe.DEFAULT_COLLECT_JUDGE
-SETTINGS_DEFAULTS, TRAIN_DEFAULTS = SteerSettings(), TrainConfig()
+TRAIN_DEFAULTS = TrainConfig()
 DEFAULT_CONTRAST = TRAIN_DEFAULTS.contrast
-DEFAULT_ETA, DEFAULT_STEPS = SETTINGS_DEFAULTS.eta, SETTINGS_DEFAULTS.steps
-DEFAULT_POSITIONS = SETTINGS_DEFAULTS.positions
-DEFAULT_HARM_GATE = SETTINGS_DEFAULTS.harm_gate
 DEFAULT_WIDTHS = ",".join(map(str, TRAIN_DEFAULTS.widths))
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF id, local dir, .gguf file or 'default'.")]
@@ -40,8 +40,6 @@ LayerRule = Annotated[str, typer.Option(help=f"How the N steered layers are chos
 Contrast = Annotated[str, typer.Option(help="States the energy contrasts: four-state (the paper: helpful and "
                                            "safe refusal vs false refusal and jailbreak) or benign (helpful vs "
                                            "false refusal; pair it with --harm-gate).")]
-Positions = Annotated[str, typer.Option(help="'last': step position -1 of every forward pass (the paper); "
-                                             "'prompt': only the last prompt token.")]
 HarmData = Annotated[str, typer.Option(help="The harm gate's pool: comma-separated [KIND=]SET[#N] specs, prompt-only "
                                             "forward passes (els.training.gate); 'none': a probe on the collection's "
                                             "own prompts.")]
@@ -106,3 +104,61 @@ def prompt_sets(specs: list[str], kind: str, limit: Optional[int], seed: int):
         share = [limit // len(out) + (i < limit % len(out)) for i in range(len(out))]
         out = [ps.sample(n, seed) for ps, n in zip(out, share)]
     return out
+
+
+# The steering settings as flags: the fields of SteerSettings under the same names, on every command that steers
+# (`els train` writes them into the artefact; generate, eval and serve override the artefact's). Unset: the
+# artefact's value (for `els train`, the recipe's). A gate is turned off with `off`.
+_D = SteerSettings()
+STEER_OPTIONS: dict[str, Any] = {
+    "eta": Annotated[Optional[float], typer.Option(help=f"Step size, a fraction of the layer's mean hidden norm "
+                                                        f"(recipe: {_D.eta}).")],
+    "steps": Annotated[Optional[int], typer.Option(help=f"Gradient steps K per steered pass (recipe: {_D.steps}).")],
+    "energy_gate": Annotated[Optional[str], typer.Option(
+        "--energy-gate", "--gate", help="Step a row only while its energy exceeds the layer's offset by this; off: "
+                                        "always (recipe: off).")],
+    "harm_gate": Annotated[Optional[str], typer.Option(
+        help="p(harmful) at which the harm gate flags a prompt; off: no gate (recipe: the pool's threshold).")],
+    "flagged": Annotated[Optional[str], typer.Option(
+        help=f"Flagged prompts: {' or '.join(FLAGGED_MODES)} (recipe: {_D.flagged}).")],
+    "refuse_eta": Annotated[Optional[float], typer.Option(
+        help=f"Step size towards refusal for flagged prompts (recipe: {_D.refuse_eta}).")],
+    "positions": Annotated[Optional[str], typer.Option(
+        help=f"prompt: step the last prompt token only; last: every new token too (recipe: {_D.positions}).")],
+    "project": Annotated[Optional[bool], typer.Option(
+        help="Keep steps orthogonal to the harm probe's direction (recipe: off).")],
+}
+
+
+def _gate_value(name: str, text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"--{name.replace('_', '-')} must be a number or 'off', got {text!r}") from None
+
+
+def steer_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the steering flags (STEER_OPTIONS); it receives the ones given as `steer: dict`, checked
+    against SteerSettings before any work (so a bad value is one line before the model loads)."""
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        given = {k: kwargs.pop(k) for k in STEER_OPTIONS}
+        steer = {k: v for k, v in given.items() if v is not None}
+        for name in ("energy_gate", "harm_gate"):
+            if name in steer:
+                steer[name] = _gate_value(name, steer[name])
+        for name, value in steer.items():  # one at a time, so the error names its flag
+            try:
+                SteerSettings().override(**{name: value})
+            except ValueError as e:
+                raise typer.BadParameter(f"--{name.replace('_', '-')}: {e}") from None
+        command(**kwargs, steer=steer)
+
+    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "steer"]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=t)
+               for k, t in STEER_OPTIONS.items()]
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return wrapper

@@ -238,7 +238,16 @@ def _jbb_wrapped() -> PromptSet:
     return jbb_wrapped(_load_known("jbb"))
 
 
+def _els_harmful_framed() -> PromptSet:
+    from els.data.framings import frame_set
+
+    return frame_set(_BUILTIN["els-harmful"](), "train", name="els-harmful-framed")
+
+
 _BUILTIN["jbb-wrapped"] = _jbb_wrapped  # JailbreakBench in the project's evaluation framings (needs jbb)
+# The built-in harmful prompts as jailbreak attempts (the train framing family, never the evaluation one): the
+# collection's source of jailbreak states for the safety energy.
+_BUILTIN["els-harmful-framed"] = _els_harmful_framed
 KNOWN_SETS = tuple(SOURCES) + tuple(_BUILTIN)
 
 

@@ -27,7 +27,9 @@ from els.eval.methods import (
     SystemPrompt,
     register_method,
 )
+from els.steering.artefact import Artefact
 from els.steering.energy import STATES
+from els.steering.settings import SteerSettings
 from els.training.collect import Collection, load_collection
 
 # Arditi et al. drop directions from the last 20% of layers: there they mostly encode the next token.
@@ -142,6 +144,13 @@ def _fitted(name: str):
     return factory
 
 
+def gate_threshold(art: Artefact, settings: SteerSettings | None) -> float:
+    """The harm gate's threshold ELS runs at, for the gated baselines and the composed methods; the gate's own
+    where ELS runs ungated."""
+    harm_gate = (settings or art.settings).harm_gate
+    return float(art.gate.threshold if harm_gate is None else harm_gate)
+
+
 def _gated(name: str):
     """`name` behind the artefact's harm gate, at the threshold ELS itself uses in this run."""
     inner = _fitted(name)
@@ -149,10 +158,7 @@ def _gated(name: str):
     def factory(ctx: MethodContext) -> Method:
         if ctx.artefact is None:
             raise ValueError(f"method '{name}-gated' uses the artefact's harm gate: pass --steer DIR")
-        threshold = ctx.els_settings.get("harm_gate", ctx.artefact.settings.harm_gate)
-        if not isinstance(threshold, (int, float)):
-            threshold = ctx.artefact.gate.threshold  # ELS runs ungated here: the gate's own threshold
-        return Gated(inner(ctx), ctx.artefact.gate, float(threshold))  # type: ignore[arg-type]
+        return Gated(inner(ctx), ctx.artefact.gate, gate_threshold(ctx.artefact, ctx.els_settings))  # type: ignore[arg-type]
 
     return factory
 

@@ -1,8 +1,9 @@
-"""Comparisons on the same prompts: exact McNemar tests of paired verdicts, and the gated system prompt.
+"""Comparisons on the same prompts: exact McNemar tests of paired verdicts, and the gate-composed methods.
 
-`system-prompt-gated` is what a practitioner would build without ELS: the harm gate decides per prompt before
-generation, so its answers are exactly the base model's where the gate flags a prompt and the system prompt's
-elsewhere, composed here from those two methods' judged answers instead of being generated a third time.
+`system-prompt-gated` and `system-prompt-two-sided` (els.eval.methods.COMPOSED) are what a practitioner would
+build without ELS: the harm gate decides per prompt before generation, so their answers are exactly one
+method's where the gate flags a prompt and another's elsewhere, composed here from those two methods' judged
+answers instead of being generated again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from els.core.stats import wilson
 from els.steering.gate import HarmGate
 from els.training.gate import prompt_activations
 
-GATED_SYSTEM_PROMPT = "system-prompt-gated"
+
 def rate(flags: Sequence[bool]) -> dict:
     k, n = sum(flags), len(flags)
     lo, hi = wilson(k, n)

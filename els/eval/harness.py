@@ -24,12 +24,14 @@ from els.core.executor import Batch, Executor, LocalExecutor
 from els.core.generation import generate_batch, length_batches, prompt_texts
 from els.core.io import write_atomic
 from els.core.models import LoadedModel, chat_texts, user_conversations
+from els.data.capability import load_mmlu
 from els.data.prompts import load_benchmark
 from els.data.promptset import KINDS, PromptSet
 from els.eval import baselines  # noqa: F401  registers the baseline methods
 from els.eval.cache import CompletionFile, cache_key, digest, method_config, model_fingerprint, slug
-from els.eval.comparison import GATED_SYSTEM_PROMPT, gate_probabilities, gated_verdicts, mcnemar, rate
-from els.eval.methods import Method
+from els.eval.comparison import gate_probabilities, gated_verdicts, mcnemar, rate
+from els.eval.methods import COMPOSED, Method
+from els.eval.quality import kl_to_base, mc_accuracy, repeated_ngram_share
 from els.judges.model import Judge, ModelJudge, get_judge
 from els.steering.gate import HarmGate
 
@@ -138,28 +140,6 @@ class Runner:
 
 
 @torch.inference_mode()
-def kl_to_base(lm: LoadedModel, base: Method, method: Method, prompts: list[str], continuations: list[list[int]],
-               batch_size: int = 8) -> tuple[float, int]:
-    """Mean per-token KL(base || method) of the next-token distribution along the base's own greedy
-    continuations, teacher-forced through both (each with its own system prompt). Returns (mean, tokens)."""
-    total, count = 0.0, 0
-    texts = {m.name: chat_texts(lm.tokenizer, user_conversations(prompts, m.system)) for m in (base, method)}
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(start + batch_size, len(prompts))))
-        force = [continuations[i] for i in idx]
-        logp = {}
-        for m in (base, method):
-            with m.apply(lm.model):
-                logits = generate_batch(lm, [texts[m.name][i] for i in idx], 0, force=force).logits
-            logp[m.name] = [step.float().log_softmax(-1) for step in logits or []]
-        for t, (lb, lq) in enumerate(zip(logp[base.name], logp[method.name])):
-            valid = torch.tensor([t < len(f) for f in force], device=lb.device)
-            kl = (lb.exp() * (lb - lq)).sum(-1)
-            total += float(kl[valid].sum())
-            count += int(valid.sum())
-    return (total / count if count else float("nan")), count
-
-
 def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], batch_sizes: list[int],
                   max_new_tokens: int, rounds: int = 2) -> dict[str, list[dict]]:
     """Generated tokens per second of each method on the same prompts, every row forced to `max_new_tokens`
@@ -207,6 +187,8 @@ class EvalConfig:
     seed: int = 0
     quality_set: str = "alpaca"
     quality_n: int = 32  # 0: skip the quality measures
+    quality_tokens: int = 128  # long enough for an answer to start repeating itself
+    capability_n: int = 0  # MMLU questions for multiple-choice accuracy (0: skip)
     speed_n: int = 8  # 0: skip the speed measure
     speed_batch: int | None = None  # the larger batch; default the generation batch size
 
@@ -221,8 +203,8 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
     """Run every method on every set, judge, measure quality and speed; return the summary (also written to
     OUT/summary.json). `judges` default to `get_judge` of `cfg.judges`, sharing `lm` where it is the judge model.
     `executor` generates the answers (default: here; `els.parallel.ray_executor.RayExecutor`: on Ray workers);
-    judging, KL and speed run here on `lm`. With `gate` (a harm gate and its threshold) and both `base` and
-    `system-prompt` among the methods, `system-prompt-gated` is reported too (els.eval.comparison); every method
+    judging, KL and speed run here on `lm`. With `gate` (a harm gate and its threshold), each method of
+    `COMPOSED` whose two parts are among the methods is reported too (els.eval.comparison); every method
     gets exact McNemar tests against base per set and pooled (`paired`)."""
     out = Path(out)
     t_start = time.perf_counter()
@@ -246,12 +228,13 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
 
     verdicts = {(m.name, ps.name): _verdicts(*stores[m.name, ps.name], headline) for ps in sets for m in methods}
     names = [m.name for m in methods]
-    if gate is not None and {"base", "system-prompt"} <= set(names):
-        for ps in sets:
-            p = gate_probabilities(lm, gate[0], ps.prompts, out / "gate")
-            verdicts[GATED_SYSTEM_PROMPT, ps.name] = gated_verdicts(p, gate[1], verdicts["base", ps.name],
-                                                                    verdicts["system-prompt", ps.name])
-        names.append(GATED_SYSTEM_PROMPT)
+    composed = {name: pair for name, pair in COMPOSED.items() if gate is not None and set(pair) <= set(names)}
+    for ps in sets if composed else []:
+        assert gate is not None
+        p = gate_probabilities(lm, gate[0], ps.prompts, out / "gate")
+        for name, (passed, flagged) in composed.items():
+            verdicts[name, ps.name] = gated_verdicts(p, gate[1], verdicts[flagged, ps.name], verdicts[passed, ps.name])
+    names += list(composed)
     base_name = methods[0].name
     for ps in sets:
         entry: dict = {"kind": ps.kind, "n": len(ps), "methods": {}}
@@ -284,7 +267,7 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
                              for name, v in pooled.items()}
 
     t = time.perf_counter()
-    quality = _quality(lm, methods, runner, stores, sets, headline, cfg, out, log)
+    quality = _quality(lm, methods, runner, stores, sets, headline, cfg, out, log, gate)
     timings["quality_s"] = time.perf_counter() - t
     t = time.perf_counter()
     speed: dict = {}
@@ -307,7 +290,8 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
         "methods": {m.name: method_config(m) for m in methods},
         "benchmarks": benchmarks,
         "overall": overall,
-        "quality": quality,
+        "quality": {name: {k: v for k, v in q.items() if k != "capability"} for name, q in quality.items()},
+        "capability": {name: q["capability"] for name, q in quality.items() if "capability" in q},
         "speed": speed,
         "run": {"generated": runner.generated, "timings_s": {k: round(v, 1) for k, v in timings.items()}},
         "examples": _examples(methods, sets, stores, headline),
@@ -317,14 +301,22 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
 
 
 def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dict, sets: list[PromptSet],
-             headline: str, cfg: EvalConfig, out: Path, log: Log) -> dict:
-    """Per method: KL to base and the share of answers unchanged from base on harmless prompts (`alpaca`
-    sample), plus the unchanged share on benign benchmark prompts that base answered."""
+             headline: str, cfg: EvalConfig, out: Path, log: Log, gate: tuple[HarmGate, float] | None) -> dict:
+    """Per method, on `cfg.quality_tokens`-token answers to harmless prompts (`cfg.quality_set` sample): KL to
+    base on the prompts the harm gate passes (the ones ELS steers towards answering; all without a gate), the
+    share of answers unchanged from base and of repeated 4-grams; multiple-choice accuracy on
+    `cfg.capability_n` MMLU questions; and the unchanged share on benign benchmark prompts that base answered."""
     base = methods[0]
     quality: dict = {}
     qs = load_benchmark(cfg.quality_set, cfg.quality_n, cfg.seed) if cfg.quality_n > 0 else None
-    qstores = (dict(zip([m.name for m in methods], runner.complete_all([(m, qs) for m in methods])))
-               if qs is not None else {})
+    long = Runner(lm, methods, out, Generation(cfg.quality_tokens, cfg.generation.batch_size), runner.progress,
+                  runner.log, runner.executor)
+    qstores = dict(zip([m.name for m in methods], long.complete_all([(m, qs) for m in methods]))) if qs else {}
+    passed = list(range(len(qs))) if qs else []
+    if qs is not None and gate is not None:
+        p = gate_probabilities(lm, gate[0], qs.prompts, out / "gate")
+        passed = [i for i, x in enumerate(p) if x < gate[1]]
+    questions = load_mmlu(cfg.capability_n, cfg.seed) if cfg.capability_n > 0 else []
     cache_path = out / "quality_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     for m in methods:
@@ -333,19 +325,30 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
             (bstore, bkeys), (mstore, mkeys) = qstores[base.name], qstores[m.name]
             base_rows, m_rows = [bstore.rows[k] for k in bkeys], [mstore.rows[k] for k in mkeys]
             entry["unchanged_share"] = sum(a["answer"] == b["answer"] for a, b in zip(base_rows, m_rows)) / len(qs)
-            entry["quality_set"], entry["quality_n"] = qs.name, len(qs)
+            entry["repeated_4gram"] = repeated_ngram_share([r["tokens"] for r in m_rows])
+            entry["quality_set"], entry["quality_n"], entry["quality_tokens"] = qs.name, len(qs), cfg.quality_tokens
+            entry["kl_prompts"] = len(passed)
             key = digest([runner.model_fp, runner.method_digest[base.name], runner.method_digest[m.name],
-                           cfg.generation.key(), bkeys])
+                          long.gen.key(), [bkeys[i] for i in passed]])
             if m is base:
-                entry["kl_mean"], entry["kl_tokens"] = 0.0, sum(len(r["tokens"]) for r in base_rows)
+                entry["kl_mean"], entry["kl_tokens"] = 0.0, sum(len(base_rows[i]["tokens"]) for i in passed)
             elif cache.get(m.name, {}).get("key") == key:
                 entry["kl_mean"], entry["kl_tokens"] = cache[m.name]["kl_mean"], cache[m.name]["kl_tokens"]
             else:
-                log(f"KL of {m.name} to base on {len(qs)} {qs.name} prompts")
-                kl, n = kl_to_base(lm, base, m, qs.prompts, [r["tokens"] for r in base_rows])
+                log(f"KL of {m.name} to base on {len(passed)} gate-passed {qs.name} prompts")
+                kl, n = kl_to_base(lm, base, m, [qs.prompts[i] for i in passed],
+                                   [base_rows[i]["tokens"] for i in passed])
                 entry["kl_mean"], entry["kl_tokens"] = kl, n
                 cache[m.name] = {"key": key, "kl_mean": kl, "kl_tokens": n}
                 write_atomic(cache_path, json.dumps(cache, indent=2))
+        if questions:
+            key = digest([runner.model_fp, runner.method_digest[m.name], "mmlu", cfg.capability_n, cfg.seed])
+            if cache.get(f"capability/{m.name}", {}).get("key") != key:
+                log(f"capability of {m.name}: {len(questions)} MMLU questions")
+                cache[f"capability/{m.name}"] = {"key": key, "accuracy": mc_accuracy(lm, m, questions)}
+                write_atomic(cache_path, json.dumps(cache, indent=2))
+            entry["capability"] = {"set": "mmlu", "n": len(questions),
+                                   "accuracy": cache[f"capability/{m.name}"]["accuracy"]}
         same, n = 0, 0
         for ps in sets:
             if ps.kind != "benign":
@@ -358,6 +361,7 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
         entry["unchanged_share_benign_answered"] = same / n if n else None
         entry["benign_answered_n"] = n
         quality[m.name] = entry
+    runner.generated += long.generated
     return quality
 
 

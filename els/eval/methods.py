@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +20,7 @@ from els.core.hooks import pre_hooks
 from els.core.models import block_input, decoder_blocks, with_block_input
 from els.steering.artefact import Artefact
 from els.steering.gate import HarmGate, read_gate
+from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
 
 
@@ -49,15 +50,20 @@ class Base:
 
 @dataclass
 class Els:
-    """Energy steering with an artefact; settings override the manifest's (see `Steering`)."""
+    """Energy steering with an artefact: its own settings and layers, or the given ones (see `Steering`)."""
 
     artefact: Artefact
-    settings: dict = field(default_factory=dict)
+    settings: SteerSettings | None = None
+    layers: tuple[int, ...] | None = None
     name: str = "els"
     system: str | None = None
 
+    def config(self) -> dict:
+        return {"artefact": self.artefact, "settings": (self.settings or self.artefact.settings).manifest(),
+                "layers": list(self.layers or self.artefact.layers)}
+
     def apply(self, model: nn.Module) -> Steering:
-        return Steering(model, self.artefact, **self.settings)
+        return Steering(model, self.artefact, self.settings, layers=self.layers)
 
 
 BALANCED_SYSTEM_PROMPT = (
@@ -67,6 +73,14 @@ BALANCED_SYSTEM_PROMPT = (
     "asked about for information. Do not lecture, moralise or add needless warnings. Decline only requests "
     "that clearly seek to cause real harm, such as weapons, malware, fraud or hurting people; then say so "
     "briefly and offer a safe alternative if there is one."
+)
+
+# The other side of two-sided prompting: where the harm gate flags a prompt, ask for a refusal.
+SAFETY_SYSTEM_PROMPT = (
+    "You are a helpful and harmless assistant. The request you are about to receive may seek help with something "
+    "dangerous, illegal or hurtful, possibly wrapped in a story, a role-play or a hypothetical. If it does, decline "
+    "briefly and do not provide any of the harmful content, whatever framing or instructions come with it; offer a "
+    "safe alternative if there is one. If it is clearly harmless, answer it."
 )
 
 Hook = Callable[[torch.Tensor], torch.Tensor]  # block input [B, T, d] -> new block input
@@ -105,6 +119,14 @@ class SystemPrompt:
 
     def apply(self, model: nn.Module) -> AbstractContextManager:
         return Base().apply(model)
+
+
+# Methods whose answers are composed per prompt from two generated ones by the harm gate's decision (ELS's own
+# gate and threshold): name -> (the method where the gate passes the prompt, the method where it flags it).
+COMPOSED = {
+    "system-prompt-gated": ("system-prompt", "base"),
+    "system-prompt-two-sided": ("system-prompt", "safety-system-prompt"),
+}
 
 
 @dataclass
@@ -229,7 +251,7 @@ class MethodContext:
 
     artefact: Artefact | None = None
     states: Path | None = None  # a collection directory (`els collect`), for methods fitted on it
-    els_settings: dict = field(default_factory=dict)
+    els_settings: SteerSettings | None = None  # ELS's settings in this run (None: the artefact's)
     fitted: dict[str, Method] | None = None  # the baselines fitted on `states`, once for all of them
 
 
@@ -242,15 +264,21 @@ def register_method(name: str, factory: MethodFactory) -> None:
     _METHODS[name] = factory
 
 
-def _els(ctx: MethodContext) -> Method:
-    if ctx.artefact is None:
-        raise ValueError("method 'els' needs an artefact: pass --steer DIR")
-    return Els(ctx.artefact, dict(ctx.els_settings))
+def _els(system: str | None, name: str) -> MethodFactory:
+    def factory(ctx: MethodContext) -> Method:
+        if ctx.artefact is None:
+            raise ValueError(f"method {name!r} needs an artefact: pass --steer DIR")
+        return Els(ctx.artefact, ctx.els_settings, name=name, system=system)
+
+    return factory
 
 
 register_method("base", lambda ctx: Base())
-register_method("els", _els)
+register_method("els", _els(None, "els"))
+# ELS on top of the balanced system prompt: the composition a deployment that already prompts would run.
+register_method("els+system-prompt", _els(BALANCED_SYSTEM_PROMPT, "els+system-prompt"))
 register_method("system-prompt", lambda ctx: SystemPrompt())
+register_method("safety-system-prompt", lambda ctx: SystemPrompt("safety-system-prompt", SAFETY_SYSTEM_PROMPT))
 
 
 def resolve_methods(names: Sequence[str], ctx: MethodContext) -> list[Method]:

@@ -209,7 +209,7 @@ def markdown(summary: dict, plots: list[str], notes: list[str], artefact: Artefa
         s = artefact.manifest["steer"]
         els_settings = summary["methods"].get("els", {}).get("config", {}).get("settings", {})
         lines.append(f"- artefact: layers {s['layers']}, eta {els_settings.get('eta', s['eta'])}, "
-                     f"K {els_settings.get('steps', s['steps'])}, gate {artefact.settings.threshold}"
+                     f"K {els_settings.get('steps', s['steps'])}, energy gate {artefact.settings.energy_gate}"
                      + (f"; states from `{states}`" if states else ""))
     run = summary["run"]
     lines.append(f"- run: {run['generated']} answers generated this run (the rest cached); "

@@ -120,18 +120,19 @@ def pick(scores: Sequence[Score], base: Score | None, tolerance: float = TOLERAN
 
 
 def settings_of(params: dict, manifest: dict) -> dict:
-    """Trial parameters -> the steered layers and the `SteerSettings` fields, as plain values."""
-    settings = SteerSettings(eta=params["eta"], steps=params["steps"],
-                             threshold=params["threshold"] if params["gate"] else None,
-                             harm_gate=params.get("harm_gate"), positions=params.get("positions", "last"),
-                             project=params.get("project", False))
+    """Trial parameters -> the steered layers and the `SteerSettings` fields, as plain values: the artefact's
+    settings with the searched ones replaced."""
+    settings = SteerSettings.from_manifest(manifest["steer"]).override(
+        eta=params["eta"], steps=params["steps"], energy_gate=params["threshold"] if params["gate"] else None,
+        harm_gate=params.get("harm_gate"), positions=params.get("positions", "last"),
+        project=params.get("project", False))
     return {"layers": steer_layers(manifest, params["layer_rule"], params["n_layers"]), **settings.manifest()}
 
 
 def els_of(artefact: Artefact, settings: dict, name: str) -> Els:
     """The method steering with `settings_of`'s output: exactly these settings, not the artefact's."""
-    rest = {k: v for k, v in settings.items() if k != "layers"}
-    return Els(artefact, {"layers": settings["layers"], "settings": SteerSettings(**rest)}, name=name)
+    rest = SteerSettings(**{k: v for k, v in settings.items() if k != "layers"})
+    return Els(artefact, rest, layers=tuple(settings["layers"]), name=name)
 
 
 @torch.inference_mode()
@@ -223,9 +224,10 @@ def tune(lm: LoadedModel, artefact: Artefact, out: Path, *, benign: list[str], h
                              "n_layers": min(len(artefact.layers), max_layers),
                              "eta": min(max(s.eta, ETA_RANGE[0]), ETA_RANGE[1]),
                              "steps": min(max(s.steps, STEPS_RANGE[0]), STEPS_RANGE[1]),
-                             "gate": s.threshold is not None, "positions": s.positions, "project": s.project,
+                             "gate": s.energy_gate is not None, "positions": s.positions, "project": s.project,
                              "harm_gate": None if s.harm_gate is None else round(s.harm_gate, 4),
-                             **({"threshold": min(max(s.threshold, lo), hi)} if s.threshold is not None else {})})
+                             **({"threshold": min(max(s.energy_gate, lo), hi)} if s.energy_gate is not None
+                                else {})})
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if n_trials > len(done):
         study.optimize(objective, n_trials=n_trials - len(done))
@@ -282,7 +284,7 @@ def _markdown(result: dict) -> str:
               f"{b['nll']:.2f} | | |")]
     for r in sorted(result["trials"], key=lambda r: (-r["benign_compliance"], -r["harmful_refusal"])):
         s = r["settings"]
-        gate = "off" if s["threshold"] is None else f"{s['threshold']:.3g}"
+        gate = "off" if s["energy_gate"] is None else f"{s['energy_gate']:.3g}"
         harm = "off" if s.get("harm_gate") is None else f"{s['harm_gate']:.2g}"
         lines.append(f"| {r['trial']} | {s['layers']} | {s['eta']:.3g} | {s['steps']} | {s.get('positions', 'last')} | "
                      f"{gate} | {harm} | "
@@ -320,7 +322,8 @@ def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
     manifest = json.loads(json.dumps(artefact.manifest))
-    manifest["steer"].pop("gate", None)  # older manifests name the threshold `gate`
+    for old in ("gate", "threshold"):  # the energy gate's older names
+        manifest["steer"].pop(old, None)
     manifest["steer"] |= {"layers": s["layers"], "layer_rule": result["chosen"]["params"]["layer_rule"],
                           **SteerSettings(**{k: v for k, v in s.items() if k != "layers"}).manifest()}
     manifest["tune"] = {"rule": result["rule"], "objectives": result["objectives"], "n_trials": result["n_trials"],

@@ -38,12 +38,14 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that
 # ---- HTTP -----------------------------------------------------------------------------------------------
 
 
-def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits = Limits()) -> FastAPI:
-    """The FastAPI app serving `lm` (named `lm.name` in /v1/models), steered with `artefact` if given."""
+def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits = Limits(),
+               settings: SteerSettings | None = None) -> FastAPI:
+    """The FastAPI app serving `lm` (named `lm.name` in /v1/models), steered with `artefact` if given, by
+    `settings` (default: the artefact's) unless a request's `els` field overrides them."""
     if artefact is not None:
         artefact.check_model(lm.model)
     engine = Engine(lm, artefact, limits)
-    steer_defaults = artefact.settings if artefact is not None else None
+    steer_defaults = (settings or artefact.settings) if artefact is not None else None
     context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     created = int(time.time())
     tokenizing = threading.Lock()
@@ -89,17 +91,18 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": created, "owned_by": "els"}]}
 
     def steer_settings(opts: ElsOptions) -> SteerSettings | None:
-        asked = opts.enabled is True or any(v is not None for v in (opts.eta, opts.steps, opts.threshold, opts.gate,
-                                                                     opts.harm_gate, opts.positions))
+        changes = opts.changes()
         if steer_defaults is None:
-            if asked and opts.enabled is not False:
+            if (opts.enabled is True or changes) and opts.enabled is not False:
                 raise ApiError(400, "steering is not available: the server was started without --steer",
                                param="els", code="steering_unavailable")
             return None
         if opts.enabled is False:
             return None
-        return steer_defaults.override(eta=opts.eta, steps=opts.steps, threshold=opts.threshold, gate=opts.gate,
-                                       harm_gate=opts.harm_gate, positions=opts.positions)
+        try:
+            return steer_defaults.override(**changes)
+        except ValueError as e:
+            raise ApiError(400, f"els: {e}", param="els") from None
 
     def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
         if req.model != lm.name:

@@ -11,8 +11,8 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
-MAX_ETA = 4.0  # eta is a fraction of the layer's hidden norm per step; beyond this the model only babbles
-MAX_STEPS = 32
+from els.steering.settings import MAX_ENERGY_GATE, MAX_ETA, MAX_STEPS
+
 MIN_TEMPERATURE = 0.01  # a positive temperature below this is raised to it (as vLLM does): 1/T overflows the logits
 MIN_TOP_P = 1e-6  # a top_p below this is raised to it: in float32 it rounds to 0 and no token would be kept
 MAX_BATCH_WINDOW_MS = 1000.0  # longer holds every request that long and delays SIGTERM as much
@@ -40,16 +40,30 @@ class Limits:
 
 
 class ElsOptions(BaseModel):
-    """Per-request steering; unset fields take the artefact's settings."""
+    """Per-request steering: the fields of `SteerSettings` by the same names (els.steering.settings); unset
+    fields take the server's settings, and null turns a gate off (`"harm_gate": null`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool | None = None  # default: on when the server has an artefact
     eta: float | None = Field(None, ge=0, le=MAX_ETA, allow_inf_nan=False)
     steps: int | None = Field(None, ge=0, le=MAX_STEPS)
-    threshold: float | None = Field(None, ge=-1e6, le=1e6, allow_inf_nan=False)  # gate on, at this threshold
-    gate: bool | None = None  # false: no gate even if the artefact has one
-    harm_gate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # skip prompts the probe finds harmful
+    energy_gate: float | None = Field(None, ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE, allow_inf_nan=False)
+    harm_gate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    flagged: Literal["refuse", "leave"] | None = None  # flagged prompts: steered towards refusal, or left alone
+    refuse_eta: float | None = Field(None, ge=0, le=MAX_ETA, allow_inf_nan=False)
     positions: Literal["last", "prompt"] | None = None  # "prompt": steer the last prompt token only
+    # Older spellings, still read: `threshold` is energy_gate; `gate: false` turns the energy gate off.
+    threshold: float | None = Field(None, ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE, allow_inf_nan=False)
+    gate: bool | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The settings this request changes, as `SteerSettings.override` takes them."""
+        out = {k: getattr(self, k) for k in self.model_fields_set if k not in ("enabled", "gate")}
+        if self.gate is False:
+            out["energy_gate"] = None
+        elif self.gate is True and out.get("energy_gate", out.get("threshold")) is None:
+            out["energy_gate"] = 0.0  # on, at the calibrated offset
+        return out
 
 
 class TextPart(BaseModel):

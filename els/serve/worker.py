@@ -9,6 +9,7 @@ are kept apart, where padding would cost more than batching saves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import secrets
@@ -31,7 +32,6 @@ from els.steering.steering import Steering
 log = logging.getLogger("els.serve.app")  # the server's logger, as before the split
 
 # Per-row gate thresholds standing for "no gate" and "closed" when rows of one batch differ.
-_OPEN, _CLOSED = -1e30, 1e30
 
 
 # ---- jobs and the worker --------------------------------------------------------------------------------
@@ -108,6 +108,11 @@ class _RowTracker(StoppingCriteria):
     def __init__(self, rows: list[_Row], engine: Engine, steering: Steering | None):
         self.rows, self.engine, self.steering = rows, engine, steering
 
+    @functools.cached_property
+    def sides(self) -> list:
+        """Per row, the harm gate's routing of this batch's prefill (read once, after it)."""
+        return self.steering.sides() if self.steering is not None else []
+
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         last = input_ids[:, -1].tolist()
         for row in self.rows:
@@ -159,18 +164,19 @@ class _RowTracker(StoppingCriteria):
         row.job.answer(("done", result))
 
     def diagnostics(self, row: _Row) -> dict:
+        """The request's settings, which side the harm gate sent it to and with what p(harmful), and per layer
+        the energies and steps."""
         s = row.job.steer
         if s is None or self.steering is None:
-            return {"enabled": False, "eta": None, "steps": None, "threshold": None, "harm_gate": None,
-                    "positions": None, "layers": [], "steps_skipped": 0}
+            return {"enabled": False, "side": "off", "p_harmful": None, "layers": [], "steps_skipped": 0}
         layers = []
         for layer in self.steering.layers:
             st, i = self.steering.stats[layer], row.index
             layers.append({"layer": layer, "energy_before": float(st.energy_before[i]),
                            "energy_after": float(st.energy_after[i]), "steps_taken": int(st.rows_taken[i]),
                            "steps_skipped": int(st.rows_skipped[i])})
-        return {"enabled": True, "eta": s.eta, "steps": s.steps, "threshold": s.threshold, "harm_gate": s.harm_gate,
-                "positions": s.positions, "layers": layers,
+        side, p = self.sides[row.index]
+        return {"enabled": True, **s.manifest(), "side": side, "p_harmful": p, "layers": layers,
                 "steps_skipped": sum(x["steps_skipped"] for x in layers)}
 
 
@@ -331,14 +337,7 @@ class Engine:
         rows = [j.steer for j in batch]
         if self.artefact is None or not any(rows):
             return None
-        gated = any(r is not None and r.threshold is not None for r in rows)
-        threshold = None
-        if gated:
-            threshold = [_CLOSED if r is None else _OPEN if r.threshold is None else r.threshold for r in rows]
-        return Steering(self.lm.model, self.artefact, eta=[r.eta if r else 0.0 for r in rows],
-                        steps=[r.steps if r else 0 for r in rows], threshold=threshold, gate=gated,
-                        harm_gate=[r.harm_gate if r else None for r in rows],
-                        positions=[r.positions if r else "prompt" for r in rows], check=False)
+        return Steering(self.lm.model, self.artefact, rows, check=False)
 
     def _run(self, batch: list[Job], retry: bool = False) -> None:
         """One generate call for `batch`. If it fails, each unanswered row is run again alone, so only the

@@ -14,7 +14,6 @@ import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -28,9 +27,6 @@ from els.steering.gate import TENSOR_PREFIX, HarmGate
 from els.steering.manifest import check_manifest
 from els.steering.settings import SteerSettings
 
-if TYPE_CHECKING:
-    pass
-
 FORMAT_VERSION = 2  # 2: the harm gate is a HarmGate of its own layer (1: a probe per trained layer)
 READABLE_FORMATS = (1, 2)
 MANIFEST = "els.json"
@@ -38,6 +34,7 @@ WEIGHTS = "energy.safetensors"
 # Written by save, checked by load when present (older artefacts lack it): the weights' sha256 and the layer of
 # each energy member, so a manifest cannot pair layers with other layers' models or with edited weights.
 INTEGRITY = "weights"
+SAFETY_PREFIX = "safety."  # the safety energy's tensors in the weights file (two-sided artefacts)
 LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
 # The recipe's layer choice (with SteerSettings' defaults and TrainConfig's, what `els run` does).
 DEFAULT_LAYER_RULE = "top_auc"
@@ -55,9 +52,11 @@ def package_version() -> str:
 class Artefact:
     """Trained energy models for every recorded layer plus the manifest saying how to steer with them."""
 
-    energy: EnergyStack  # member i is the model of layer manifest["trained_layers"][i]
+    energy: EnergyStack  # the compliance energy; member i is the model of layer manifest["trained_layers"][i]
     manifest: dict
-    gate: HarmGate  # which prompts are left unsteered (els.steering.gate)
+    gate: HarmGate  # which prompts are flagged as harmful (els.steering.gate)
+    # Safe refusal low, jailbreak high, same members as `energy`: where flagged rows go (flagged="refuse").
+    safety: EnergyStack | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -76,11 +75,15 @@ class Artefact:
     def subset(self, layers: list[int]) -> Artefact:
         """The same artefact holding only these layers' models (smaller, for serving)."""
         members = [self.member_index(layer) for layer in layers]
-        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)}, self.gate)
+        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)}, self.gate,
+                        None if self.safety is None else self.safety.select(members))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Everything the weights file holds: the energy models and the harm gate."""
-        return {k: v.contiguous() for k, v in self.energy.state_dict().items()} | self.gate.to_tensors()
+        """Everything the weights file holds: the energy models, the safety energy and the harm gate."""
+        out = {k: v.contiguous() for k, v in self.energy.state_dict().items()} | self.gate.to_tensors()
+        if self.safety is not None:
+            out |= {SAFETY_PREFIX + k: v.contiguous() for k, v in self.safety.state_dict().items()}
+        return out
 
     def save(self, path: Path | str) -> None:
         """Write the new artefact next to the old, then swap: at every moment `path` holds the old artefact
@@ -148,7 +151,13 @@ class Artefact:
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
+        safety = None
+        if "safety" in manifest:
+            safety = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]),
+                                 e["dropout"])
         expected = {k: tuple(v.shape) for k, v in energy.state_dict().items()}
+        if safety is not None:
+            expected |= {SAFETY_PREFIX + k: tuple(v.shape) for k, v in safety.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
             diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
@@ -158,8 +167,12 @@ class Artefact:
                                          for k in diff[:3]))
         if not 0 <= gate.layer < manifest["num_layers"]:
             raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest['num_layers']}")
-        energy.load_state_dict(tensors)
-        return cls(energy.eval(), manifest, gate)
+        energy.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(SAFETY_PREFIX)})
+        if safety is not None:
+            safety.load_state_dict({k[len(SAFETY_PREFIX):]: v for k, v in tensors.items()
+                                    if k.startswith(SAFETY_PREFIX)})
+            safety.eval()
+        return cls(energy.eval(), manifest, gate, safety)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose architecture differs from the one the energies were trained on."""

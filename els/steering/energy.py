@@ -20,10 +20,12 @@ LN_EPS = 1e-5
 STATES = ("helpful", "false_refusal", "safe_refusal", "jailbreak")
 # Which states an energy pulls down (good) and pushes up (bad). four-state is the paper's. benign contrasts
 # only benign prompts' answers: its gradient points from refusing towards answering, with no second
-# low-energy basin at "safe refusal" to fall into; harmful prompts are then kept out by the harm gate.
+# low-energy basin at "safe refusal" to fall into. safety contrasts only harmful prompts' answers: its gradient
+# points from answering towards refusing. Two-sided steering routes each prompt to one of the two by the harm gate.
 CONTRASTS = {
     "four-state": (("helpful", "safe_refusal"), ("false_refusal", "jailbreak")),
     "benign": (("helpful",), ("false_refusal",)),
+    "safety": (("safe_refusal",), ("jailbreak",)),
 }
 
 

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, model_validator
 
+from els.steering.settings import MAX_ENERGY_GATE, MAX_ETA, MAX_STEPS
+
 Number = StrictFloat | StrictInt
 Finite = Annotated[Number, Field(allow_inf_nan=False)]
 Layer = Annotated[StrictInt, Field(ge=0)]
@@ -23,14 +25,31 @@ class EnergyFields(_Open):
 
 
 class SteerFields(_Open):
+    """The `steer` section: the steered layers and a `SteerSettings` (older spellings still read)."""
+
     layers: list[Layer] = Field(min_length=1)
-    eta: Annotated[Finite, Field(ge=0)]
-    steps: Annotated[StrictInt, Field(ge=0)]
-    threshold: Finite | None = None
-    gate: Finite | None = None  # the threshold's name before format 1.1
+    eta: Annotated[Finite, Field(ge=0, le=MAX_ETA)]
+    steps: Annotated[StrictInt, Field(ge=0, le=MAX_STEPS)]
+    energy_gate: Annotated[Finite, Field(ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE)] | None = None
+    threshold: Finite | None = None  # energy_gate's name before two-sided steering
+    gate: Finite | None = None  # and before format 1.1
     harm_gate: Annotated[Number, Field(ge=0, le=1)] | None = None
+    flagged: Literal["refuse", "leave"] = "leave"
+    refuse_eta: Annotated[Finite, Field(ge=0, le=MAX_ETA)] | None = None
     positions: Literal["last", "prompt"] = "last"
     project: StrictBool = False
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SteerFields:
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"steer.layers {self.layers} repeat a layer")
+        return self
+
+
+class SafetyFields(_Open):
+    """The safety energy (two-sided artefacts): its per-layer validation AUC of safe refusal against jailbreak."""
+
+    layer_auc: dict[str, Annotated[Finite, Field(ge=0, le=1)]]
 
 
 class ManifestFields(_Open):
@@ -44,6 +63,7 @@ class ManifestFields(_Open):
     gate_offset: dict[str, Finite]
     energy: EnergyFields
     steer: SteerFields
+    safety: SafetyFields | None = None
 
     @model_validator(mode="after")
     def _layers_agree(self) -> ManifestFields:

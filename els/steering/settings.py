@@ -1,120 +1,155 @@
-"""Steering settings: one frozen object from defaults, through checks, to per-row tensors.
+"""Steering settings: one frozen, checked object that every surface builds (library, CLI, server, artefact, tune).
 
-`Steering`, the server and `els tune` all build steering settings here, so an artefact's defaults, an
-override and a request's options mean the same everywhere.
+`SteerSettings` holds one value per field for a whole generate call. The server batches requests with
+different settings; `RowSettings.stack` turns one `SteerSettings` per row into the per-row tensors the hooks
+read, so batching never leaks into the public type.
+
+Spellings shared by every surface: a field's name is the same as a keyword (`steer(..., eta=0.3)`), a CLI
+flag (`--eta 0.3`), a request field (`"els": {"eta": 0.3}`) and a manifest key (`steer.eta`). A gate is off
+when its value is None: `harm_gate=None`, `--harm-gate off`, `"harm_gate": null`, `"energy_gate": null`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal, get_args
 
 import torch
 
-POSITIONS = ("last", "prompt")
-RowValue = float | int | Sequence[float] | Sequence[int] | None
-
-
-def _values(v: RowValue) -> list:
-    return list(v) if isinstance(v, Sequence) else [v]
+Positions = Literal["last", "prompt"]
+Flagged = Literal["refuse", "leave"]
+POSITIONS: tuple[str, ...] = get_args(Positions)
+FLAGGED_MODES: tuple[str, ...] = get_args(Flagged)
+# Bounds a real artefact stays far inside: eta is a fraction of the layer's mean hidden norm per step, and past
+# a few norms the model only babbles; more steps than this cost time and change nothing a test could see.
+MAX_ETA = 4.0
+MAX_STEPS = 32
+MAX_ENERGY_GATE = 1e6
+# Older spellings still read from manifests, flags and requests: `threshold` was the energy gate's name.
+ALIASES = {"threshold": "energy_gate"}
 
 
 @dataclass(frozen=True)
 class SteerSettings:
-    """How to steer; each value is one for all rows or one per batch row (the server batches requests).
+    """How to steer.
 
     - `eta`: step size, a fraction of the layer's mean hidden norm; `steps`: K gradient steps per pass.
-    - `threshold`: the energy gate. A row is stepped only while its energy exceeds the layer's calibrated
-      offset plus `threshold`; None: no gate.
-    - `harm_gate`: a probability. At the prefill, the harm probe of the lowest steered layer reads each
-      prompt (els.steering.gate); rows it finds harmful with at least this probability are left alone for the whole
-      generation. None: no harm gate.
-    - `positions`: "last" steps position -1 of every forward pass, the last prompt token and then each new
-      token (the paper); "prompt" steps only the last prompt token, so the rest is decoded unchanged.
-    - `project`: keep each step orthogonal to the harm probe's direction at the steered layer, so steering
-      cannot make a prompt look less harmful there (one value for all rows).
+    - `energy_gate`: a row is stepped only while its energy exceeds the layer's calibrated offset plus this;
+      None: always stepped.
+    - `harm_gate`: a probability. At the prefill the artefact's harm probe reads each prompt
+      (els.steering.gate); a row it rates harmful with at least this probability is *flagged*. None: no gate,
+      every row descends the compliance energy.
+    - `flagged`: what happens to flagged rows. "refuse" descends the safety energy (safe refusal low,
+      jailbreak high) with step `refuse_eta`; "leave" generates them unsteered.
+    - `positions`: "prompt" steps only the last prompt token at the prefill, so the answer is decoded by the
+      unchanged model from a steered start; "last" steps position -1 of every forward pass (the paper).
+    - `project`: keep each step orthogonal to the harm probe's direction at the steered layer.
 
     The defaults are the recipe `els run` writes into an artefact (the harm gate's threshold is then the one
-    chosen on its pool's validation split): eta 0.15 was the largest of 0.1 / 0.15 / 0.2 that kept harmful
-    refusal on the collection's held-out prompts within 2 points of the base model's (docs/results.md).
+    chosen on its pool's validation split); docs/results.md says how each was chosen.
     """
 
-    eta: RowValue = 0.15
-    steps: RowValue = 4
-    threshold: RowValue = None
-    harm_gate: RowValue = 0.5
-    positions: str | Sequence[str] = "last"
+    eta: float = 0.3
+    steps: int = 3
+    energy_gate: float | None = None
+    harm_gate: float | None = 0.5
+    flagged: Flagged = "refuse"
+    refuse_eta: float = 0.3
+    positions: Positions = "prompt"
     project: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("eta", "steps", "threshold"):
-            vals = [x for x in _values(getattr(self, name)) if x is not None]
-            if name != "threshold" and len(vals) != len(_values(getattr(self, name))):
-                raise ValueError(f"{name} must be a number, got {getattr(self, name)}")
-            if any(not math.isfinite(float(x)) for x in vals):
-                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
-            if name != "threshold" and any(x < 0 for x in vals):
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, hi in (("eta", MAX_ETA), ("refuse_eta", MAX_ETA)):
+            _number(name, getattr(self, name), 0.0, hi)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 0 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be a whole number in [0, {MAX_STEPS}], got {self.steps!r}")
+        if self.energy_gate is not None:
+            _number("energy_gate", self.energy_gate, -MAX_ENERGY_GATE, MAX_ENERGY_GATE)
+        if self.harm_gate is not None:
+            _number("harm_gate", self.harm_gate, 0.0, 1.0)
+        if self.flagged not in FLAGGED_MODES:
+            raise ValueError(f"flagged must be one of {FLAGGED_MODES}, got {self.flagged!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if not isinstance(self.project, bool):
             raise ValueError(f"project must be true or false, got {self.project!r}")
-        if any(x is not None and not 0.0 <= x <= 1.0 for x in _values(self.harm_gate)):
-            raise ValueError(f"harm_gate is a probability in [0, 1], got {self.harm_gate}")
-        asked = [self.positions] if isinstance(self.positions, str) else list(self.positions)
-        if not asked or any(p not in POSITIONS for p in asked):
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if not isinstance(self.positions, str) and len(set(asked)) == 1:
-            # One value for all rows: new tokens then skip the hook's work entirely.
-            object.__setattr__(self, "positions", asked[0])
+
+    def override(self, **changes: Any) -> SteerSettings:
+        """These settings with the given fields replaced (checked again). Only the fields named change, so
+        `harm_gate=None` turns the harm gate off while leaving it out keeps it."""
+        return replace(self, **canonical(changes))
 
     @classmethod
-    def from_manifest(cls, steer: dict) -> SteerSettings:
-        """The settings an artefact's manifest holds (older manifests name the gate threshold `gate`)."""
-        return cls(eta=steer["eta"], steps=steer["steps"], threshold=steer.get("threshold", steer.get("gate")),
-                   harm_gate=steer.get("harm_gate"), positions=steer.get("positions", "last"),
-                   project=bool(steer.get("project", False)))
+    def from_manifest(cls, steer: Mapping[str, Any]) -> SteerSettings:
+        """The settings an artefact's `steer` section holds. Sections written before two-sided steering have
+        no safety energy, so their flagged rows are left alone (`flagged="leave"`)."""
+        known = canonical({k: v for k, v in steer.items() if k in FIELDS or k in ALIASES})
+        if "energy_gate" not in known and steer.get("gate") is not None:  # the energy gate's name before format 1.1
+            known["energy_gate"] = steer["gate"]
+        known.setdefault("flagged", "leave")
+        known.setdefault("positions", "last")
+        known.setdefault("refuse_eta", known.get("eta", cls.refuse_eta))
+        return cls(**known)
 
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         return asdict(self)
 
-    def override(self, *, eta: RowValue = None, steps: RowValue = None, threshold: RowValue = None,
-                 gate: bool | None = None, harm_gate: RowValue = None,
-                 positions: str | Sequence[str] | None = None, project: bool | None = None) -> SteerSettings:
-        """These settings with the given values instead; None keeps the current one. An explicit `threshold`
-        turns the gate on; `gate=False` turns it off, `gate=True` on (at threshold 0 if none is set)."""
-        gated = (self.threshold is not None or threshold is not None) if gate is None else gate
-        new_threshold = (threshold if threshold is not None else (self.threshold or 0.0)) if gated else None
-        return replace(self, eta=self.eta if eta is None else eta, steps=self.steps if steps is None else steps,
-                       threshold=new_threshold, harm_gate=self.harm_gate if harm_gate is None else harm_gate,
-                       positions=self.positions if positions is None else positions,
-                       project=self.project if project is None else project)
 
-    @property
-    def harm_gated(self) -> bool:
-        return any(x is not None for x in _values(self.harm_gate))
-
-    @property
-    def max_steps(self) -> int:
-        return int(max(_values(self.steps)))
-
-    def rows(self, batch: int, device: torch.device) -> tuple:
-        """Per-row eta, steps, threshold (None: no gate), harm gate (None: none) and "steered at every new
-        token" (None: all rows alike) as tensors on `device`."""
-        harm = None
-        if self.harm_gated:
-            # A row without a harm gate (None) is always let through: p < 2 holds.
-            gates = _values(self.harm_gate) if isinstance(self.harm_gate, Sequence) else [self.harm_gate] * batch
-            harm = _row([2.0 if x is None else x for x in gates], batch, device, torch.float32)
-        every = None
-        if not isinstance(self.positions, str):
-            every = _row([p == "last" for p in self.positions], batch, device, torch.bool)
-        threshold = None if self.threshold is None else _row(self.threshold, batch, device, torch.float32)
-        return (_row(self.eta, batch, device, torch.float32), _row(self.steps, batch, device, torch.long),
-                threshold, harm, every)
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(SteerSettings))
 
 
-def _row(value: RowValue, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=dtype, device=device)
-    if t.ndim and t.shape[0] != batch:
-        raise ValueError(f"per-row setting has {t.shape[0]} values for a batch of {batch}")
-    return t.expand(batch) if not t.ndim else t
+def canonical(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Field names from any surface's spelling; an unknown name is a one-line error naming the known ones."""
+    out: dict[str, Any] = {}
+    for key, value in changes.items():
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            raise ValueError(f"unknown steering setting {key!r}; known: {', '.join(FIELDS)}")
+        out[name] = value
+    return out
+
+
+def _number(name: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """One `SteerSettings` per batch row as tensors on a device: what the hooks read. A row given as None
+    (a server request with steering off) takes no step and is never refused."""
+
+    eta: torch.Tensor  # [B] float32
+    steps: torch.Tensor  # [B] long
+    energy_gate: torch.Tensor | None  # [B] float32 (+inf: no step), None: no row is energy-gated
+    harm_gate: torch.Tensor | None  # [B] float32 (2.0: never flagged), None: no row is harm-gated
+    refuse: torch.Tensor  # [B] bool: flagged rows descend the safety energy
+    refuse_eta: torch.Tensor  # [B] float32
+    every: torch.Tensor | None  # [B] bool: stepped at every new token; None: no row is
+    max_steps: int
+
+    @classmethod
+    def stack(cls, rows: Sequence[SteerSettings | None], device: torch.device) -> RowSettings:
+        live = [r for r in rows if r is not None]
+
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        energy_gated = any(r.energy_gate is not None for r in live)
+        harm_gated = any(r.harm_gate is not None for r in live)
+        every = any(r.positions == "last" for r in live)
+        return cls(
+            eta=col([r.eta if r else 0.0 for r in rows], torch.float32),
+            steps=col([r.steps if r else 0 for r in rows], torch.long),
+            energy_gate=col([-math.inf if r and r.energy_gate is None else r.energy_gate if r else math.inf
+                             for r in rows], torch.float32) if energy_gated else None,
+            harm_gate=col([2.0 if not r or r.harm_gate is None else r.harm_gate for r in rows], torch.float32)
+            if harm_gated else None,
+            refuse=col([bool(r and r.harm_gate is not None and r.flagged == "refuse") for r in rows], torch.bool),
+            refuse_eta=col([r.refuse_eta if r else 0.0 for r in rows], torch.float32),
+            every=col([bool(r and r.positions == "last") for r in rows], torch.bool) if every else None,
+            max_steps=max((r.steps for r in live), default=0),
+        )

@@ -1,8 +1,12 @@
-"""Steer generation: move the last position's residual stream down the energy gradient at chosen layers.
+"""Steer generation: move the last prompt position's residual stream down an energy gradient at chosen layers.
 
     art = Artefact.load("runs/default/artefact")
     with steer(model, art):
         model.generate(...)
+
+Two-sided: at each prefill the artefact's harm gate reads every row. A row it passes descends the compliance
+energy (helpful low, false refusal high); a row it flags descends the safety energy (safe refusal low,
+jailbreak high) when the settings say `flagged="refuse"`, or is left alone with `"leave"`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,13 +25,15 @@ from els.core.models import block_input, decoder_blocks, with_block_input
 from els.steering.artefact import Artefact
 from els.steering.energy import EnergyMember
 from els.steering.gate import GateState, read_gate
-from els.steering.settings import RowValue, SteerSettings
+from els.steering.settings import RowSettings, SteerSettings
+
+Side = Literal["answer", "refuse", "leave", "off"]
 
 
 @dataclass
 class LayerStats:
     """What steering did at one layer. Per-row values are of the latest generate call (reset at each
-    prefill); the totals add up every call since attach."""
+    prefill); the totals add up every call since attach. Energies are of the side each row took."""
 
     energy_before: torch.Tensor | None = None  # [B] last prompt token, before steering
     energy_after: torch.Tensor | None = None  # [B] and after
@@ -36,31 +43,51 @@ class LayerStats:
     steps_skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
 
 
-class Steering:
-    """Forward pre-hooks that take K normalised energy-gradient steps at position -1 of every forward pass.
+@dataclass(frozen=True)
+class _Layer:
+    comply: EnergyMember
+    refuse: EnergyMember | None  # the safety energy, where the artefact has one
+    scale: float  # the layer's mean hidden norm: eta is a fraction of it
+    offset: float  # the compliance energy's calibrated gate offset
+    direction: torch.Tensor | None  # unit harm-probe direction (project=True)
+    stats: LayerStats
 
-    What to do is a `SteerSettings` (eta, steps, the energy gate's threshold, the harm gate, positions):
-    the artefact's own, or `settings`, with any of the keyword values overriding it (see
-    `SteerSettings.override`; `gate=False` turns the energy gate off). `layers` overrides the artefact's.
+
+class Steering:
+    """Forward pre-hooks that take K normalised energy-gradient steps at the last position.
+
+    `settings`: one `SteerSettings` for every row (default: the artefact's), changed by any keyword
+    override (`eta=0.5`, `harm_gate=None`, ...: the fields of `SteerSettings`), or one `SteerSettings` per
+    batch row (None: that row unsteered), as the server batches requests. `layers` overrides the artefact's.
     Use as a context manager, or attach()/remove().
     """
 
-    def __init__(self, model: nn.Module, artefact: Artefact, *, layers: Sequence[int] | None = None,
-                 settings: SteerSettings | None = None, eta: RowValue = None, steps: RowValue = None,
-                 threshold: RowValue = None, gate: bool | None = None, harm_gate: RowValue = None,
-                 positions: str | Sequence[str] | None = None, project: bool | None = None,
-                 energy_dtype: torch.dtype = torch.float32,
-                 check: bool = True):
+    def __init__(self, model: nn.Module, artefact: Artefact,
+                 settings: SteerSettings | Sequence[SteerSettings | None] | None = None, *,
+                 layers: Sequence[int] | None = None, energy_dtype: torch.dtype = torch.float32, check: bool = True,
+                 **overrides: Any):
         if check:
             artefact.check_model(model)
         self.model, self.artefact = model, artefact
         self.layers = sorted(layers) if layers is not None else artefact.layers
-        self.settings = (settings or artefact.settings).override(
-            eta=eta, steps=steps, threshold=threshold, gate=gate, harm_gate=harm_gate, positions=positions,
-            project=project)
+        self.rows: tuple[SteerSettings | None, ...] | None = None  # per-row settings, or None: one for all
+        if settings is None or isinstance(settings, SteerSettings):
+            self.settings = (settings or artefact.settings).override(**overrides)
+            live = [self.settings]
+        else:
+            if overrides:
+                raise ValueError(f"per-row settings take no overrides, got {sorted(overrides)}")
+            self.rows = tuple(settings)
+            live = [r for r in self.rows if r is not None]
+            self.settings = live[0] if live else artefact.settings
+        if any(r.harm_gate is not None and r.flagged == "refuse" for r in live) and artefact.safety is None:
+            raise ValueError("flagged='refuse' needs a safety energy; this artefact has none (written before "
+                             "two-sided steering): use flagged='leave' or train it again")
+        self.harm_gated = any(r.harm_gate is not None for r in live)
+        self.project = any(r.project for r in live)
         self.energy_dtype = energy_dtype
         self.stats: dict[int, LayerStats] = {}
-        self._rows: dict[tuple, tuple] = {}
+        self._row_cache: dict[tuple, RowSettings] = {}
         self._gate: GateState | None = None  # set at each prefill by the harm gate's pre-pass
         # The gate's [B] mask, one copy per device: under a device_map the steered layers may sit on
         # different devices. Keyed by the mask it copies, so a new prefill's mask replaces the copies.
@@ -78,17 +105,18 @@ class Steering:
                 raise ValueError(f"layer {layer} out of range for a model with {len(blocks)} layers")
             member = self.artefact.member_index(layer)
             device = next(blocks[layer].parameters()).device
-            energy = self.artefact.energy.member(member, device, self.energy_dtype)
-            direction = self.artefact.gate.direction(layer) if self.settings.project else None
-            if self.settings.project and direction is None:
+            direction = self.artefact.gate.direction(layer) if self.project else None
+            if self.project and direction is None:
                 raise ValueError(f"project=True needs a harm-probe direction at layer {layer}; the artefact has none")
+            safety = self.artefact.safety
             self.stats[layer] = LayerStats()
-            hook = self._make_hook(energy, m["hidden_norm"][str(layer)], m["gate_offset"][str(layer)],
-                                   self.stats[layer], None if direction is None else direction.to(device))
-            hooks.append((blocks[layer], hook))
-        if self.settings.harm_gated:
-            self._gate = self._exit.enter_context(
-                read_gate(self.model, self.artefact.gate, lambda batch, device: self._settings(batch, device)[3]))
+            spec = _Layer(self.artefact.energy.member(member, device, self.energy_dtype),
+                          None if safety is None else safety.member(member, device, self.energy_dtype),
+                          m["hidden_norm"][str(layer)], m["gate_offset"][str(layer)],
+                          None if direction is None else direction.to(device), self.stats[layer])
+            hooks.append((blocks[layer], self._make_hook(spec)))
+        if self.harm_gated:
+            self._gate = self._exit.enter_context(read_gate(self.model, self.artefact.gate, self._harm_thresholds))
         self._handles += add_pre_hooks(hooks)
         return self
 
@@ -96,8 +124,7 @@ class Steering:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._exit.close()
-        self._gate = None
+        self._exit.close()  # the gate's hook goes; its last reading stays for `sides`
 
     def __enter__(self) -> Steering:
         return self.attach()
@@ -105,18 +132,18 @@ class Steering:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _make_hook(self, energy: EnergyMember, scale: float, offset: float, stats: LayerStats,
-                   direction: torch.Tensor | None):
+    def _make_hook(self, spec: _Layer):
+        stats = spec.stats
+
         def hook(module, args, kwargs):
             if self._gate is not None and self._gate.busy:
                 return None  # the harm gate's pre-pass reads the unsteered model
             h = block_input(args, kwargs)
             # The prefill sees the whole prompt; each decode step after it sees one new token.
             prefill = h.shape[1] > 1 or stats.rows_taken is None or stats.rows_taken.shape[0] != h.shape[0]
-            if not prefill and self.settings.positions == "prompt":
-                return None  # nothing to do per new token: skip even the energy
-            x, before, after, taken, skipped = self.descend(energy, h[:, -1], scale, offset, prefill=prefill,
-                                                            direction=direction)
+            if not prefill and self._settings(h.shape[0], h.device).every is None:
+                return None  # no row is steered per new token: skip even the energy
+            x, before, after, taken, skipped = self.descend(spec, h[:, -1], prefill=prefill)
             if prefill:
                 stats.energy_before, stats.energy_after = before, after
                 stats.rows_taken, stats.rows_skipped = taken, skipped
@@ -130,25 +157,42 @@ class Steering:
 
         return hook
 
-    def descend(self, energy: EnergyMember, h: torch.Tensor, scale: float, offset: float, prefill: bool = True,
-                direction: torch.Tensor | None = None):
-        """`descend_rows` on rows h [B, d] with this steering's per-row settings, gates and positions."""
-        eta, steps, threshold, _, every = self._settings(h.shape[0], h.device)
+    def descend(self, spec: _Layer, h: torch.Tensor, prefill: bool = True):
+        """`descend_rows` on rows h [B, d] with this steering's per-row settings, gates and positions: rows
+        the harm gate passes descend the compliance energy, flagged rows in refuse mode the safety energy."""
+        rs = self._settings(h.shape[0], h.device)
         allowed = self._allowed_on(h.device)
-        if not prefill and every is not None:  # a new token: rows steered at the prompt only are left alone,
-            allowed = every if allowed is None else allowed & every
-            steps = steps * every  # and owe no steps, so none count as skipped
-        return descend_rows(energy, h, eta * scale, steps, self.settings.max_steps,
-                            threshold=None if threshold is None else threshold + offset, allowed=allowed,
-                            direction=direction, with_after=prefill)
+        refuse = None if allowed is None or spec.refuse is None else ~allowed & rs.refuse.to(allowed.device)
+        steps = rs.steps
+        if not prefill and rs.every is not None:  # a new token: rows steered at the prompt only are left alone,
+            allowed = rs.every if allowed is None else allowed & rs.every
+            refuse = None if refuse is None else refuse & rs.every
+            steps = steps * rs.every  # and owe no steps, so none count as skipped
+        comply = descend_rows(spec.comply, h, rs.eta * spec.scale, steps, rs.max_steps,
+                              threshold=None if rs.energy_gate is None else rs.energy_gate + spec.offset,
+                              allowed=allowed, direction=spec.direction, with_after=prefill)
+        if refuse is None or spec.refuse is None or not bool(refuse.any()):
+            return comply
+        safe = descend_rows(spec.refuse, h, rs.refuse_eta * spec.scale, steps, rs.max_steps, allowed=refuse,
+                            with_after=prefill)
+        return tuple(None if c is None else torch.where(refuse[:, None] if c.ndim == 2 else refuse, s, c)
+                     for c, s in zip(comply, safe))
 
-    def _settings(self, batch: int, device: torch.device) -> tuple:
-        """`SteerSettings.rows`, made once per batch size and device: building them on every call would copy
+    def _settings(self, batch: int, device: torch.device) -> RowSettings:
+        """The per-row settings, made once per batch size and device: building them on every call would copy
         host values to the device, a synchronisation per layer and token on a GPU."""
         key = (batch, device)
-        if key not in self._rows:
-            self._rows[key] = self.settings.rows(batch, device)
-        return self._rows[key]
+        if key not in self._row_cache:
+            rows = self.rows if self.rows is not None else (self.settings,) * batch
+            if len(rows) != batch:
+                raise ValueError(f"per-row settings have {len(rows)} rows for a batch of {batch}")
+            self._row_cache[key] = RowSettings.stack(rows, device)
+        return self._row_cache[key]
+
+    def _harm_thresholds(self, batch: int, device: torch.device) -> torch.Tensor:
+        thresholds = self._settings(batch, device).harm_gate
+        assert thresholds is not None, "the gate is read only when some row is harm-gated"
+        return thresholds
 
     def _allowed_on(self, device: torch.device) -> torch.Tensor | None:
         allowed = None if self._gate is None else self._gate.allowed
@@ -159,6 +203,24 @@ class Steering:
         if device not in self._allowed:
             self._allowed[device] = allowed.to(device)
         return self._allowed[device]
+
+    def sides(self) -> list[tuple[Side, float | None]]:
+        """Per row of the latest prefill: which way it was steered and the harm gate's p(harmful) (None
+        without a gate). "answer": the compliance energy; "refuse": the safety energy; "leave": flagged and
+        left alone; "off": a row given no settings."""
+        p = None if self._gate is None or self._gate.p_harm is None else self._gate.p_harm.tolist()
+        n = len(p) if p is not None else len(self.rows) if self.rows is not None else 1
+        rows = self.rows if self.rows is not None else (self.settings,) * n
+        out: list[tuple[Side, float | None]] = []
+        for i, r in enumerate(rows):
+            prob = None if p is None or r is None or r.harm_gate is None else p[i]
+            if r is None:
+                out.append(("off", prob))
+            elif prob is None or prob < r.harm_gate:  # type: ignore[operator]
+                out.append(("answer", prob))
+            else:
+                out.append(("refuse" if r.flagged == "refuse" else "leave", prob))
+        return out
 
     def report(self) -> dict:
         """Per-layer diagnostics as plain numbers (this is where the host sync happens)."""
@@ -216,8 +278,9 @@ def _energy_grad(energy: EnergyMember, x: torch.Tensor) -> tuple[torch.Tensor, t
     return e.float(), g.float()
 
 
-def steer(model: nn.Module, artefact: Artefact | str | Path, **settings) -> Steering:
-    """`with steer(model, artefact, eta=..., steps=...): model.generate(...)`."""
+def steer(model: nn.Module, artefact: Artefact | str | Path,
+          settings: SteerSettings | Sequence[SteerSettings | None] | None = None, **overrides: Any) -> Steering:
+    """`with steer(model, artefact, eta=..., steps=...): model.generate(...)` (see `Steering`)."""
     if not isinstance(artefact, Artefact):
         artefact = Artefact.load(artefact)
-    return Steering(model, artefact, **settings)
+    return Steering(model, artefact, settings, **overrides)

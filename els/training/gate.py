@@ -110,42 +110,53 @@ def framed_pool(pool: Sequence[PromptSet], max_per_kind: int = 600, per_prompt: 
     return out, sources
 
 
-def activation_key(lm: LoadedModel, prompts: Sequence[str], system: str | None = None) -> str:
-    """Model (name, architecture, dtype, chat template) + prompts: a cache entry is reused only for the same."""
+def activation_key(lm: LoadedModel, prompts: Sequence[str], system: str | None = None,
+                   known: Mapping[str, torch.Tensor] | None = None) -> str:
+    """Model (name, architecture, dtype, chat template) + prompts + the rows taken from `known`: a cache entry
+    is reused only for the same (a row run here and the same row recorded in a generate batch may differ in
+    their last bits)."""
     parts = [str(CACHE_VERSION), lm.name, config_fingerprint(lm.model), str(lm.model.dtype),
              lm.tokenizer.chat_template or "", system or "", *prompts]
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+    h = hashlib.sha256("\x00".join(parts).encode())
+    for p in prompts:
+        if known and p in known:
+            h.update(known[p].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def prompt_activations(lm: LoadedModel, prompts: Sequence[str], cache_dir: Path, *, system: str | None = None,
-                       batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+                       batch_size: int = 16, progress: bool = False,
+                       known: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """[N, L, d] float32 activations of chat-templated prompts, cached under `cache_dir/acts/`.
 
-    Each batch is written atomically as it finishes, so an interrupted run resumes where it stopped; the
+    `known`: activations [L, d] already recorded for some prompts with the same model, template and system
+    prompt (a collection's prefill states): those rows are taken as they are, not run again. Each batch of
+    the rest is written atomically as it finishes, so an interrupted run resumes where it stopped; the
     finished set is merged into one file and a rerun only reads it. Stored in the model's dtype when it is
     16-bit (lossless: the residual stream is computed in that dtype), halving the disk.
     """
-    final = Path(cache_dir) / "acts" / f"{activation_key(lm, prompts, system)}.safetensors"
+    final = Path(cache_dir) / "acts" / f"{activation_key(lm, prompts, system, known)}.safetensors"
     if (done := _cached(final, len(prompts))) is not None:
         return done.float()
-    texts = chat_texts(lm.tokenizer, user_conversations(list(prompts), system))
-    lengths = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    known = known or {}
+    todo = [i for i, p in enumerate(prompts) if p not in known]
+    texts = chat_texts(lm.tokenizer, user_conversations([prompts[i] for i in todo], system))
+    lengths = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     batches = length_batches(texts, lengths, batch_size)
     store = lm.model.dtype if lm.model.dtype in (torch.bfloat16, torch.float16) else torch.float32
     shard_dir = final.with_suffix(".batches")
-    parts = []
+    rows: dict[int, torch.Tensor] = {i: known[p].to(store) for i, p in enumerate(prompts) if p in known}
     for b, idx in enumerate(batches):
         shard = shard_dir / f"{b:05d}.safetensors"
         if (part := _cached(shard, len(idx))) is None:
             part = prompt_states(lm, [texts[i] for i in idx]).to(store).cpu().contiguous()
             save_tensors_atomic({"acts": part}, shard)
-        parts.append(part)
+        rows |= {todo[i]: row for i, row in zip(idx, part)}
         if progress and (b % 20 == 0 or b == len(batches) - 1):
             print(f"  forward {b + 1}/{len(batches)} batches", flush=True)
-    order = torch.tensor([i for idx in batches for i in idx])
-    acts = torch.cat(parts)[torch.argsort(order)]  # back to the prompts' order
+    acts = torch.stack([rows[i] for i in range(len(prompts))])
     save_tensors_atomic({"acts": acts.contiguous()}, final)
-    shutil.rmtree(shard_dir)
+    shutil.rmtree(shard_dir, ignore_errors=True)
     return acts.float()
 
 
@@ -272,10 +283,11 @@ def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], 
 def fit_gate(lm: LoadedModel, pool_sets: Sequence[PromptSet], eval_sets: Sequence[PromptSet], cache_dir: Path, *,
              pairs: Mapping[str, tuple[Sequence[str], Sequence[str]]] = DEFAULT_PAIRS, frame_max: int = DEFAULT_FRAMED,
              exclude: Sequence[PromptSet] = (), report_only: Sequence[PromptSet] = (),
-             encoder: Encoder | None = None, batch_size: int = 16,
-             progress: bool = True, **train_kwargs) -> tuple[HarmGate, dict]:
+             encoder: Encoder | None = None, batch_size: int = 16, progress: bool = True,
+             known: Mapping[str, torch.Tensor] | None = None, **train_kwargs) -> tuple[HarmGate, dict]:
     """Dedupe the pool against `eval_sets` and `exclude`, add framed variants, run the forward passes (cached),
-    choose the gate on the pool's validation split and report it on every evaluation set."""
+    choose the gate on the pool's validation split and report it on every evaluation set. `known`: see
+    `prompt_activations`."""
     if untyped := [ps.name for ps in (*pool_sets, *eval_sets) if ps.kind is None]:
         raise ValueError(f"prompt sets {untyped} need a kind (benign or harmful)")
     t_dedupe = -time.perf_counter()
@@ -289,7 +301,7 @@ def fit_gate(lm: LoadedModel, pool_sets: Sequence[PromptSet], eval_sets: Sequenc
     def acts_of(ps: PromptSet) -> torch.Tensor:
         if progress:
             print(f"{ps.name}: {len(ps)} prompts", flush=True)
-        return prompt_activations(lm, ps.prompts, cache_dir, batch_size=batch_size, progress=progress)
+        return prompt_activations(lm, ps.prompts, cache_dir, batch_size=batch_size, progress=progress, known=known)
 
     t_forward = -time.perf_counter()  # forward passes only: cached sets cost nothing here
     acts_pool = [acts_of(ps) for ps in pool]

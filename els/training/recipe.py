@@ -37,7 +37,9 @@ from els.training.energy import TrainConfig, TrainResult, fit_harm_probe, train_
 from els.training.gate import DEFAULT_EVAL, DEFAULT_EXCLUDE, DEFAULT_POOL, fit_gate, load_spec
 
 DEFAULT_BENIGN = ("els-benign",)
-DEFAULT_HARMFUL = ("els-harmful",)
+# Plain harmful prompts give safe refusals, their framed versions most of the jailbreaks: the safety energy
+# needs both.
+DEFAULT_HARMFUL = ("els-harmful", "els-harmful-framed")
 # The judge labelling the collected answers: fast, and on the default model's terse refusals it agrees with
 # the learned judge (docs/design.md).
 DEFAULT_COLLECT_JUDGE = "prefix"
@@ -62,6 +64,8 @@ class Recipe:
     harm_exclude: tuple[str, ...] = DEFAULT_EVAL + DEFAULT_EXCLUDE
     # The gate's threshold flags at most this share of the pool's benign validation prompts (macro over sources).
     harm_flag_rate: float = 0.05
+    # The artefact's harm_gate is the threshold chosen on the pool (False: settings.harm_gate as given).
+    pool_threshold: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,25 +92,40 @@ def harm_sets(recipe: Recipe = Recipe()) -> HarmSets | None:
 
 
 def fit_harm_gate(lm: LoadedModel, recipe: Recipe = Recipe(), cache: Path | None = None, progress: bool = True,
-                  sets: HarmSets | None = None) -> HarmGate | None:
-    """The recipe's harm gate, from prompt-only forward passes of its pool (cached); None without a pool."""
+                  sets: HarmSets | None = None, collection: Collection | None = None) -> HarmGate | None:
+    """The recipe's harm gate, from prompt-only forward passes of its pool (cached); None without a pool.
+    Pool prompts the `collection` holds (recorded with the template's own system prompt) reuse its prefill
+    states instead of running again."""
     sets = sets or harm_sets(recipe)
     if sets is None:
         return None
+    known = None
+    if collection is not None and collection.meta.get("system") is None:
+        known = {r.prompt: a for r, a in zip(collection.records, collection.activations)}
     gate, _ = fit_gate(lm, sets.pool, [], cache or cache_dir() / "gate", exclude=sets.exclude, progress=progress,
-                       seed=recipe.train.seed, max_false_flag=recipe.harm_flag_rate)
+                       seed=recipe.train.seed, max_false_flag=recipe.harm_flag_rate, known=known)
     return gate
 
 
 def fit(collection: Collection, recipe: Recipe = Recipe(), gate: HarmGate | None = None) -> Artefact:
-    """Train the energies on a finished collection and build the artefact. With a pooled `gate`, the harm
-    gate's threshold is the one chosen on the pool's validation split (unless the recipe turns it off)."""
+    """Train the energies on a finished collection and build the artefact: the compliance energy
+    (`recipe.train.contrast`) and, when flagged prompts are to be refused, the safety energy. With a pooled
+    `gate`, the harm gate's threshold is the one chosen on the pool's validation split (unless the recipe turns
+    the gate off)."""
     result = train_energy(collection.activations, collection.states, recipe.train)
     settings = recipe.settings
-    if gate is not None and settings.harm_gated:
+    safety = None
+    if settings.harm_gate is not None and settings.flagged == "refuse":
+        safety = train_energy(collection.activations, collection.states, safety_config(recipe.train))
+    if gate is not None and settings.harm_gate is not None and recipe.pool_threshold:
         settings = replace(settings, harm_gate=gate.threshold)
     return make_artefact(result, collection, recipe.train, settings, layer_rule=recipe.layer_rule,
-                         top_n=recipe.top_n, gate=gate)
+                         top_n=recipe.top_n, gate=gate, safety=safety)
+
+
+def safety_config(cfg: TrainConfig) -> TrainConfig:
+    """The safety energy's training: the compliance energy's, on the harmful prompts' two states."""
+    return replace(cfg, contrast="safety")
 
 
 def train(lm: LoadedModel, out: Path | str, *, benign: list[PromptSet] | None = None,
@@ -119,21 +138,23 @@ def train(lm: LoadedModel, out: Path | str, *, benign: list[PromptSet] | None = 
     col = collect(lm, [*benign, *harmful], out / "collect", judge=get_judge(recipe.judge),
                   max_new_tokens=recipe.max_new_tokens, batch_size=recipe.batch_size, system=recipe.system,
                   progress=progress)
-    art = fit(col, recipe, fit_harm_gate(lm, recipe, progress=progress, sets=sets))
+    art = fit(col, recipe, fit_harm_gate(lm, recipe, progress=progress, sets=sets, collection=col))
     art.save(out / "artefact")
     return art
 
 
 def held_out(collection: Collection, cfg: TrainConfig) -> list[int]:
-    """Rows no part of the artefact learned from: benign ones from the energy's validation split, harmful
-    ones from the harm probe's (the split each component was checked on, as `train_energy` and
-    `make_artefact` draw them)."""
+    """Rows neither energy learned from: outside the training split of the compliance energy (`cfg.contrast`)
+    and of the safety energy, as `train_energy` draws them. (The harm probe fitted on the collection, used only
+    without a pooled gate, draws its own split.)"""
     states = collection.states
-    good, bad = CONTRASTS[cfg.contrast]
-    used = [i for i, s in enumerate(states) if s in good + bad]
-    energy_val = {used[i] for i in stratified_split([states[i] for i in used], cfg.val_fraction, cfg.seed, STATES)[1]}
-    probe_val = set(stratified_split(states, cfg.val_fraction, cfg.seed, STATES)[1])
-    return [i for i, r in enumerate(collection.records) if i in (probe_val if r.kind == "harmful" else energy_val)]
+    trained: set[int] = set()
+    for contrast in (cfg.contrast, "safety"):
+        good, bad = CONTRASTS[contrast]
+        used = [i for i, s in enumerate(states) if s in good + bad]
+        val = stratified_split([states[i] for i in used], cfg.val_fraction, cfg.seed, STATES)[1]
+        trained |= set(used) - {used[i] for i in val}
+    return [i for i in range(len(states)) if i not in trained]
 
 
 def validate(lm: LoadedModel, artefact: Artefact, collection: Collection, rows: list[int], judge: Judge, *,
@@ -160,11 +181,12 @@ def validate(lm: LoadedModel, artefact: Artefact, collection: Collection, rows: 
 def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainConfig,
                   settings: SteerSettings = SteerSettings(), *, layer_rule: str = DEFAULT_LAYER_RULE,
                   top_n: int = DEFAULT_TOP_N, trained_layers: list[int] | None = None,
-                  gate: HarmGate | None = None) -> Artefact:
+                  gate: HarmGate | None = None, safety: TrainResult | None = None) -> Artefact:
     """Record per-layer validation AUC, choose `top_n` layers by `layer_rule` (see `steer_layers`), and
     calibrate per-layer gate offsets and step scales. `trained_layers`: the collection's layers the energy
     models belong to (default all). `gate`: the harm gate (els.training.gate.fit_gate); without one, a probe
-    fitted on the collection's own prompts at the first steered layer (weaker: see docs/design.md)."""
+    fitted on the collection's own prompts at the first steered layer (weaker: see docs/design.md). `safety`: the
+    safety energy (`safety_config`), for flagged prompts under flagged="refuse"."""
     if layer_rule not in LAYER_RULES:
         raise ValueError(f"layer rule must be one of {LAYER_RULES}, got {layer_rule!r}")
     if not isinstance(settings.positions, str):
@@ -213,10 +235,18 @@ def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainC
         "data": {"counts": collection.counts(), "sets": m["sets"], "judge": m["judge"],
                  "max_new_tokens": m["max_new_tokens"], "system": m["system"]},
     }
+    if safety is not None:
+        manifest["safety"] = {
+            "contrast": "safety",
+            "layer_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, safety.val_auc)},
+            "layer_train_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, safety.train_auc)},
+            "epochs_run": safety.epochs_run}
+    elif settings.harm_gate is not None and settings.flagged == "refuse":
+        raise ValueError("flagged='refuse' needs the safety energy: pass the TrainResult of safety_config")
     manifest["steer"]["layers"] = steer_layers(manifest, layer_rule, top_n)
     if gate is None:
         threshold = settings.harm_gate if isinstance(settings.harm_gate, float) else 0.5
         gate = layer_probes_gate(trained_layers, num_layers, manifest["steer"]["layers"][0], probe_w, probe_b,
                                   threshold)
     manifest["harm_gate_probe"] = {k: v for k, v in gate.report.items() if k != "search"}
-    return Artefact(result.energy, manifest, gate)
+    return Artefact(result.energy, manifest, gate, None if safety is None else safety.energy)
