@@ -16,19 +16,26 @@ from els.cli.options import (
     Device,
     Dtype,
     Model,
+    Overwrite,
     Ray,
     RayAddress,
     Workers,
     console,
+    input_paths,
     need_ray,
     prompt_sets,
     ray_executor,
 )
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS
-from els.core.io import write_atomic
+from els.core.io import check_output_dir, check_output_file, write_atomic
 from els.core.models import DEFAULT_MODEL
 from els.judges.model import JUDGES, get_judge
-from els.steering.artefact import Artefact
+from els.steering.artefact import MANIFEST, WEIGHTS, Artefact
+
+# What `els tune` and `els eval` write in their OUT (a rerun, which resumes, finds only these there)
+TUNE_FILES = ("study.db", "study.db-journal", "pareto.json", "pareto.md", "pareto.png", "answers", "artefact")
+EVAL_FILES = ("completions", "gate", "summary.json", "quality_cache.json", "report.md", "tradeoff.png",
+              "refusal_rates.png", "layer_auc.png", "energy_hist.png")
 
 
 def tune_cmd(
@@ -54,6 +61,7 @@ def tune_cmd(
     seed: int = 0,
     device: Device = None,
     dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """Search eta, K, layers and gate with Optuna on validation prompts; write the Pareto front and the choice."""
     from els.eval import tune as tuning
@@ -64,14 +72,16 @@ def tune_cmd(
     within(0, math.inf, max_nll_increase=max_nll_increase)
     check_device(device)
     out_artefact = out_artefact or out / "artefact"
-    if out_artefact.resolve() == steer_dir.resolve():
-        raise typer.BadParameter("--out-artefact must differ from --steer: an input is never rewritten")
     benign, harmful = benign or tuning.DEFAULT_BENIGN, harmful or tuning.DEFAULT_HARMFUL
+    inputs = input_paths(model, benign + harmful, [steer_dir])
+    check_output_dir("--out", out, inputs, TUNE_FILES, overwrite)
+    check_output_dir("--out-artefact", out_artefact, inputs, (MANIFEST, WEIGHTS), overwrite)
     sets = {"benign": benign, "harmful": harmful, "limit": limit, "limit_seed": seed}
     benign_ps, harmful_ps = prompt_sets(benign, "benign", limit, seed), prompt_sets(harmful, "harmful", limit, seed)
     try:
         art = Artefact.load(steer_dir)
         lm = load_model(model, device=device, dtype=dtype)
+        art.check_model(lm.model)  # here, before tune creates OUT
         result = tuning.tune(lm, art, out, benign=[p for ps in benign_ps for p in ps.prompts],
                              harmful=[p for ps in harmful_ps for p in ps.prompts], judge=get_judge(judge), sets=sets,
                              n_trials=trials, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
@@ -157,6 +167,7 @@ def eval_cmd(
     ray: Ray = False,
     ray_address: RayAddress = None,
     workers: Workers = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Compare base and methods on benchmarks: refusal rates with intervals, quality, speed, report and plots."""
     from els.data.prompts import load_benchmark
@@ -167,11 +178,17 @@ def eval_cmd(
     from els.training.collect import load_collection
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
+    if not judge_names:
+        raise typer.BadParameter(f"--judge names no judge (choose from {', '.join(JUDGES)})")
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, speed_batch=speed_batch)
     at_least(0, quality_n=quality_n, speed_n=speed_n, steps=steps)
     within(0, math.inf, eta=eta)
     check_device(device)
     need_ray(ray, ray_address, workers)
+    if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
+        states = steer_dir.parent / "collect"
+    check_output_dir("--out", out, input_paths(model, benchmarks.split(",") + [quality_set], [steer_dir, states]),
+                     EVAL_FILES, overwrite)
     try:  # everything that can be wrong with the input fails here, before any generation
         sets = [load_benchmark(spec.strip(), limit, seed) for spec in benchmarks.split(",") if spec.strip()]
         if not sets:
@@ -184,11 +201,11 @@ def eval_cmd(
             if not name.startswith("model"):
                 get_judge(name)
         art = Artefact.load(steer_dir) if steer_dir is not None else None
-        if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
-            states = steer_dir.parent / "collect"
         if states is not None:  # read in full now: the report reads it only after every answer is generated
             load_collection(states)
         settings = {k: v for k, v in (("eta", eta), ("steps", steps)) if v is not None}
+        if art is not None:  # the steering settings' own checks (a finite eta, ...), before the base answers
+            art.settings.override(**settings)
         names = methods.split(",") if methods else (["base", "els"] if art is not None else ["base"])
         chosen = resolve_methods(names, MethodContext(art, states, settings))
         lm = load_model(model, device=device, dtype=dtype)
@@ -246,6 +263,8 @@ def judge_check_cmd(
         raise typer.BadParameter(f"--judges names no judge (choose from {', '.join(JUDGES)})")
     try:
         paths = list(files) if files else default_labelled_files()
+        if markdown is not None:
+            check_output_file("--markdown", markdown, paths)
         if retrain_learned:
             judge_dir = Path(__file__).parents[1] / "data" / "resources"
             train_learned_judge([read_labelled(p) for p in paths]).save(judge_dir)

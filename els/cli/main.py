@@ -37,11 +37,13 @@ from els.cli.options import (
     LayerRule,
     Limit,
     Model,
+    Overwrite,
     Positions,
     Ray,
     RayAddress,
     Workers,
     console,
+    input_paths,
     need_ray,
     parse_ints,
     parse_widths,
@@ -49,21 +51,23 @@ from els.cli.options import (
     ray_executor,
 )
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate
-from els.core.io import write_atomic
+from els.core.io import check_output_dir, write_atomic
 from els.core.models import DEFAULT_MODEL
 from els.judges.model import JUDGES, get_judge
-from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
+from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, MANIFEST, WEIGHTS, Artefact
 from els.steering.energy import CONTRASTS
 from els.steering.gate import HarmGate
 from els.steering.settings import SteerSettings
 from els.steering.steering import steer
 from els.training import recipe
-from els.training.collect import Collection, check_fits, collect, load_collection
+from els.training.collect import COLLECTION_FILES, Collection, check_fits, collect, load_collection
 from els.training.energy import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
                   cls=ErrorsGroup)
 app.callback()(debug_option)
+# What `els run` writes in its OUT (a rerun finds only these there)
+RUN_FILES = ("collect", "artefact", "validation.json", "timings.json")
 
 @app.command("collect")
 def collect_cmd(
@@ -83,9 +87,11 @@ def collect_cmd(
     ray: Ray = False,
     ray_address: RayAddress = None,
     workers: Workers = None,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Generate, judge and record the four states."""
+    """Generate, judge and record the four states (an interrupted collection in OUT resumes)."""
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    check_output_dir("--out", out, input_paths(model, benign + harmful), COLLECTION_FILES, overwrite)
     need_ray(ray, ray_address, workers)
     sets = prompt_sets(benign, "benign", limit, seed) + prompt_sets(harmful, "harmful", limit, seed)
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -126,10 +132,12 @@ def train_cmd(
     model: Model = DEFAULT_MODEL,
     device: Device = None,
     dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """Train the per-layer energy models and the harm gate and write the steering artefact (the gate's
     forward passes need the collection's model)."""
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
+    check_output_dir("--out", out, input_paths(model, how.harm_data, [states]), (MANIFEST, WEIGHTS), overwrite)
     col = load_collection(states)
     sets = recipe.harm_sets(how)
     # A --model given on its own is loaded too, to check that the activations are its own.
@@ -186,6 +194,10 @@ def run_cmd(**options) -> None:
     how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, o.eta, o.steps, o.gate,
                   o.harm_gate, o.positions, o.harm_data)
     at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
+    inputs = input_paths(o.model, o.benign + o.harmful + list(how.harm_data))
+    check_output_dir("--out", o.out, inputs, RUN_FILES, o.overwrite)
+    for sub, owns in (("collect", COLLECTION_FILES), ("artefact", (MANIFEST, WEIGHTS))):
+        check_output_dir("--out", o.out / sub, inputs, owns, o.overwrite)
     need_ray(o.ray, o.ray_address, o.workers)
     times = {}
     # Every input is read before the model loads: a missing one costs seconds, not a collection.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from els.data.prompts import load_prompts
+from els.data.prompts import load_prompts, spec_files
 from els.parallel.ray_executor import RayMissing, import_ray, make_executor
 from els.steering.artefact import LAYER_RULES
 from els.steering.settings import SteerSettings
@@ -50,6 +52,9 @@ Ray = Annotated[bool, typer.Option("--ray", help="Generate on Ray workers in a l
                                                  "(pip install 'els[ray]'; see docs/scale.md).")]
 RayAddress = Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead (auto, HOST:PORT, "
                                                         "ray://HOST:10001); implies --ray.")]
+Overwrite = Annotated[bool, typer.Option(help="Write into an existing folder that holds other files (they are kept: "
+                                                "only this command's own files are replaced; an input is never "
+                                                "written).")]
 Workers = Annotated[Optional[int], typer.Option(help="Ray workers, each loading the model once (default: one per "
                                                      "GPU, else 1; on CPUs each gets an equal share of the threads).")]
 
@@ -106,3 +111,11 @@ def prompt_sets(specs: list[str], kind: str, limit: Optional[int], seed: int):
         share = [limit // len(out) + (i < limit % len(out)) for i in range(len(out))]
         out = [ps.sample(n, seed) for ps, n in zip(out, share)]
     return out
+
+
+
+def input_paths(model: str | None = None, specs: Iterable[str] = (), paths: Iterable[Path | None] = ()) -> list[Path]:
+    """What a command reads, for els.core.io.check_output_*: the given paths, a local --model and the files
+    named in prompt-set specs, those that exist."""
+    found = [Path(p) for p in paths if p is not None] + ([Path(model)] if model is not None else [])
+    return [p for p in found if p.exists()] + spec_files(specs)

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -256,6 +257,17 @@ def load_prompts(spec: str) -> PromptSet:
     else:
         raise ValueError(f"unknown prompt set {spec!r}: use one of {', '.join(KNOWN_SETS)} or PATH:COLUMN")
     return ps.split(split) if split else ps
+
+
+def spec_files(specs: Iterable[str]) -> list[Path]:
+    """The existing files or folders that prompt-set specs ([KIND=]PATH:COLUMN[=KIND][@SPLIT][#N]) name: the
+    inputs an output path must not overwrite."""
+    found = []
+    for spec in specs:
+        base = spec.split("=", 1)[1] if spec.split("=", 1)[0] in ("benign", "harmful") else spec
+        base = base.partition("#")[0].partition("@")[0]
+        found += [Path(x) for x in (spec, base, base.rpartition(":")[0]) if x]
+    return [p for p in found if p.exists()]
 
 
 def load_benchmark(spec: str, limit: int | None = None, seed: int = 0) -> PromptSet:

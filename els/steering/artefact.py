@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from els.core.io import read_json_object
+from els.core.io import read_json_object, save_tensors_atomic, write_atomic
 from els.core.models import config_fingerprint, decoder_blocks
 from els.steering.energy import EnergyStack
 from els.steering.gate import TENSOR_PREFIX, HarmGate
@@ -83,29 +80,16 @@ class Artefact:
         return {k: v.contiguous() for k, v in self.energy.state_dict().items()} | self.gate.to_tensors()
 
     def save(self, path: Path | str) -> None:
-        """Write the new artefact next to the old, then swap: at every moment `path` holds the old artefact
-        or the new one (a crash mid-swap leaves the old one, restored, or at `.NAME.old-*` beside it). The
-        manifest, here and on disk, records the weights' sha256 and member layer order."""
+        """Write els.json and energy.safetensors into `path`, each atomically, and nothing else: other files
+        in the folder are left alone. The manifest, here and on disk, records the weights' sha256 and member
+        layer order, so a crash between the two replacements leaves a pair that `load` refuses, never a silent
+        mix of an old manifest and new weights."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
         tensors = self.tensors()
         layers = list(self.manifest["trained_layers"])
         self.manifest[INTEGRITY] = {"sha256": weights_sha256(tensors, layers), "member_layers": layers}
-        save_file(tensors, tmp / WEIGHTS)
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(old)
+        save_tensors_atomic(tensors, path / WEIGHTS)
+        write_atomic(path / MANIFEST, json.dumps(self.manifest, indent=2))
 
     @classmethod
     def load(cls, path: Path | str) -> Artefact:
