@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from els.cli.errors import at_least, check_device, load_model, within
+from els.cli.errors import at_least, check_device, check_dtype, load_model, within
 from els.cli.options import (
     DEFAULT_JUDGE,
     Device,
@@ -36,6 +36,7 @@ from els.steering.artefact import MANIFEST, WEIGHTS, Artefact
 TUNE_FILES = ("study.db", "study.db-journal", "pareto.json", "pareto.md", "pareto.png", "answers", "artefact")
 EVAL_FILES = ("completions", "gate", "summary.json", "quality_cache.json", "report.md", "tradeoff.png",
               "refusal_rates.png", "layer_auc.png", "energy_hist.png")
+MAX_BODY_KB = 1 << 20  # 1 GiB: --max-body-kb is multiplied into bytes and held in memory per request
 
 
 def tune_cmd(
@@ -71,6 +72,7 @@ def tune_cmd(
     within(0, 1, tolerance=tolerance)
     within(0, math.inf, max_nll_increase=max_nll_increase)
     check_device(device)
+    check_dtype(dtype)
     out_artefact = out_artefact or out / "artefact"
     benign, harmful = benign or tuning.DEFAULT_BENIGN, harmful or tuning.DEFAULT_HARMFUL
     inputs = input_paths(model, benign + harmful, [steer_dir])
@@ -107,7 +109,7 @@ def serve_cmd(
     port: int = 8000,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt (templated, in tokens).")] = 4096,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
-    max_body_kb: Annotated[int, typer.Option(help="Largest request body.")] = 1024,
+    max_body_kb: Annotated[int, typer.Option(help=f"Largest request body, in KiB (at most {MAX_BODY_KB}).")] = 1024,
     max_batch: Annotated[int, typer.Option(help="Most requests generated together.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="How long an idle server waits to batch a burst.")] = 5.0,
     device: Device = None,
@@ -119,8 +121,8 @@ def serve_cmd(
     from els.serve.app import Limits, create_app
     from els.serve.protocol import MAX_BATCH_WINDOW_MS
 
-    at_least(1, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_kb=max_body_kb,
-             max_batch=max_batch)
+    at_least(1, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_batch=max_batch)
+    within(1, MAX_BODY_KB, max_body_kb=max_body_kb)
     within(1, 65535, port=port)
     within(0, MAX_BATCH_WINDOW_MS, batch_window_ms=batch_window_ms)
     check_device(device)
@@ -184,6 +186,7 @@ def eval_cmd(
     at_least(0, quality_n=quality_n, speed_n=speed_n, steps=steps)
     within(0, math.inf, eta=eta)
     check_device(device)
+    check_dtype(dtype)
     need_ray(ray, ray_address, workers)
     if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
         states = steer_dir.parent / "collect"

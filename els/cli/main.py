@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from els.cli import eval as cli_eval
-from els.cli.errors import ErrorsGroup, at_least, debug_option, load_model
+from els.cli.errors import ErrorsGroup, at_least, check_device, check_dtype, debug_option, load_model
 from els.cli.options import (
     DEFAULT_BENIGN,
     DEFAULT_CONTRAST,
@@ -137,6 +137,8 @@ def train_cmd(
     """Train the per-layer energy models and the harm gate and write the steering artefact (the gate's
     forward passes need the collection's model)."""
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, eta, steps, gate, harm_gate, positions, harm_data)
+    check_dtype(dtype)  # checked even when no model loads: a mistyped flag is never silently ignored
+    check_device(device)
     check_output_dir("--out", out, input_paths(model, how.harm_data, [states]), (MANIFEST, WEIGHTS), overwrite)
     col = load_collection(states)
     sets = recipe.harm_sets(how)

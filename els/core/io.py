@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -59,10 +61,27 @@ def csv_rows(lines: Iterable[str], source: str) -> list[dict]:
         raise ValueError(f"{source}: not a readable CSV file ({e})") from None
 
 
+# Deeper than any file the project writes (a manifest is 4 levels deep), far below the recursion limit at which
+# json.loads itself fails with a RecursionError.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_loads(text: str) -> Any:
+    """json.loads of a file's text, refusing (ValueError) nesting deeper than MAX_JSON_DEPTH before parsing."""
+    depth = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(text)
+
+
 def read_json_object(path: Path, what: str) -> dict:
     """The JSON object in `path`; anything else (bad JSON, bad UTF-8, a list) is one line naming the file."""
     try:
-        obj = json.loads(Path(path).read_text())
+        obj = json_loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from e  # --debug shows the parser's error
     if not isinstance(obj, dict):

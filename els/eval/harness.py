@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from els.core.executor import Batch, Executor, LocalExecutor
 from els.core.generation import generate_batch, length_batches, prompt_texts
-from els.core.io import write_atomic
+from els.core.io import json_loads, write_atomic
 from els.core.models import LoadedModel, chat_texts, user_conversations
 from els.data.prompts import load_benchmark
 from els.data.promptset import KINDS, PromptSet
@@ -326,7 +326,7 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
     qstores = (dict(zip([m.name for m in methods], runner.complete_all([(m, qs) for m in methods])))
                if qs is not None else {})
     cache_path = out / "quality_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = json_loads(cache_path.read_text()) if cache_path.exists() else {}
     for m in methods:
         entry: dict = {}
         if qs is not None:

@@ -116,8 +116,9 @@ class Artefact:
         _check_integrity(manifest, tensors, mpath, wpath)
         try:
             e = manifest["energy"]
-            energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]),
-                                 e["dropout"])
+            shape = (len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
+            with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights on disk
+                expected = {k: tuple(v.shape) for k, v in EnergyStack(*shape).state_dict().items()}
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{mpath}: malformed energy description ({type(err).__name__}: {err})") from err
         gate_keys = ("probe.weight", "probe.bias") if manifest["format_version"] == 1 else \
@@ -132,7 +133,6 @@ class Artefact:
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
-        expected = {k: tuple(v.shape) for k, v in energy.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
             diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
@@ -142,6 +142,7 @@ class Artefact:
                                          for k in diff[:3]))
         if not 0 <= gate.layer < manifest["num_layers"]:
             raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest['num_layers']}")
+        energy = EnergyStack(*shape)
         energy.load_state_dict(tensors)
         return cls(energy.eval(), manifest, gate)
 
