@@ -30,6 +30,7 @@ from els.core.generation import DEFAULT_MAX_NEW_TOKENS
 from els.core.io import check_output_dir, check_output_file, write_atomic
 from els.core.models import DEFAULT_MODEL
 from els.judges.model import JUDGES, get_judge
+from els.serve.connections import KEEP_ALIVE_S, LIMIT_CONCURRENCY, READ_TIMEOUT_S
 from els.steering.artefact import MANIFEST, WEIGHTS, Artefact
 
 # What `els tune` and `els eval` write in their OUT (a rerun, which resumes, finds only these there)
@@ -112,19 +113,28 @@ def serve_cmd(
     max_body_kb: Annotated[int, typer.Option(help=f"Largest request body, in KiB (at most {MAX_BODY_KB}).")] = 1024,
     max_batch: Annotated[int, typer.Option(help="Most requests generated together.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="How long an idle server waits to batch a burst.")] = 5.0,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a client has to send a request's headers and body "
+                                                     "(from its first byte, or from connecting); then it is "
+                                                     "disconnected.")] = READ_TIMEOUT_S,
+    keep_alive: Annotated[float, typer.Option(help="Seconds an idle kept-alive connection stays open.")
+                          ] = KEEP_ALIVE_S,
+    limit_concurrency: Annotated[int, typer.Option(help="Most connections at once; past it requests get 503 "
+                                                        "(keep it under the open-files limit, ulimit -n).")
+                                 ] = LIMIT_CONCURRENCY,
     device: Device = None,
     dtype: Dtype = "auto",
 ) -> None:
     """OpenAI-compatible chat server (POST /v1/chat/completions) with per-request steering."""
-    import uvicorn
-
     from els.serve.app import Limits, create_app
+    from els.serve.connections import serve
     from els.serve.protocol import MAX_BATCH_WINDOW_MS
 
     at_least(1, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_batch=max_batch)
     within(1, MAX_BODY_KB, max_body_kb=max_body_kb)
     within(1, 65535, port=port)
     within(0, MAX_BATCH_WINDOW_MS, batch_window_ms=batch_window_ms)
+    within(0.1, 3600, read_timeout=read_timeout, keep_alive=keep_alive)
+    within(2, 1 << 20, limit_concurrency=limit_concurrency)  # 2: /health must get through beside one request
     check_device(device)
     try:
         art = Artefact.load(steer_dir) if steer_dir is not None else None
@@ -134,7 +144,8 @@ def serve_cmd(
         application = create_app(load_model(model, device=device, dtype=dtype), art, limits)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    uvicorn.run(application, host=host, port=port)
+    serve(application, host, port, read_timeout=read_timeout, keep_alive=keep_alive,
+          limit_concurrency=limit_concurrency)
 
 
 def eval_cmd(
