@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -34,7 +34,13 @@ class RecordFields(BaseModel):
 class MetaFields(BaseModel):
     model_config = ConfigDict(extra="allow")  # the settings are compared as written, not read one by one
 
+    # what training copies into the artefact's manifest
     model: StrictStr
+    model_fingerprint: StrictStr
+    sets: dict
+    judge: StrictStr
+    max_new_tokens: StrictInt
+    system: StrictStr | None
 
 
 def _first_error(e: ValidationError) -> str:
@@ -44,7 +50,7 @@ def _first_error(e: ValidationError) -> str:
 
 
 def read_meta(path: Path) -> dict:
-    """collect.json, a JSON object naming at least the model."""
+    """collect.json, a JSON object with at least the fields training reads (MetaFields)."""
     meta = read_json_object(path, "a collection's settings")
     try:
         MetaFields.model_validate(meta)
