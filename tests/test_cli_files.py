@@ -221,6 +221,9 @@ def test_a_labelled_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
     (["train", "{col}", "--out", "{tmp}/a", "--device", "bogus", *TRAIN], "--device"),
     (["eval", "--out", "{tmp}/e", "--judge", ",", "--benchmarks", "xstest-safe"], "--judge"),
     (["serve", "--max-body-kb", "4611686018427387904"], "--max-body-kb"),
+    (["serve", "--read-timeout", "0"], "--read-timeout"),
+    (["serve", "--keep-alive", "nan"], "--keep-alive"),
+    (["serve", "--limit-concurrency", "1"], "--limit-concurrency"),
 ])
 def test_flags_are_checked_even_when_no_model_loads(made, tmp_path, args, names):
     one_line_error(CliRunner().invoke(app, [a.format(col=made / "col", tmp=tmp_path) for a in args]), names)

@@ -52,9 +52,9 @@ Ray = Annotated[bool, typer.Option("--ray", help="Generate on Ray workers in a l
                                                  "(pip install 'els[ray]'; see docs/scale.md).")]
 RayAddress = Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead (auto, HOST:PORT, "
                                                         "ray://HOST:10001); implies --ray.")]
-Overwrite = Annotated[bool, typer.Option(help="Write into an existing folder that holds other files (they are kept: "
-                                                "only this command's own files are replaced; an input is never "
-                                                "written).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into an existing folder that holds other "
+                                         "files (they are kept: only this command's own files are replaced; an "
+                                         "input is never written).")]
 Workers = Annotated[Optional[int], typer.Option(help="Ray workers, each loading the model once (default: one per "
                                                      "GPU, else 1; on CPUs each gets an equal share of the threads).")]
 
