@@ -78,6 +78,9 @@ TAMPERED = {
                                                   _manifest(a, lambda m: m.pop(INTEGRITY))), "harm_gate.weight"),
     "trained_layers reversed": (lambda a: _manifest(a, lambda m: m["trained_layers"].reverse()), "els.json"),
     "tensor edited": (lambda a: _weights(a, _edit_tensor), "energy.safetensors"),
+    "sizes in bounds, far from the weights": (lambda a: _manifest(a, lambda m: (
+        m.update(hidden_size=65536), m["energy"].update(widths=[16384] * 4))), "energy.safetensors"),
+    "manifest nested 100,000 deep": (lambda a: (a / "els.json").write_text("[" * 100_000), "nested deeper"),
 }
 
 
@@ -267,6 +270,13 @@ EDITED = {
     "hidden_norm lacks a layer": (lambda m: m["hidden_norm"].pop("1"), "hidden_norm"),
     "gate_offset missing": (_pop("gate_offset"), "gate_offset"),
     "trained_layers 999": (lambda m: m.update(trained_layers=[0, 1, 999]), "trained_layers"),
+    # issue 24: numbers that would allocate tens of GB or compute garbage are refused before any allocation
+    "hidden_size 1e6": (lambda m: m.update(hidden_size=1_000_000), "hidden_size"),
+    "widths 1e6": (lambda m: m["energy"].update(widths=[1_000_000]), "energy.widths"),
+    "num_layers 1e6": (lambda m: m.update(num_layers=1_000_000), "num_layers"),
+    "hidden_norm 1e308": (lambda m: m["hidden_norm"].update({"1": 1e308}), "hidden_norm"),
+    "gate_offset -1e308": (lambda m: m["gate_offset"].update({"1": -1e308}), "gate_offset"),
+    "steer.layers twice": (lambda m: m["steer"].update(layers=[m["steer"]["layers"][0]] * 2), "twice"),
 }
 
 

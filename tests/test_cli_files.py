@@ -78,6 +78,8 @@ DAMAGED = {
     "integer": (_acts(lambda a: {"activations": a.long()}), "[N, L, d]"),
     "NaN": (_acts(_nan), "NaN"),
     "inf": (_acts(_inf), "infinity"),
+    "1e30": (_acts(lambda a: {"activations": a.index_fill_(0, torch.tensor([3]), 1e30)}), "magnitude 1e+30"),
+    "row nested 100,000 deep": (_bytes("states.jsonl", lambda b: b + b"[" * 100_000 + b"\n"), "nested deeper"),
     "a row short": (_acts(lambda a: {"activations": a[1:].contiguous()}), "31 activation rows for 32 records"),
     "too few layers": (_acts(lambda a: {"activations": a[:, :2].contiguous()}), "do not fit --model"),
     "too narrow": (_acts(lambda a: {"activations": a[..., :16].contiguous()}), "do not fit --model"),
@@ -175,3 +177,54 @@ def test_eval_with_a_damaged_collection_fails_before_generating(made, tmp_path):
                                       "--judge", "prefix", "--quality-n", "0", "--speed-n", "0"])
     one_line_error(result, "states.safetensors")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_blank_last_line_in_states_jsonl_is_no_row(made, tmp_path):
+    col = tmp_path / "col"
+    shutil.copytree(made / "col", col)
+    (col / "states.jsonl").write_text((col / "states.jsonl").read_text() + "\n")
+    assert len(load_collection(col).records) == 32
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".csv", "\ufeffprompt\nhow do i bake a cake\n"),
+    (".jsonl", '\ufeff{"prompt": "how do i bake a cake"}\n'),
+    (".json", '\ufeff[{"prompt": "how do i bake a cake"}]'),
+])
+def test_a_prompt_file_with_a_byte_order_mark_reads(tmp_path, suffix, text):
+    path = tmp_path / f"p{suffix}"
+    path.write_text(text, encoding="utf-8")
+    assert read_file(path, "prompt").prompts == ["how do i bake a cake"]
+
+
+@pytest.mark.parametrize("name, data, names", [
+    ("p.csv", b"prompt\n\xff\xfe cake\n", "p.csv is not UTF-8"),
+    ("p.json", b"[" * 100_000, "nested deeper"),
+    ("p.jsonl", b'{"prompt": "a"}\n' + b"[" * 100_000, "nested deeper"),
+])
+def test_an_unreadable_prompt_file_is_one_line_naming_it(made, tmp_path, name, data, names):
+    (tmp_path / name).write_bytes(data)
+    for args in (["collect", "--out", str(tmp_path / "c"), "--benign", f"{tmp_path / name}:prompt"],
+                 ["eval", "--out", str(tmp_path / "e"), "--benchmarks", f"{tmp_path / name}:prompt=benign"]):
+        assert name in one_line_error(CliRunner().invoke(app, [*args, "--model", str(made / "model")]), names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_labelled_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    (tmp_path / "lab.csv").write_bytes(b"prompt,completion,final_label\n\xff,a,1_full_compliance\n")
+    one_line_error(CliRunner().invoke(app, ["judge-check", str(tmp_path / "lab.csv"), "--judges", "prefix"]),
+                   "lab.csv is not UTF-8")
+
+
+@pytest.mark.parametrize("args, names", [
+    (["train", "{col}", "--out", "{tmp}/a", "--dtype", "float8", *TRAIN], "--dtype"),
+    (["train", "{col}", "--out", "{tmp}/a", "--device", "bogus", *TRAIN], "--device"),
+    (["eval", "--out", "{tmp}/e", "--judge", ",", "--benchmarks", "xstest-safe"], "--judge"),
+    (["serve", "--max-body-kb", "4611686018427387904"], "--max-body-kb"),
+    (["serve", "--read-timeout", "0"], "--read-timeout"),
+    (["serve", "--keep-alive", "nan"], "--keep-alive"),
+    (["serve", "--limit-concurrency", "1"], "--limit-concurrency"),
+])
+def test_flags_are_checked_even_when_no_model_loads(made, tmp_path, args, names):
+    one_line_error(CliRunner().invoke(app, [a.format(col=made / "col", tmp=tmp_path) for a in args]), names)
+    assert not list(tmp_path.iterdir())

@@ -46,22 +46,32 @@ def test_old_manifest_with_gate_reads_as_threshold(tmp_path):
     assert old.settings.energy_gate == 0.25 and old.settings == art.settings
 
 
-def test_save_keeps_the_old_artefact_when_the_swap_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["energy.safetensors", "els.json"])
+def test_a_failed_save_keeps_the_old_artefact_or_refuses_the_mix(tmp_path, monkeypatch, failing):
     lm = tiny_model("qwen2")
     tiny_artefact(lm, eta=0.5).save(tmp_path / "a")
+    (tmp_path / "a" / "keep.txt").write_text("mine")
     real = os.replace
 
-    def fail_moving_the_new_one_in(src, dst):
-        if str(dst) == str(tmp_path / "a") and ".a.old-" not in str(src):
+    def fail_replacing(src, dst):
+        if Path(dst).name == failing:
             raise OSError("disk gone")
         return real(src, dst)
 
-    monkeypatch.setattr(os, "replace", fail_moving_the_new_one_in)
+    monkeypatch.setattr(os, "replace", fail_replacing)
+    new = tiny_artefact(lm, eta=0.2)
+    with torch.no_grad():
+        next(new.energy.parameters()).add_(1.0)  # other weights than the saved ones
     with pytest.raises(OSError):
-        tiny_artefact(lm, eta=0.2).save(tmp_path / "a")
+        new.save(tmp_path / "a")
     monkeypatch.setattr(os, "replace", real)
-    assert Artefact.load(tmp_path / "a").settings.eta == 0.5
-    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # nothing left beside it
+    if failing == "energy.safetensors":  # the first file written: the old artefact is whole
+        assert Artefact.load(tmp_path / "a").settings.eta == 0.5
+    else:  # new weights beside the old manifest: refused by the recorded sha256, never steered with
+        with pytest.raises(ValueError, match="sha256"):
+            Artefact.load(tmp_path / "a")
+    # no temporary file left, and the folder's other file kept
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["els.json", "energy.safetensors", "keep.txt"]
 
 
 def test_harm_gate_mask_follows_each_layer_device():

@@ -85,11 +85,14 @@ def check_device(device: str | None) -> None:
         raise typer.BadParameter(f"--device {device}: only cpu, cuda and mps are supported")
 
 
-def load_model(name: str = models.DEFAULT_MODEL, **kwargs: Any) -> models.LoadedModel:
-    """els.core.models.load_model with a one-line error naming --model, --device or --dtype."""
-    dtype = kwargs.get("dtype", "auto")
+def check_dtype(dtype: Any) -> None:
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def load_model(name: str = models.DEFAULT_MODEL, **kwargs: Any) -> models.LoadedModel:
+    """els.core.models.load_model with a one-line error naming --model, --device or --dtype."""
+    check_dtype(kwargs.get("dtype", "auto"))
     check_device(kwargs.get("device"))
     try:
         return models.load_model(name, **kwargs)

@@ -10,26 +10,35 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from els.cli.errors import at_least, check_device, load_model, within
+from els.cli.errors import at_least, check_device, check_dtype, load_model, within
 from els.cli.options import (
     DEFAULT_JUDGE,
     Device,
     Dtype,
     Model,
+    Overwrite,
     Ray,
     RayAddress,
     Workers,
     console,
+    input_paths,
     need_ray,
     prompt_sets,
     ray_executor,
     steer_options,
 )
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS
-from els.core.io import write_atomic
+from els.core.io import check_output_dir, check_output_file, write_atomic
 from els.core.models import DEFAULT_MODEL
 from els.judges.model import JUDGES, get_judge
-from els.steering.artefact import Artefact
+from els.serve.connections import KEEP_ALIVE_S, LIMIT_CONCURRENCY, READ_TIMEOUT_S
+from els.steering.artefact import MANIFEST, WEIGHTS, Artefact
+
+# What `els tune` and `els eval` write in their OUT (a rerun, which resumes, finds only these there)
+TUNE_FILES = ("study.db", "study.db-journal", "pareto.json", "pareto.md", "pareto.png", "answers", "artefact")
+EVAL_FILES = ("completions", "gate", "summary.json", "quality_cache.json", "report.md", "tradeoff.png",
+              "refusal_rates.png", "layer_auc.png", "energy_hist.png")
+MAX_BODY_KB = 1 << 20  # 1 GiB: --max-body-kb is multiplied into bytes and held in memory per request
 
 
 def tune_cmd(
@@ -55,6 +64,7 @@ def tune_cmd(
     seed: int = 0,
     device: Device = None,
     dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """Search eta, K, layers and gate with Optuna on validation prompts; write the Pareto front and the choice."""
     from els.eval import tune as tuning
@@ -64,15 +74,18 @@ def tune_cmd(
     within(0, 1, tolerance=tolerance)
     within(0, math.inf, max_nll_increase=max_nll_increase)
     check_device(device)
+    check_dtype(dtype)
     out_artefact = out_artefact or out / "artefact"
-    if out_artefact.resolve() == steer_dir.resolve():
-        raise typer.BadParameter("--out-artefact must differ from --steer: an input is never rewritten")
     benign, harmful = benign or tuning.DEFAULT_BENIGN, harmful or tuning.DEFAULT_HARMFUL
+    inputs = input_paths(model, benign + harmful, [steer_dir])
+    check_output_dir("--out", out, inputs, TUNE_FILES, overwrite)
+    check_output_dir("--out-artefact", out_artefact, inputs, (MANIFEST, WEIGHTS), overwrite)
     sets = {"benign": benign, "harmful": harmful, "limit": limit, "limit_seed": seed}
     benign_ps, harmful_ps = prompt_sets(benign, "benign", limit, seed), prompt_sets(harmful, "harmful", limit, seed)
     try:
         art = Artefact.load(steer_dir)
         lm = load_model(model, device=device, dtype=dtype)
+        art.check_model(lm.model)  # here, before tune creates OUT
         result = tuning.tune(lm, art, out, benign=[p for ps in benign_ps for p in ps.prompts],
                              harmful=[p for ps in harmful_ps for p in ps.prompts], judge=get_judge(judge), sets=sets,
                              n_trials=trials, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
@@ -99,24 +112,33 @@ def serve_cmd(
     port: int = 8000,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt (templated, in tokens).")] = 4096,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
-    max_body_kb: Annotated[int, typer.Option(help="Largest request body.")] = 1024,
+    max_body_kb: Annotated[int, typer.Option(help=f"Largest request body, in KiB (at most {MAX_BODY_KB}).")] = 1024,
     max_batch: Annotated[int, typer.Option(help="Most requests generated together.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="How long an idle server waits to batch a burst.")] = 5.0,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a client has to send a request's headers and body "
+                                                     "(from its first byte, or from connecting); then it is "
+                                                     "disconnected.")] = READ_TIMEOUT_S,
+    keep_alive: Annotated[float, typer.Option(help="Seconds an idle kept-alive connection stays open.")
+                          ] = KEEP_ALIVE_S,
+    limit_concurrency: Annotated[int, typer.Option(help="Most connections at once; past it requests get 503 "
+                                                        "(keep it under the open-files limit, ulimit -n).")
+                                 ] = LIMIT_CONCURRENCY,
     device: Device = None,
     dtype: Dtype = "auto",
     steer: Optional[dict] = None,
 ) -> None:
     """OpenAI-compatible chat server (POST /v1/chat/completions) with per-request steering; the steering flags
     set the server's defaults, which a request's `els` field overrides by the same names."""
-    import uvicorn
-
     from els.serve.app import Limits, create_app
+    from els.serve.connections import serve
     from els.serve.protocol import MAX_BATCH_WINDOW_MS
 
-    at_least(1, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_body_kb=max_body_kb,
-             max_batch=max_batch)
+    at_least(1, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_batch=max_batch)
+    within(1, MAX_BODY_KB, max_body_kb=max_body_kb)
     within(1, 65535, port=port)
     within(0, MAX_BATCH_WINDOW_MS, batch_window_ms=batch_window_ms)
+    within(0.1, 3600, read_timeout=read_timeout, keep_alive=keep_alive)
+    within(2, 1 << 20, limit_concurrency=limit_concurrency)  # 2: /health must get through beside one request
     check_device(device)
     try:
         art = Artefact.load(steer_dir) if steer_dir is not None else None
@@ -127,7 +149,8 @@ def serve_cmd(
         application = create_app(load_model(model, device=device, dtype=dtype), art, limits, defaults)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    uvicorn.run(application, host=host, port=port)
+    serve(application, host, port, read_timeout=read_timeout, keep_alive=keep_alive,
+          limit_concurrency=limit_concurrency)
 
 
 @steer_options
@@ -165,6 +188,7 @@ def eval_cmd(
     ray: Ray = False,
     ray_address: RayAddress = None,
     workers: Workers = None,
+    overwrite: Overwrite = False,
     steer: Optional[dict] = None,
 ) -> None:
     """Compare base and methods on benchmarks: refusal rates with intervals, quality, speed, report and plots.
@@ -180,11 +204,18 @@ def eval_cmd(
     from els.training.collect import load_collection
 
     judge_names = [j.strip() for j in (judge or DEFAULT_EVAL_JUDGE).split(",") if j.strip()]
+    if not judge_names:
+        raise typer.BadParameter(f"--judge names no judge (choose from {', '.join(JUDGES)})")
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, speed_batch=speed_batch)
     at_least(0, quality_n=quality_n, speed_n=speed_n, capability_n=capability_n)
     at_least(1, quality_tokens=quality_tokens)
     check_device(device)
+    check_dtype(dtype)
     need_ray(ray, ray_address, workers)
+    if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
+        states = steer_dir.parent / "collect"
+    check_output_dir("--out", out, input_paths(model, benchmarks.split(",") + [quality_set], [steer_dir, states]),
+                     EVAL_FILES, overwrite)
     try:  # everything that can be wrong with the input fails here, before any generation
         sets = [load_benchmark(spec.strip(), limit, seed) for spec in benchmarks.split(",") if spec.strip()]
         if not sets:
@@ -199,8 +230,6 @@ def eval_cmd(
             if not name.startswith("model"):
                 get_judge(name)
         art = Artefact.load(steer_dir) if steer_dir is not None else None
-        if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
-            states = steer_dir.parent / "collect"
         if states is not None:  # read in full now: the report reads it only after every answer is generated
             load_collection(states)
         if steer and art is None:
@@ -263,6 +292,8 @@ def judge_check_cmd(
         raise typer.BadParameter(f"--judges names no judge (choose from {', '.join(JUDGES)})")
     try:
         paths = list(files) if files else default_labelled_files()
+        if markdown is not None:
+            check_output_file("--markdown", markdown, paths)
         if retrain_learned:
             judge_dir = Path(__file__).parents[1] / "data" / "resources"
             train_learned_judge([read_labelled(p) for p in paths]).save(judge_dir)

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from els.cli import eval as cli_eval
-from els.cli.errors import ErrorsGroup, at_least, debug_option, load_model
+from els.cli.errors import ErrorsGroup, at_least, check_device, check_dtype, debug_option, load_model
 from els.cli.options import (
     DEFAULT_BENIGN,
     DEFAULT_CONTRAST,
@@ -34,10 +34,12 @@ from els.cli.options import (
     LayerRule,
     Limit,
     Model,
+    Overwrite,
     Ray,
     RayAddress,
     Workers,
     console,
+    input_paths,
     need_ray,
     parse_ints,
     parse_widths,
@@ -45,16 +47,16 @@ from els.cli.options import (
     ray_executor,
     steer_options,
 )
-from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate
-from els.core.io import write_atomic
+from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate, generate_batch, prompt_texts
+from els.core.io import check_output_dir, write_atomic
 from els.core.models import DEFAULT_MODEL
 from els.judges.model import JUDGES, get_judge
-from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, Artefact
+from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, MANIFEST, WEIGHTS, Artefact
 from els.steering.energy import CONTRASTS
 from els.steering.gate import HarmGate
 from els.steering.steering import Steering
 from els.training import recipe
-from els.training.collect import Collection, check_fits, collect, load_collection
+from els.training.collect import COLLECTION_FILES, Collection, check_fits, collect, load_collection
 from els.training.energy import TrainConfig
 
 SIDES = {"answer": "steered towards answering", "refuse": "steered towards refusing",
@@ -63,6 +65,8 @@ SIDES = {"answer": "steered towards answering", "refuse": "steered towards refus
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
                   cls=ErrorsGroup)
 app.callback()(debug_option)
+# What `els run` writes in its OUT (a rerun finds only these there)
+RUN_FILES = ("collect", "artefact", "validation.json", "timings.json")
 
 @app.command("collect")
 def collect_cmd(
@@ -82,9 +86,11 @@ def collect_cmd(
     ray: Ray = False,
     ray_address: RayAddress = None,
     workers: Workers = None,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Generate, judge and record the four states."""
+    """Generate, judge and record the four states (an interrupted collection in OUT resumes)."""
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    check_output_dir("--out", out, input_paths(model, benign + harmful), COLLECTION_FILES, overwrite)
     need_ray(ray, ray_address, workers)
     sets = prompt_sets(benign, "benign", limit, seed) + prompt_sets(harmful, "harmful", limit, seed)
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -119,11 +125,15 @@ def train_cmd(
     model: Model = DEFAULT_MODEL,
     device: Device = None,
     dtype: Dtype = "auto",
+    overwrite: Overwrite = False,
     steer: Optional[dict] = None,
 ) -> None:
     """Train the compliance and safety energies and the harm gate and write the steering artefact (the gate's
     forward passes need the collection's model). The steering flags set the artefact's settings."""
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, steer or {}, harm_data)
+    check_dtype(dtype)  # checked even when no model loads: a mistyped flag is never silently ignored
+    check_device(device)
+    check_output_dir("--out", out, input_paths(model, how.harm_data, [states]), (MANIFEST, WEIGHTS), overwrite)
     col = load_collection(states)
     sets = recipe.harm_sets(how)
     # A --model given on its own is loaded too, to check that the activations are its own.
@@ -177,6 +187,10 @@ def run_cmd(steer: dict, **options) -> None:
     o = SimpleNamespace(**options)
     how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, steer, o.harm_data)
     at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
+    inputs = input_paths(o.model, o.benign + o.harmful + list(how.harm_data))
+    check_output_dir("--out", o.out, inputs, RUN_FILES, o.overwrite)
+    for sub, owns in (("collect", COLLECTION_FILES), ("artefact", (MANIFEST, WEIGHTS))):
+        check_output_dir("--out", o.out / sub, inputs, owns, o.overwrite)
     need_ray(o.ray, o.ray_address, o.workers)
     times = {}
     # Every input is read before the model loads: a missing one costs seconds, not a collection.
@@ -256,7 +270,9 @@ def generate_cmd(
         try:
             chosen = None if layers is None else parse_ints(layers, "--layers")
             with Steering(lm.model, art, layers=chosen, **(steer or {})) as s:
-                steered = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system)
+                # one batch in the prompts' order, so the gate's reading of each row is that prompt's
+                texts, _ = prompt_texts(lm, prompts, system)
+                steered = generate_batch(lm, texts, max_new_tokens).texts
                 sides = s.sides()
         except (FileNotFoundError, ValueError) as e:
             raise typer.BadParameter(str(e)) from None

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
-from els.data.prompts import load_prompts
+from els.data.prompts import load_prompts, spec_files
 from els.parallel.ray_executor import RayMissing, import_ray, make_executor
 from els.steering.artefact import LAYER_RULES
 from els.steering.settings import FLAGGED_MODES, SteerSettings
@@ -48,6 +49,9 @@ Ray = Annotated[bool, typer.Option("--ray", help="Generate on Ray workers in a l
                                                  "(pip install 'els[ray]'; see docs/scale.md).")]
 RayAddress = Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead (auto, HOST:PORT, "
                                                         "ray://HOST:10001); implies --ray.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into an existing folder that holds other "
+                                         "files (they are kept: only this command's own files are replaced; an "
+                                         "input is never written).")]
 Workers = Annotated[Optional[int], typer.Option(help="Ray workers, each loading the model once (default: one per "
                                                      "GPU, else 1; on CPUs each gets an equal share of the threads).")]
 
@@ -162,3 +166,10 @@ def steer_options(command: Callable[..., None]) -> Callable[..., None]:
                for k, t in STEER_OPTIONS.items()]
     wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return wrapper
+
+
+def input_paths(model: str | None = None, specs: Iterable[str] = (), paths: Iterable[Path | None] = ()) -> list[Path]:
+    """What a command reads, for els.core.io.check_output_*: the given paths, a local --model and the files
+    named in prompt-set specs, those that exist."""
+    found = [Path(p) for p in paths if p is not None] + ([Path(model)] if model is not None else [])
+    return [p for p in found if p.exists()] + spec_files(specs)

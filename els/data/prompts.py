@@ -13,15 +13,16 @@ pinned Hugging Face copy through `datasets` (cached by it under ~/.cache/hugging
 from __future__ import annotations
 
 import importlib.util
-import json
+import io
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
 
-from els.core.io import csv_rows
+from els.core.io import csv_rows, json_loads
 from els.data.promptset import KINDS, Kind, PromptSet
 
 
@@ -51,22 +52,25 @@ def _read_rows(path: Path, key: str | None = None) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
+    try:  # utf-8-sig: a byte-order mark (Excel's CSV export) is not part of the first column's name
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return csv_rows(f, str(path))
+        return csv_rows(io.StringIO(text, newline=""), str(path))
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+                    rows.append(json_loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({getattr(e, 'msg', e)})") from None
         return rows
     if suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+            rows = json_loads(text)
+        except ValueError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
         if key is not None and isinstance(rows, dict):
             rows = rows.get(key)
@@ -265,6 +269,17 @@ def load_prompts(spec: str) -> PromptSet:
     else:
         raise ValueError(f"unknown prompt set {spec!r}: use one of {', '.join(KNOWN_SETS)} or PATH:COLUMN")
     return ps.split(split) if split else ps
+
+
+def spec_files(specs: Iterable[str]) -> list[Path]:
+    """The existing files or folders that prompt-set specs ([KIND=]PATH:COLUMN[=KIND][@SPLIT][#N]) name: the
+    inputs an output path must not overwrite."""
+    found = []
+    for spec in specs:
+        base = spec.split("=", 1)[1] if spec.split("=", 1)[0] in ("benign", "harmful") else spec
+        base = base.partition("#")[0].partition("@")[0]
+        found += [Path(x) for x in (spec, base, base.rpartition(":")[0]) if x]
+    return [p for p in found if p.exists()]
 
 
 def load_benchmark(spec: str, limit: int | None = None, seed: int = 0) -> PromptSet:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from els.core.io import write_atomic
+from els.core.io import json_loads, write_atomic
 from els.core.models import LoadedModel, config_fingerprint
 from els.eval.methods import Method
 from els.steering.artefact import INTEGRITY, Artefact
@@ -98,9 +98,9 @@ class CompletionFile:
             lines = path.read_text(encoding="utf-8").splitlines()
             for line in lines:
                 try:
-                    row = json.loads(line)
+                    row = json_loads(line)
                     self.rows[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):  # ValueError: bad JSON, or nested too deep
                     self.dropped += 1  # the batch being written when a run died
             if self.dropped or (lines and not path.read_bytes().endswith(b"\n")):
                 self.rewrite()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from els.core.executor import Batch, Executor, LocalExecutor
 from els.core.generation import generate_batch, length_batches, prompt_texts
-from els.core.io import write_atomic
+from els.core.io import json_loads, write_atomic
 from els.core.models import LoadedModel, chat_texts, user_conversations
 from els.data.capability import load_mmlu
 from els.data.prompts import load_benchmark
@@ -318,7 +318,7 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
         passed = [i for i, x in enumerate(p) if x < gate[1]]
     questions = load_mmlu(cfg.capability_n, cfg.seed) if cfg.capability_n > 0 else []
     cache_path = out / "quality_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = json_loads(cache_path.read_text()) if cache_path.exists() else {}
     for m in methods:
         entry: dict = {}
         if qs is not None:

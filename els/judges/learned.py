@@ -40,7 +40,11 @@ def read_labelled(path: Path | str) -> LabelledSet:
     if not path.exists():
         raise FileNotFoundError(f"labelled file not found: {path}")
     raw = path.read_bytes()
-    rows = csv_rows(raw.decode("utf-8").splitlines(keepends=True), str(path))
+    try:  # utf-8-sig: a byte-order mark is not part of the first column's name
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    rows = csv_rows(text.splitlines(keepends=True), str(path))
     if not rows:
         raise ValueError(f"{path}: no rows")
     missing = {"prompt", "completion", "final_label"} - set(rows[0])

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from els.core.models import LoadedModel, chat_ids
+from els.serve.connections import quiet_accept_errors
 from els.serve.protocol import MIN_TEMPERATURE, MIN_TOP_P, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
 from els.serve.worker import Engine, Job
 from els.steering.artefact import Artefact
@@ -52,6 +53,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        quiet_accept_errors(asyncio.get_running_loop())
         engine.start()
         restore = _on_termination(engine.abort)
         try:

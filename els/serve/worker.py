@@ -204,6 +204,9 @@ class Engine:
         self._lock = threading.Lock()
         self._dying = False  # an error is ending the worker thread
         self.thread = self._new_thread()
+        # A SIGTERM during a long prefill (one forward pass over thousands of tokens) ends it at the next layer,
+        # not at the pass's end: each decoder block first checks the flag.
+        self._interrupts = [block.register_forward_pre_hook(self._interrupt) for block in lm.blocks]
 
     def _new_thread(self) -> threading.Thread:
         self._dying = False
@@ -237,6 +240,12 @@ class Engine:
         self.jobs.put(None)
         self.thread.join(timeout=timeout)  # a daemon: a forward pass still running does not hold the process
         self._drain()
+        for hook in self._interrupts:
+            hook.remove()
+
+    def _interrupt(self, module: torch.nn.Module, args: tuple) -> None:
+        if self.stopping:  # caught by _run, which answers the batch's requests 503 shutting_down
+            raise RuntimeError("the server is shutting down")
 
     def submit(self, job: Job) -> None:
         if self.stopping:

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from els.core.io import read_json_object
+from els.core.io import read_json_object, save_tensors_atomic, write_atomic
 from els.core.models import config_fingerprint, decoder_blocks
 from els.steering.energy import EnergyStack
 from els.steering.gate import TENSOR_PREFIX, HarmGate
@@ -86,29 +83,16 @@ class Artefact:
         return out
 
     def save(self, path: Path | str) -> None:
-        """Write the new artefact next to the old, then swap: at every moment `path` holds the old artefact
-        or the new one (a crash mid-swap leaves the old one, restored, or at `.NAME.old-*` beside it). The
-        manifest, here and on disk, records the weights' sha256 and member layer order."""
+        """Write els.json and energy.safetensors into `path`, each atomically, and nothing else: other files
+        in the folder are left alone. The manifest, here and on disk, records the weights' sha256 and member
+        layer order, so a crash between the two replacements leaves a pair that `load` refuses, never a silent
+        mix of an old manifest and new weights."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
         tensors = self.tensors()
         layers = list(self.manifest["trained_layers"])
         self.manifest[INTEGRITY] = {"sha256": weights_sha256(tensors, layers), "member_layers": layers}
-        save_file(tensors, tmp / WEIGHTS)
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(old)
+        save_tensors_atomic(tensors, path / WEIGHTS)
+        write_atomic(path / MANIFEST, json.dumps(self.manifest, indent=2))
 
     @classmethod
     def load(cls, path: Path | str) -> Artefact:
@@ -135,8 +119,9 @@ class Artefact:
         _check_integrity(manifest, tensors, mpath, wpath)
         try:
             e = manifest["energy"]
-            energy = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]),
-                                 e["dropout"])
+            shape = (len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
+            with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights on disk
+                expected = {k: tuple(v.shape) for k, v in EnergyStack(*shape).state_dict().items()}
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{mpath}: malformed energy description ({type(err).__name__}: {err})") from err
         gate_keys = ("probe.weight", "probe.bias") if manifest["format_version"] == 1 else \
@@ -151,13 +136,8 @@ class Artefact:
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
-        safety = None
-        if "safety" in manifest:
-            safety = EnergyStack(len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]),
-                                 e["dropout"])
-        expected = {k: tuple(v.shape) for k, v in energy.state_dict().items()}
-        if safety is not None:
-            expected |= {SAFETY_PREFIX + k: tuple(v.shape) for k, v in safety.state_dict().items()}
+        if "safety" in manifest:  # the safety energy: the same members, its tensors prefixed
+            expected |= {SAFETY_PREFIX + k: v for k, v in expected.items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
             diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
@@ -167,8 +147,11 @@ class Artefact:
                                          for k in diff[:3]))
         if not 0 <= gate.layer < manifest["num_layers"]:
             raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest['num_layers']}")
+        energy = EnergyStack(*shape)
         energy.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(SAFETY_PREFIX)})
-        if safety is not None:
+        safety = None
+        if "safety" in manifest:
+            safety = EnergyStack(*shape)
             safety.load_state_dict({k[len(SAFETY_PREFIX):]: v for k, v in tensors.items()
                                     if k.startswith(SAFETY_PREFIX)})
             safety.eval()

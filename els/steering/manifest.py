@@ -13,6 +13,10 @@ from els.steering.settings import MAX_ENERGY_GATE, MAX_ETA, MAX_STEPS
 Number = StrictFloat | StrictInt
 Finite = Annotated[Number, Field(allow_inf_nan=False)]
 Layer = Annotated[StrictInt, Field(ge=0)]
+# Upper bounds no real artefact reaches (the largest open models have hidden size 16,384 and 126 layers; the
+# paper's widths are 2,048 at most), so that an edited number is refused, not allocated or computed with.
+MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_WIDTH, MAX_WIDTHS = 65536, 1024, 16384, 16
+Bounded = Annotated[Finite, Field(ge=-1e6, le=1e6)]  # a layer's mean hidden norm or energy offset
 
 
 class _Open(BaseModel):
@@ -20,7 +24,7 @@ class _Open(BaseModel):
 
 
 class EnergyFields(_Open):
-    widths: list[Annotated[StrictInt, Field(ge=1)]] = Field(min_length=1)
+    widths: list[Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH)]] = Field(min_length=1, max_length=MAX_WIDTHS)
     dropout: Annotated[Number, Field(ge=0, lt=1)]
 
 
@@ -39,12 +43,6 @@ class SteerFields(_Open):
     positions: Literal["last", "prompt"] = "last"
     project: StrictBool = False
 
-    @model_validator(mode="after")
-    def _distinct(self) -> SteerFields:
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"steer.layers {self.layers} repeat a layer")
-        return self
-
 
 class SafetyFields(_Open):
     """The safety energy (two-sided artefacts): its per-layer validation AUC of safe refusal against jailbreak."""
@@ -56,11 +54,11 @@ class ManifestFields(_Open):
     format_version: Literal[1, 2]
     base_model: str
     model_fingerprint: str
-    hidden_size: Annotated[StrictInt, Field(ge=1)]
-    num_layers: Annotated[StrictInt, Field(ge=1)]
+    hidden_size: Annotated[StrictInt, Field(ge=1, le=MAX_HIDDEN_SIZE)]
+    num_layers: Annotated[StrictInt, Field(ge=1, le=MAX_LAYERS)]
     trained_layers: list[Layer] = Field(min_length=1)
-    hidden_norm: dict[str, Annotated[Finite, Field(gt=0)]]
-    gate_offset: dict[str, Finite]
+    hidden_norm: dict[str, Annotated[Bounded, Field(gt=0)]]
+    gate_offset: dict[str, Bounded]
     energy: EnergyFields
     steer: SteerFields
     safety: SafetyFields | None = None
@@ -70,6 +68,8 @@ class ManifestFields(_Open):
         trained = self.trained_layers
         if len(set(trained)) != len(trained) or max(trained) >= self.num_layers:
             raise ValueError(f"trained_layers {trained} must be distinct layers below num_layers {self.num_layers}")
+        if len(set(self.steer.layers)) != len(self.steer.layers):
+            raise ValueError(f"steer.layers {self.steer.layers} name a layer twice")
         if stray := [x for x in self.steer.layers if x not in trained]:
             raise ValueError(f"steer.layers {stray} are not among trained_layers {trained}")
         for name in ("hidden_norm", "gate_offset"):

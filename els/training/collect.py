@@ -19,6 +19,9 @@ from els.judges.model import Judge
 from els.steering.energy import STATES
 from els.training.collection_files import read_activations, read_meta, read_rows
 
+# What a collection folder holds (`els collect --out` refuses a folder holding anything else)
+COLLECTION_FILES = ("collect.json", "states.jsonl", "states.safetensors", "batches")
+
 
 def state_of(kind: Kind, refused: bool) -> str:
     if kind == "benign":

@@ -3,19 +3,21 @@ each is parsed and checked on load, so that a damaged or edited file is one line
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from els.core.io import read_json_object
+from els.core.io import json_loads, read_json_object
 from els.steering.energy import STATES
 
 State = Literal[STATES]  # type: ignore[valid-type]
+# Far above any residual stream (even the "massive activations" of some models stay below 1e4), far below
+# what overflows an energy's float32 training: a larger value is an edited or corrupted file.
+MAX_ACTIVATION = 1e6
 
 
 class RecordFields(BaseModel):
@@ -32,7 +34,13 @@ class RecordFields(BaseModel):
 class MetaFields(BaseModel):
     model_config = ConfigDict(extra="allow")  # the settings are compared as written, not read one by one
 
+    # what training copies into the artefact's manifest
     model: StrictStr
+    model_fingerprint: StrictStr
+    sets: dict
+    judge: StrictStr
+    max_new_tokens: StrictInt
+    system: StrictStr | None
 
 
 def _first_error(e: ValidationError) -> str:
@@ -42,7 +50,7 @@ def _first_error(e: ValidationError) -> str:
 
 
 def read_meta(path: Path) -> dict:
-    """collect.json, a JSON object naming at least the model."""
+    """collect.json, a JSON object with at least the fields training reads (MetaFields)."""
     meta = read_json_object(path, "a collection's settings")
     try:
         MetaFields.model_validate(meta)
@@ -59,8 +67,10 @@ def read_rows(path: Path) -> list[dict]:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     rows = []
     for n, line in enumerate(lines, 1):
+        if not line.strip() and n == len(lines):
+            continue  # a blank last line (an editor's) is no row
         try:
-            row = json.loads(line)
+            row = json_loads(line)
             RecordFields.model_validate(row)
         except ValueError as e:  # ValidationError is one
             why = _first_error(e) if isinstance(e, ValidationError) else f"not valid JSON ({e})"
@@ -84,4 +94,7 @@ def read_activations(path: Path, rows: int | None = None) -> torch.Tensor:
         raise ValueError(f"{path}: {acts.shape[0]} activation rows for {rows} records")
     if not torch.isfinite(acts).all():
         raise ValueError(f"{path}: activations contain NaN or infinity")
+    if (largest := float(acts.abs().max())) > MAX_ACTIVATION:
+        raise ValueError(f"{path}: an activation of magnitude {largest:.3g} (at most {MAX_ACTIVATION:g} in a model's "
+                         f"residual stream)")
     return acts

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,11 +24,11 @@ from safetensors.torch import load_file
 
 from els.core.generation import length_batches
 from els.core.hooks import prompt_states
-from els.core.io import save_tensors_atomic, write_atomic
+from els.core.io import check_output_dir, save_tensors_atomic, write_atomic
 from els.core.models import LoadedModel, cache_dir, chat_texts, config_fingerprint, load_model, user_conversations
 from els.core.stats import auroc, fit_logistic
 from els.data.framings import frame_set, framed_sources
-from els.data.prompts import load_prompts
+from els.data.prompts import load_prompts, spec_files
 from els.data.promptset import Kind, PromptSet
 from els.steering.gate import HarmGate
 
@@ -336,7 +337,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--alpaca-heldout", type=int, default=200, help="Alpaca prompts outside the pool to report")
     ap.add_argument("--frame-max", type=int, default=DEFAULT_FRAMED, help="framed prompts per kind")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds other files")
     args = ap.parse_args(argv)
+    specs = [s for arg in (args.harm_data, args.eval, args.exclude) for s in arg.split(",")]
+    inputs = spec_files(specs) + [p for p in (Path(args.model),) if p.exists()]
+    try:  # before any work, one line as the `els` commands give it
+        check_output_dir("--out", args.out, inputs, ("gate.safetensors", "gate.json"), args.overwrite)
+        check_output_dir("--cache", args.cache, inputs, (), overwrite=True)  # a cache: only never an input
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     pool, evals, exclude = ([load_spec(s) for s in arg.split(",") if s] for arg in (args.harm_data, args.eval,
                                                                                    args.exclude))
     # Alpaca prompts outside the pool's sample: how often the gate flags plain everyday requests.

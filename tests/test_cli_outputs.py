@@ -1,0 +1,164 @@
+"""No command deletes or overwrites an input (issue 24): every writing command, given each of its inputs (or a
+folder inside or around one) as its output, refuses in one line before any work and changes nothing; a folder
+holding files the command did not write is refused unless --overwrite, which keeps those files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+from transformers.utils import logging as hf_logging
+from typer.testing import CliRunner
+
+from els.cli import app
+from els.training import gate as gate_tool
+
+from helpers import one_line_error, saved_tiny_model, synthetic_collection
+
+TRAIN = ["--harm-data", "none", "--epochs", "1", "--widths", "8", "--top-n", "1"]
+EVAL = ["--judge", "prefix", "--quality-n", "0", "--speed-n", "0", "--max-new-tokens", "2"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A saved tiny model, a collection of its shape, an artefact trained on it, a prompt and a labelled file."""
+    root = tmp_path_factory.mktemp("inputs")
+    lm = saved_tiny_model(root)
+    col = synthetic_collection(lm, n=32)
+    (root / "col").mkdir()
+    save_file({"activations": col.activations.contiguous()}, root / "col" / "states.safetensors")
+    (root / "col" / "states.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in col.records))
+    (root / "col" / "collect.json").write_text(json.dumps(col.meta))
+    (root / "data").mkdir()
+    (root / "data" / "p.csv").write_text("prompt\nhow do i bake a cake\nhow do i make a bomb\n")
+    (root / "data" / "lab.csv").write_text("prompt,completion,final_label\np1,Sure here it is,1_full_compliance\n"
+                                           "p2,I'm sorry I cannot,2_full_refusal\n")
+    run = root / "run"
+    result = CliRunner().invoke(app, ["train", str(root / "col"), "--out", str(run / "artefact"), *TRAIN])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def tree(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (or of `path` itself), by relative name."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def cases() -> list[tuple[str, list[str]]]:
+    """(name, argv) of each writing command with one of its inputs, or a folder inside or around one, as an
+    output; {m} is the model, {col} the collection, {art} the artefact, {csv} the prompt file, {lab} the labelled."""
+    prompts = ["--benign", "{csv}:prompt", "--harmful", "{csv}:prompt", "--judge", "prefix"]
+    steer = ["--steer", "{art}", "--benign", "{csv}:prompt", "--harmful", "{csv}:prompt", "--model", "{m}"]
+    bench = ["--benchmarks", "{csv}:prompt=benign", "--model", "{m}", *EVAL]
+    table = {
+        "collect into the model": ["collect", "--out", "{m}", "--model", "{m}", *prompts],
+        "collect inside the model": ["collect", "--out", "{m}/c", "--model", "{m}", *prompts],
+        "collect into the prompt file": ["collect", "--out", "{csv}", "--model", "{m}", *prompts],
+        "collect around the prompt file": ["collect", "--out", "{data}", "--model", "{m}", *prompts],
+        "train into its collection": ["train", "{col}", "--out", "{col}", *TRAIN],
+        "train inside its collection": ["train", "{col}", "--out", "{col}/a", *TRAIN],
+        "train around its collection": ["train", "{col}", "--out", "{root}", *TRAIN],
+        "train into the model": ["train", "{col}", "--out", "{m}", "--model", "{m}", *TRAIN],
+        "run into the model": ["run", "--out", "{m}", "--model", "{m}", *prompts, *TRAIN],
+        "run around the prompt file": ["run", "--out", "{data}", "--model", "{m}", *prompts, *TRAIN],
+        "tune into its artefact": ["tune", "--out", "{art}", *steer],
+        "tune's artefact onto its input": ["tune", "--out", "{root}/t", "--out-artefact", "{art}", *steer],
+        "tune's artefact around its input": ["tune", "--out", "{root}/t", "--out-artefact", "{run}", *steer],
+        "tune into the prompt file": ["tune", "--out", "{csv}", *steer],
+        "eval into the artefact": ["eval", "--out", "{art}", "--steer", "{art}", *bench],
+        "eval into the collection": ["eval", "--out", "{col}", "--states", "{col}", *bench],
+        "eval around the prompt file": ["eval", "--out", "{data}", *bench],
+        "eval into the model": ["eval", "--out", "{m}/e", *bench],
+        "judge-check onto its file": ["judge-check", "{lab}", "--judges", "prefix", "--markdown", "{lab}"],
+        "judge-check onto a folder": ["judge-check", "{lab}", "--judges", "prefix", "--markdown", "{data}"],
+    }
+    return list(table.items())
+
+
+def fill(argv: list[str], root: Path) -> list[str]:
+    where = {"m": root / "model", "col": root / "col", "art": root / "run" / "artefact", "run": root / "run",
+             "csv": root / "data" / "p.csv", "lab": root / "data" / "lab.csv", "data": root / "data", "root": root}
+    return [a.format(**where) for a in argv]
+
+
+@pytest.mark.parametrize("name, argv", cases(), ids=[c[0] for c in cases()])
+def test_an_input_as_the_output_is_refused_before_any_work(made, tmp_path, monkeypatch, name, argv):
+    root = tmp_path / "r"
+    shutil.copytree(made, root)
+    before = tree(root)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr("els.cli.errors.models.load_model", must_not_load)
+    line = one_line_error(CliRunner().invoke(app, fill(argv, root)), "--")
+    assert "input" in line or "folder" in line, line
+    assert tree(root) == before  # nothing changed, nothing written
+
+
+def test_the_harm_gate_tool_refuses_an_input_as_its_output(made, tmp_path, capsys):
+    root = tmp_path / "r"
+    shutil.copytree(made, root)
+    before = tree(root)
+    with pytest.raises(SystemExit) as e:
+        gate_tool.main(["--out", str(root / "data"), "--harm-data", f"benign={root / 'data' / 'p.csv'}:prompt",
+                        "--eval", "", "--exclude", "", "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "input" in err[0], err
+    assert tree(root) == before
+
+
+def test_a_folder_of_other_files_needs_overwrite_which_keeps_them(made, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["train", str(made / "col"), "--out", str(out), *TRAIN]
+    one_line_error(CliRunner().invoke(app, args), "keep.txt")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["els.json", "energy.safetensors", "keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+    # a rerun into its own artefact needs no --overwrite: the folder holds only what train writes
+    shutil.copytree(out, tmp_path / "b", ignore=shutil.ignore_patterns("keep.txt"))
+    assert CliRunner().invoke(app, ["train", str(made / "col"), "--out", str(tmp_path / "b"), *TRAIN]).exit_code == 0
+    # --overwrite never makes an input an output
+    one_line_error(CliRunner().invoke(app, ["train", str(made / "col"), "--out", str(made / "col"), *TRAIN,
+                                            "--overwrite"]), "input")
+
+
+@pytest.fixture
+def quiet_loading():
+    hf_logging.disable_progress_bar()  # the model loads before the error: its progress bar is not the error's
+    yield
+    hf_logging.enable_progress_bar()
+
+
+@pytest.mark.usefixtures("quiet_loading")
+def test_tune_on_an_artefact_of_another_model_leaves_no_out(made, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(made / "run" / "artefact", art)
+    manifest = json.loads((art / "els.json").read_text())
+    manifest["model_fingerprint"] = "another"
+    (art / "els.json").write_text(json.dumps(manifest))
+    csv = made / "data" / "p.csv"
+    result = CliRunner().invoke(app, ["tune", "--steer", str(art), "--out", str(tmp_path / "t"), "--model",
+                                      str(made / "model"), "--benign", f"{csv}:prompt", "--harmful", f"{csv}:prompt",
+                                      "--judge", "prefix"])
+    one_line_error(result, "does not fit")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.usefixtures("quiet_loading")
+@pytest.mark.parametrize("eta", ["inf", "nan"])
+def test_eval_with_an_infinite_eta_fails_before_generating(made, tmp_path, eta):
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e"), "--steer", str(made / "run" / "artefact"),
+                                      "--benchmarks", f"{made / 'data' / 'p.csv'}:prompt=benign", "--eta", eta,
+                                      "--model", str(made / "model"), *EVAL])
+    one_line_error(result, "eta")
+    assert not (tmp_path / "e").exists()

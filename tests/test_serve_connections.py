@@ -1,0 +1,150 @@
+"""`els serve` against clients that hold connections (issue 24): idle and slow clients are disconnected within
+the read timeout while /health keeps answering, running out of file descriptors logs one line per interval,
+and a shutdown interrupts a long prefill between layers. Loopback only; every loop is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import http.client
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from starlette.testclient import TestClient
+
+from els.serve.app import Limits, create_app
+from els.serve.connections import quiet_accept_errors, timely_protocol
+
+from helpers import tiny_model
+
+MODEL = "tiny-qwen2"
+LIMITS = Limits(max_prompt_tokens=100, max_tokens=8, max_body_bytes=64 * 1024, max_batch=4, batch_window_ms=0)
+READ_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def server():
+    """create_app on a free loopback port with a 1 s read timeout, keep-alive 1 s and 64 connections at most."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(tiny_model("qwen2"), None, LIMITS), log_level="warning",
+                            http=timely_protocol(READ_TIMEOUT), timeout_keep_alive=1, limit_concurrency=64)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield port
+    srv.should_exit = True
+    thread.join(30)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` within `seconds` (it may answer first, e.g. a 400 nobody reads)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+    return False
+
+
+def _trickle(port: int, head: bytes, then: bytes, closed: dict, name: str) -> None:
+    """Send `head`, then `then` a byte every 0.2 s (at most 10 s); record when the server closed us."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head)
+        for byte in then:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+            if _closed_within(s, 0.2) or time.monotonic() - start > 10:
+                break
+        closed[name] = time.monotonic() - start if _closed_within(s, 0.5) else None
+
+
+def test_idle_and_slow_clients_are_closed_within_the_read_timeout(server):
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    clients = {f"idle {i}": (b"", b"") for i in range(5)}
+    clients |= {f"slow header {i}": (b"GET /health HTTP/1.1\r\n", b"x-slow: " + b"a" * 100) for i in range(5)}
+    clients |= {f"slow body {i}": (post + b"content-length: 200\r\n\r\n", b"{" + b" " * 199) for i in range(5)}
+    closed: dict = {}
+    idle = [socket.create_connection(("127.0.0.1", server)) for _ in range(5)]
+    threads = [threading.Thread(target=_trickle, args=(server, *v, closed, k)) for k, v in clients.items()
+               if not k.startswith("idle")]
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 1.5 * READ_TIMEOUT:  # /health answers while they are held
+            assert httpx.get(f"http://127.0.0.1:{server}/health", timeout=2).status_code == 200
+            time.sleep(0.1)
+        for i, s in enumerate(idle):
+            closed[f"idle {i}"] = 0.0 if _closed_within(s, READ_TIMEOUT + 1) else None
+    finally:
+        for s in idle:
+            s.close()
+    for t in threads:
+        t.join(15)
+    assert set(closed) == set(clients)
+    still_open = [k for k, took in closed.items() if took is None or took > READ_TIMEOUT + 1.5]
+    assert not still_open, closed
+
+
+def test_a_kept_alive_connection_serves_again_and_is_closed_when_idle(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    try:
+        for _ in range(2):  # two requests on one connection: the read deadline is re-armed for the second
+            conn.request("GET", "/health")
+            assert conn.getresponse().read().startswith(b'{"status":"ok"')
+            time.sleep(0.5 * READ_TIMEOUT)
+        assert _closed_within(conn.sock, 3)  # keep-alive 1 s
+    finally:
+        conn.close()
+
+
+def test_running_out_of_file_descriptors_logs_once_per_interval(caplog):
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_accept_errors(loop, interval=60)
+        with caplog.at_level(logging.ERROR):
+            for _ in range(1000):
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(errno.EMFILE, "Too many open files")})
+    finally:
+        loop.close()
+    records = [r for r in caplog.records if "Too many open files" in r.getMessage()]
+    assert len(records) == 1 and not records[0].exc_info
+
+
+def test_a_shutdown_interrupts_a_long_prefill_between_layers():
+    lm = tiny_model("qwen2")
+    for block in lm.blocks:  # a slow prefill: 3 layers of 2 s each
+        block.register_forward_pre_hook(lambda module, args: time.sleep(2.0))
+    app = create_app(lm, None, LIMITS)
+    with TestClient(app) as client:
+        answer: dict = {}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+        t = threading.Thread(target=lambda: answer.update(r=client.post("/v1/chat/completions", json=body)))
+        t.start()
+        time.sleep(2.5)  # inside the prefill's second layer: 3.5 s of it left
+        start = time.monotonic()
+        app.state.engine.abort()  # what SIGTERM calls
+        t.join(10)
+        took = time.monotonic() - start
+    assert answer["r"].status_code == 503 and answer["r"].json()["error"]["code"] == "shutting_down", answer
+    assert took < 2.5, f"answered {took:.1f} s after the shutdown began: the prefill was not interrupted"
