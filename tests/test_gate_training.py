@@ -1,4 +1,3 @@
-import math
 import re
 
 import pytest
@@ -142,7 +141,7 @@ def test_probe_selects_the_separable_layer_on_validation(signal_layer):
     assert 0.0 < gate.threshold < 1.0
     assert {r["layer"] for r in gate.report["search"]} == {0, 1, 2, 3}
     p = gate.probability_from_layers(acts)
-    assert auroc(p[harmful], p[~harmful]) > 0.9
+    assert float(auroc(p[harmful], p[~harmful])) > 0.9
     flagged = p >= gate.threshold
     assert flagged[harmful].float().mean() > 0.8 and flagged[~harmful].float().mean() < 0.2
     # A false-flag cap picks a threshold that respects it on validation.
@@ -152,10 +151,7 @@ def test_probe_selects_the_separable_layer_on_validation(signal_layer):
     assert train_gate(acts, harmful, source, groups, l2_grid=(1e-3,), layers=[0]).layer == 0
 
 
-def test_auroc_and_macro_auroc():
-    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
-    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
-    assert math.isnan(auroc(torch.tensor([]), torch.tensor([1.0])))
+def test_macro_auroc():
     p = torch.tensor([0.9, 0.8, 0.1, 0.95, 0.2, 0.85])
     harmful = torch.tensor([True, True, False, True, False, False])
     # b1's only prompt (0.85) outranks one of two h0 prompts: each source pair counts once.

@@ -175,7 +175,7 @@ def macro_auroc(p: torch.Tensor, harmful: torch.Tensor, source: list[str]) -> fl
     """Mean AUROC over every (harmful source, benign source) pair: each source counts once, so a large easy
     source (Alpaca) cannot hide a small hard one (OR-Bench-Hard)."""
     hs, bs = _by_source(harmful, source)
-    return sum(auroc(p[h], p[b]) for h in hs for b in bs) / max(1, len(hs) * len(bs))
+    return sum(float(auroc(p[h], p[b])) for h in hs for b in bs) / max(1, len(hs) * len(bs))
 
 
 def _split(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -249,7 +249,7 @@ def gate_report(gate: HarmGate, acts_by_set: Mapping[str, tuple[Kind | None, tor
     for label, (benign, harmful) in pairs.items():
         if all(s in probs for s in (*benign, *harmful)):
             pos, neg = torch.cat([probs[s] for s in harmful]), torch.cat([probs[s] for s in benign])
-            out_pairs[label] = round(auroc(pos, neg), 4)
+            out_pairs[label] = round(float(auroc(pos, neg)), 4)
             at_fpr[label] = {f"{fpr:.0%}": round(tpr_at_fpr(pos, neg, fpr), 4) for fpr in (0.01, 0.05)}
     return {"sets": sets, "auroc": out_pairs, "tpr_at_benign_fpr": at_fpr}
 
