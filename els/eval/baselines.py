@@ -1,4 +1,5 @@
-"""Fit the training-free baselines (`els.eval.methods`) from the same `Collection` as ELS, and register them.
+"""Fit the training-free baselines (`els.eval.methods`) from the same `Collection` as ELS; `register_baselines`
+names them for `els eval --methods`.
 
     methods = fit_baselines(collection)
     with methods["ablation"].apply(model): model.generate(...)
@@ -157,7 +158,9 @@ def _gated(name: str):
     return factory
 
 
-for _name in ("ablation", "addition", "surgical", "probe-gated"):
-    register_method(_name, _fitted(_name))
-for _name in ("ablation", "addition", "surgical"):
-    register_method(f"{_name}-gated", _gated(_name))
+def register_baselines() -> None:
+    """Make the fitted baselines, plain and behind the artefact's harm gate, usable in `els eval --methods`."""
+    for name in ("ablation", "addition", "surgical", "probe-gated"):
+        register_method(name, _fitted(name))
+    for name in ("ablation", "addition", "surgical"):
+        register_method(f"{name}-gated", _gated(name))

@@ -26,7 +26,7 @@ from els.core.io import write_atomic
 from els.core.models import LoadedModel, chat_texts, user_conversations
 from els.data.prompts import load_benchmark
 from els.data.promptset import KINDS, PromptSet
-from els.eval import baselines  # noqa: F401  registers the baseline methods
+from els.eval.baselines import register_baselines
 from els.eval.cache import CompletionFile, cache_key, digest, method_config, model_fingerprint, slug
 from els.eval.comparison import GATED_SYSTEM_PROMPT, gate_probabilities, gated_verdicts, mcnemar, rate
 from els.eval.methods import Method
@@ -34,6 +34,9 @@ from els.judges.model import Judge, ModelJudge, get_judge
 from els.steering.gate import HarmGate
 
 Log = Callable[[str], None]
+
+# The harness evaluates whatever methods `els eval --methods` names, the fitted baselines among them.
+register_baselines()
 
 
 # ---------------------------------------------------------------------------------------------------------------
