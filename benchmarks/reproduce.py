@@ -7,7 +7,7 @@ Protocol (docs/results.md's tables come from it):
 1. `els run`: states of the project's own training prompts (els-benign, els-harmful; no benchmark
    prompt), energy models for every layer, and the harm gate from prompt-only forward passes of its pool
    (els.training.gate; near-duplicates of every test and tuning prompt removed).
-2. The gate's report on every test set (AUROC, share flagged): `python -m els.training.gate`.
+2. The gate's report on every test set (AUROC, share flagged): `els gate`.
 3. `els tune`: the Optuna search over layers, eta, K, gates, positions and projection on validation
    prompts only (orbench-hard@val and oktest@val against harmbench-val and orbench-toxic@val), its
    chosen point written to RUN/artefact-tuned.
@@ -68,7 +68,7 @@ def main() -> None:
 
     if not (run / "artefact" / "els.json").exists():
         stage("run", [*els, "run", "--model", args.model, "--out", str(run)], log)
-    stage("gate", [sys.executable, "-m", "els.training.gate", "--model", args.model, "--out", str(run / "gate")], log)
+    stage("gate", [*els, "gate", "--model", args.model, "--out", str(run / "gate")], log)
     stage("tune", [*els, "tune", "--model", args.model, "--steer", str(run / "artefact"), "--out", str(run / "tune"),
                    "--out-artefact", str(run / "artefact-tuned"), "--trials", str(args.trials),
                    "--limit", str(args.tune_limit), "--judge", "learned"], log)
