@@ -65,14 +65,14 @@ def _read_rows(path: Path, key: str | None = None) -> list[dict]:
         return rows
     if suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
-        if key is not None and isinstance(rows, dict):
-            rows = rows.get(key)
-        if not isinstance(rows, list):
+        if key is not None and isinstance(data, dict):
+            data = data.get(key)
+        if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of objects")
-        return rows
+        return data
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .json or .jsonl)")
 
 

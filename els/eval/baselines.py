@@ -126,7 +126,8 @@ def knobs(method: Method) -> dict:
     out: dict = {"name": method.name, "system": method.system}
     for key in ("layer", "coeff", "scale", "probe_b"):
         if hasattr(method, key):
-            out[key] = round(float(getattr(method, key)), 6) if key != "layer" else int(method.layer)
+            value = getattr(method, key)
+            out[key] = int(value) if key == "layer" else round(float(value), 6)
     return out
 
 
@@ -153,7 +154,7 @@ def _gated(name: str):
         threshold = ctx.els_settings.get("harm_gate", ctx.artefact.settings.harm_gate)
         if not isinstance(threshold, (int, float)):
             threshold = ctx.artefact.gate.threshold  # ELS runs ungated here: the gate's own threshold
-        return Gated(inner(ctx), ctx.artefact.gate, float(threshold))  # type: ignore[arg-type]
+        return Gated(inner(ctx), ctx.artefact.gate, float(threshold))
 
     return factory
 

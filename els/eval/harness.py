@@ -27,7 +27,7 @@ from els.core.generation import generate_batch, length_batches, prompt_texts
 from els.core.io import write_atomic
 from els.core.models import LoadedModel, chat_texts, user_conversations
 from els.data.prompts import load_benchmark
-from els.data.promptset import KINDS, PromptSet
+from els.data.promptset import KINDS, Kind, PromptSet
 from els.eval.baselines import register_baselines
 from els.eval.cache import CompletionFile, cache_key, digest, method_config, model_fingerprint, slug
 from els.eval.comparison import GATED_SYSTEM_PROMPT, gate_probabilities, gated_verdicts, mcnemar, rate
@@ -110,17 +110,17 @@ class Runner:
             if not todo:
                 continue
             texts, lengths = prompt_texts(self.lm, [ps.prompts[i] for i in todo], method.system)
-            for batch in length_batches(texts, lengths, self.gen.batch_size):
-                batches.append(Batch([texts[b] for b in batch], self.gen.max_new_tokens, method=method,
-                                     tag=(store, keys, ps, [todo[b] for b in batch])))
+            for chunk in length_batches(texts, lengths, self.gen.batch_size):
+                batches.append(Batch([texts[b] for b in chunk], self.gen.max_new_tokens, method=method,
+                                     tag=(store, keys, ps, [todo[b] for b in chunk], method.name)))
         desc = f"{pairs[0][0].name} {pairs[0][1].name}" if len(pairs) == 1 else "generate"
         bar = tqdm(total=sum(len(b.texts) for b in batches), desc=desc, disable=not self.progress or not batches,
                    leave=False)
         for batch, out in self.executor.map(batches):
-            store, keys, ps, rows_of = batch.tag
+            store, keys, ps, rows_of, method_name = batch.tag
             rows = []
             for i, row_ids, answer in zip(rows_of, out.ids, out.texts):
-                rows.append({"key": keys[i], "set": ps.name, "method": batch.method.name, "prompt": ps.prompts[i],
+                rows.append({"key": keys[i], "set": ps.name, "method": method_name, "prompt": ps.prompts[i],
                              "category": ps.categories[i] if ps.categories else None,
                              "answer": answer, "tokens": row_ids, "n_tokens": len(row_ids),
                              "batch_size": len(rows_of), "verdicts": {}})
@@ -143,8 +143,8 @@ class Runner:
                 if isinstance(judge, ModelJudge):
                     verdicts = [{"refused": v.refused, "label": v.label, "fallback": v.fallback, "raw": v.raw}
                                 for v in judge.classify(prompts, answers)]
-                elif callable(getattr(judge, "probabilities", None)):
-                    verdicts = [{"refused": p > 0.5, "p": round(p, 4)} for p in judge.probabilities(answers)]
+                elif callable(probabilities := getattr(judge, "probabilities", None)):
+                    verdicts = [{"refused": p > 0.5, "p": round(p, 4)} for p in probabilities(answers)]
                 else:
                     verdicts = [{"refused": bool(r)} for r in judge(prompts, answers)]
                 for row, v in zip(part, verdicts):
@@ -190,7 +190,8 @@ def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], ba
     texts = {m.name: chat_texts(lm.tokenizer, user_conversations(prompts, m.system)) for m in methods}
     out: dict[str, list[Speed]] = {m.name: [] for m in methods}
     for b in batch_sizes:
-        spent = {m.name: [0, 0.0] for m in methods}
+        tokens = {m.name: 0 for m in methods}
+        seconds = {m.name: 0.0 for m in methods}
         for m in methods:
             with m.apply(lm.model):
                 generate_batch(lm, texts[m.name][:b], 2, min_new_tokens=2)  # one-off costs of this shape
@@ -201,13 +202,13 @@ def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], ba
                         t0 = time.perf_counter()
                         ids = generate_batch(lm, texts[m.name][start : start + b], max_new_tokens,
                                              min_new_tokens=max_new_tokens).ids
-                        spent[m.name][1] += time.perf_counter() - t0
-                    spent[m.name][0] += sum(len(row) for row in ids)
-        base_tokens, base_seconds = spent[methods[0].name]
+                        seconds[m.name] += time.perf_counter() - t0
+                    tokens[m.name] += sum(len(row) for row in ids)
+        base_rate = tokens[methods[0].name] / seconds[methods[0].name]
         for m in methods:
-            tokens, seconds = spent[m.name]
-            out[m.name].append(Speed(batch=b, tokens=tokens, seconds=round(seconds, 3), tokens_per_s=tokens / seconds,
-                                     rounds=rounds, ratio_to_base=tokens / seconds / (base_tokens / base_seconds)))
+            per_s = tokens[m.name] / seconds[m.name]
+            out[m.name].append(Speed(batch=b, tokens=tokens[m.name], seconds=round(seconds[m.name], 3),
+                                     tokens_per_s=per_s, rounds=rounds, ratio_to_base=per_s / base_rate))
     return out
 
 
@@ -225,6 +226,12 @@ class EvalConfig:
     quality_n: int = 32  # 0: skip the quality measures
     speed_n: int = 8  # 0: skip the speed measure
     speed_batch: int | None = None  # the larger batch; default the generation batch size
+
+
+def _kind(ps: PromptSet) -> Kind:
+    if ps.kind is None:
+        raise ValueError(f"prompt set {ps.name!r} needs a kind (benign or harmful) to be evaluated")
+    return ps.kind
 
 
 def _verdicts(store: CompletionFile, keys: Sequence[str], judge: str) -> list[bool]:
@@ -289,7 +296,7 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
                 res.judge_fallbacks = sum(bool(v.get("fallback")) for v in model_judged)
             res.other_judges = {j.name: sum(_verdicts(store, keys, j.name)) / len(keys) for j in judges[1:]}
             res.mean_tokens = sum(store.rows[k]["n_tokens"] for k in keys) / len(keys)
-        benchmarks[ps.name] = Benchmark(kind=str(ps.kind), n=len(ps), methods=per_method)
+        benchmarks[ps.name] = Benchmark(kind=_kind(ps), n=len(ps), methods=per_method)
 
     by_kind: dict[str, dict[str, PairedRate]] = {}
     for kind in KINDS:
@@ -388,8 +395,8 @@ def _examples(methods: list[Method], sets: list[PromptSet], stores: dict, headli
             for bk, mk in zip(bkeys, mkeys):
                 b, r = bstore.rows[bk], mstore.rows[mk]
                 if b["verdicts"][headline]["refused"] != r["verdicts"][headline]["refused"] \
-                        and len(found[ps.kind]) < per_kind:
-                    found[ps.kind].append(Example.model_validate({
+                        and len(found[_kind(ps)]) < per_kind:
+                    found[_kind(ps)].append(Example.model_validate({
                         "set": ps.name, "prompt": b["prompt"], base.name: b["answer"], m.name: r["answer"],
                         "base_refused": b["verdicts"][headline]["refused"]}))
         out[m.name] = found

@@ -83,7 +83,9 @@ def plot_refusal_rates(summary: Summary, path: Path) -> None:
     width = 0.8 / len(methods)
     fig, ax = figure(max(6.0, 1.4 * len(names) * max(1, len(methods)) / 2 + 2), 4.5)
     for j, method in enumerate(methods):
-        xs, ys, errs = [], [], [[], []]
+        xs: list[float] = []
+        ys: list[float] = []
+        errs: list[list[float]] = [[], []]
         for i, name in enumerate(names):
             r = summary.benchmarks[name].methods[method]
             xs.append(i - 0.4 + width * (j + 0.5))
@@ -281,10 +283,10 @@ def markdown(summary: Summary, plots: list[str], notes: list[str], artefact: Art
         lines += ["## Answers whose verdict changed", ""]
         for m, kinds in examples.items():
             for kind, items in kinds.items():
-                for e in items:
-                    flip = "refused → answered" if e.base_refused else "answered → refused"
-                    lines += [f"- **{m}, {e.set_name} ({kind}), {flip}**: {_quote(e.prompt)}",
-                              f"  - {base}: {_quote(e.answer(base))}", f"  - {m}: {_quote(e.answer(m))}"]
+                for ex in items:
+                    flip = "refused → answered" if ex.base_refused else "answered → refused"
+                    lines += [f"- **{m}, {ex.set_name} ({kind}), {flip}**: {_quote(ex.prompt)}",
+                              f"  - {base}: {_quote(ex.answer(base))}", f"  - {m}: {_quote(ex.answer(m))}"]
         lines.append("")
 
     if plots:

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from els.core.io import write_atomic
+from els.data.promptset import Kind
 
 
 class Rate(BaseModel):
@@ -57,7 +58,7 @@ class Overall(BaseModel):
 
 
 class Benchmark(BaseModel):
-    kind: str
+    kind: Kind
     n: int
     methods: dict[str, MethodRate]
 

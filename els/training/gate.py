@@ -102,7 +102,7 @@ def framed_pool(pool: Sequence[PromptSet], max_per_kind: int = 600, per_prompt: 
     out, sources = [], []
     for kind in ("benign", "harmful"):
         plain = [p for ps in pool if ps.kind == kind for p in ps.prompts]
-        base = PromptSet(f"framed-{kind}", kind, plain).sample(max_per_kind, seed)  # type: ignore[arg-type]
+        base = PromptSet(f"framed-{kind}", kind, plain).sample(max_per_kind, seed)
         out.append(frame_set(base, "train", per_prompt, seed, name=f"framed-{kind}"))
         sources.append(framed_sources(base, per_prompt))
     return out, sources
