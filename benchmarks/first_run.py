@@ -19,11 +19,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from els import Artefact, generate, load_model, steer
 from els.core.models import cache_dir
 from els.judges import get_judge
+from els.training.timings import Timings
 
 # Written for this check, none in els/resources: benign homonyms and plain harmful requests.
 SPOT_BENIGN = (
@@ -50,7 +52,7 @@ def els_run(out: Path, cache: Path) -> dict[str, float]:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "els", "run", "--model", "default", "--out", str(out)], env=env,
                    check=True)
-    timings = json.loads((out / "timings.json").read_text())
+    timings = asdict(Timings.read(out / "timings.json"))
     return {**timings, "wall_s": round(time.perf_counter() - t, 1)}
 
 

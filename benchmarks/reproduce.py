@@ -8,7 +8,7 @@ Protocol (docs/results.md's tables come from it):
 1. `els run`: states of the project's own training prompts (els-benign, els-harmful and their train-family
    jailbreak framings; no benchmark prompt), the compliance and safety energies for every layer, and the harm
    gate from prompt-only forward passes of its pool (near-duplicates of every test and tuning prompt removed).
-2. The gate's report on every test set (AUROC, TPR at 1% and 5% benign FPR, share flagged).
+2. The gate's report on every test set (AUROC, TPR at 1% and 5% benign FPR, share flagged): `els gate`.
 3. `els eval`: base, ELS at the artefact's own settings, ELS on top of the balanced system prompt, the system
    prompts (balanced, safety) and the two gate-composed ones (system-prompt-gated, system-prompt-two-sided),
    and the activation baselines behind the same gate, on held-out tests judged by the learned judge:
@@ -71,7 +71,7 @@ def main() -> None:
 
     if not (run / "artefact" / "els.json").exists():
         stage("run", [*els, "run", "--model", args.model, "--out", str(run)], log)
-    stage("gate", [sys.executable, "-m", "els.training.gate", "--model", args.model, "--out", str(run / "gate")], log)
+    stage("gate", [*els, "gate", "--model", args.model, "--out", str(run / "gate")], log)
     evaluate = [*els, "eval", "--model", args.model, "--steer", str(run / "artefact"), "--states",
                 str(run / "collect"), "--methods", args.methods, "--benchmarks", args.benchmarks,
                 "--max-new-tokens", str(args.max_new_tokens), "--quality-n", str(args.quality_n),

@@ -162,8 +162,8 @@ def test_eval_on_two_ray_workers_matches_one_process(tmp_path, lm, executor):
     assert (tmp_path / "crashed").exists()
     assert ray_lines == alone_lines and len(ray_lines) == 6
     assert all(len(rows) == len(set(rows)) for rows in ray_lines.values())
-    assert on_ray["run"]["generated"] == alone["run"]["generated"] == 3 * 9
-    assert on_ray["benchmarks"] == alone["benchmarks"]
+    assert on_ray.run.generated == alone.run.generated == 3 * 9
+    assert on_ray.benchmarks == alone.benchmarks
     steered = [json.loads(r)["answer"] for r in ray_lines["completions/els/benign.jsonl"]]
     base = [json.loads(r)["answer"] for r in ray_lines["completions/base/benign.jsonl"]]
     assert steered != base  # the method was in effect on the workers

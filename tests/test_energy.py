@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from els.core.stats import stratified_split
 from els.steering.energy import STATES, EnergyStack
-from els.training.energy import TrainConfig, balanced_weights, info_nce, pairwise_auc, train_energy
+from els.training.energy import TrainConfig, balanced_weights, info_nce, train_energy
 
 
 def test_info_nce_matches_hand_computation():
@@ -24,13 +24,6 @@ def test_info_nce_matches_hand_computation():
 def test_info_nce_is_shift_invariant():
     e_good, e_bad = torch.randn(1, 5), torch.randn(1, 7)
     assert torch.allclose(info_nce(e_good, e_bad), info_nce(e_good + 3.0, e_bad + 3.0), atol=1e-5)
-
-
-def test_pairwise_auc_hand_values():
-    # good energies 0, 2; bad 1, 3: pairs (0<1) (0<3) (2>1) (2<3) -> 3/4
-    assert pairwise_auc(torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 3.0]])).item() == pytest.approx(0.75)
-    # a tie counts half
-    assert pairwise_auc(torch.tensor([[1.0]]), torch.tensor([[1.0]])).item() == pytest.approx(0.5)
 
 
 def test_balancing_keeps_every_state_and_equalises_them():

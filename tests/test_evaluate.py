@@ -24,6 +24,7 @@ from els.eval.comparison import gated_verdicts, mcnemar
 from els.eval.harness import EvalConfig, Generation, evaluate, kl_to_base
 from els.eval.methods import Base, Els, MethodContext, resolve_methods
 from els.eval.report import write_report
+from els.eval.summary import Summary
 from els.judges.model import (
     LearnedJudge,
     ModelJudge,
@@ -185,27 +186,35 @@ def test_eval_summary_report_and_cache(tmp_path, files):
     out = tmp_path / "eval"
     s = run_eval(lm, methods, files, out)
     total = 2 * (len(BENIGN) + len(HARMFUL) + len(HARMLESS))
-    assert s["run"]["generated"] == total
+    assert s.run.generated == total
 
     # schema
-    assert isinstance(s["model"], str) and s["judge"] == "prefix" and s["generation"]["max_new_tokens"] == 6
-    assert set(s["benchmarks"]) == {f"{files['benign']}:prompt", f"{files['harmful']}:prompt"}
-    for b in s["benchmarks"].values():
-        assert b["kind"] in ("benign", "harmful") and b["n"] in (len(BENIGN), len(HARMFUL))
+    assert isinstance(s.model, str) and s.judge == "prefix" and s.generation.max_new_tokens == 6
+    assert set(s.benchmarks) == {f"{files['benign']}:prompt", f"{files['harmful']}:prompt"}
+    for b in s.benchmarks.values():
+        assert b.kind in ("benign", "harmful") and b.n in (len(BENIGN), len(HARMFUL))
         for m in ("base", "els"):
-            r = b["methods"][m]
-            assert 0 <= r["refusal_rate"] <= 1 and r["n"] == b["n"]
-            assert r["ci95"][0] <= r["refusal_rate"] <= r["ci95"][1]
-            assert ("compliance" in r) == (b["kind"] == "benign")
-            assert set(r["other_judges"]) == {"learned"}
-    assert s["quality"]["base"]["kl_mean"] == 0.0 and s["quality"]["base"]["unchanged_share"] == 1.0
-    assert s["quality"]["els"]["kl_mean"] > 0 and 0 <= s["quality"]["els"]["unchanged_share"] <= 1
+            r = b.methods[m]
+            assert 0 <= r.refusal_rate <= 1 and r.n == b.n
+            assert r.ci95[0] <= r.refusal_rate <= r.ci95[1]
+            assert (r.compliance is not None) == (b.kind == "benign")
+            assert set(r.other_judges or {}) == {"learned"}
+    assert s.quality["base"].kl_mean == 0.0 and s.quality["base"].unchanged_share == 1.0
+    assert (s.quality["els"].kl_mean or 0) > 0 and 0 <= (s.quality["els"].unchanged_share or 0) <= 1
     for m in ("base", "els"):
-        assert [e["batch"] for e in s["speed"][m]] == [1, 2]
-        assert all(e["tokens_per_s"] > 0 and e["tokens"] == 2 * 2 * 6 for e in s["speed"][m])  # 2 rounds
-    assert all(e["ratio_to_base"] == 1.0 for e in s["speed"]["base"])
+        assert [e.batch for e in s.speed[m]] == [1, 2]
+        assert all(e.tokens_per_s > 0 and e.tokens == 2 * 2 * 6 for e in s.speed[m])  # 2 rounds
+    assert all(e.ratio_to_base == 1.0 for e in s.speed["base"])
+    # The file keeps its format: the keys users read, an optional entry absent where a run did not record it.
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["benchmarks"].keys() == s["benchmarks"].keys()
+    assert set(on_disk) == {"model", "model_fingerprint", "judge", "judges", "generation", "methods", "benchmarks",
+                            "overall", "quality", "speed", "run", "examples"}
+    assert on_disk["overall"]["benign"]["els"]["refusal_rate"] == s.overall.benign["els"].refusal_rate
+    assert on_disk["quality"]["els"]["kl_mean"] == s.quality["els"].kl_mean
+    assert on_disk["run"]["timings_s"].keys() == {"generate_s", "judge_s", "quality_s", "speed_s", "total_s"}
+    harmful = on_disk["benchmarks"][f"{files['harmful']}:prompt"]["methods"]["els"]
+    assert "compliance" not in harmful and "categories" not in harmful and "paired" in harmful
+    assert json.loads(Summary.read(out / "summary.json").to_json()) == on_disk  # read back, written the same
 
     # completions: one JSONL per method and benchmark, with verdicts of both judges
     for m in ("base", "els"):
@@ -223,10 +232,10 @@ def test_eval_summary_report_and_cache(tmp_path, files):
 
     # a rerun regenerates nothing and gives the same numbers; a new judge only judges
     again = run_eval(lm, methods, files, out, judges=["learned"])
-    assert again["run"]["generated"] == 0 and again["judge"] == "learned"
+    assert again.run.generated == 0 and again.judge == "learned"
     again = run_eval(lm, methods, files, out)
-    assert again["run"]["generated"] == 0
-    assert again["benchmarks"] == s["benchmarks"] and again["quality"] == s["quality"]
+    assert again.run.generated == 0
+    assert again.benchmarks == s.benchmarks and again.quality == s.quality
 
 
 def test_interrupted_run_resumes(tmp_path, files, monkeypatch):
@@ -251,7 +260,7 @@ def test_interrupted_run_resumes(tmp_path, files, monkeypatch):
     with path.open("a") as f:
         f.write('{"key": "torn mid-wr')  # a batch being written when the process died
     s = run_eval(lm, methods, files, out, quality_n=0, speed_n=0)
-    assert s["run"]["generated"] == len(HARMFUL)
+    assert s.run.generated == len(HARMFUL)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["prompt"] for r in rows) == sorted(BENIGN)
 
@@ -271,7 +280,7 @@ def test_failing_judge_loses_no_answer(tmp_path, files):
         evaluate(lm, methods, sets, tmp_path, cfg, judges=[Broken()], progress=False, log=lambda s: None)
     cfg.judges = ["prefix"]
     s = evaluate(lm, methods, sets, tmp_path, cfg, progress=False, log=lambda s: None)
-    assert s["run"]["generated"] == 0 and s["benchmarks"][sets[0].name]["n"] == len(BENIGN)
+    assert s.run.generated == 0 and s.benchmarks[sets[0].name].n == len(BENIGN)
 
 
 def test_kl_is_zero_for_identical_methods_and_positive_when_steered():
@@ -370,8 +379,7 @@ def test_model_judge_verdicts_recorded_in_completions(tmp_path, files):
     judge = ModelJudge(lm, max_new_tokens=3)
     cfg = EvalConfig(Generation(4, 2), [judge.name], quality_n=0, speed_n=0)
     s = evaluate(lm, methods, sets, tmp_path, cfg, judges=[judge], progress=False, log=lambda s: None)
-    r = s["benchmarks"][sets[0].name]["methods"]["base"]
-    assert r["judge_fallbacks"] == len(HARMFUL)
+    assert s.benchmarks[sets[0].name].methods["base"].judge_fallbacks == len(HARMFUL)
     row = json.loads(next((tmp_path / "completions" / "base").glob("*.jsonl")).read_text().splitlines()[0])
     assert row["verdicts"][judge.name]["fallback"] is True and "raw" in row["verdicts"][judge.name]
 
@@ -489,11 +497,11 @@ def test_eval_end_to_end_on_the_default_model(tmp_path):
 
 
 def test_mcnemar_exact_values():
-    assert mcnemar([True] * 3, [True] * 3) == {"a_only": 0, "b_only": 0, "p": 1.0}
+    assert mcnemar([True] * 3, [True] * 3).model_dump() == {"a_only": 0, "b_only": 0, "p": 1.0}
     r = mcnemar([True] * 6 + [False] * 4, [False] * 6 + [False] * 4)
-    assert (r["a_only"], r["b_only"]) == (6, 0) and r["p"] == pytest.approx(2 / 64)
+    assert (r.a_only, r.b_only) == (6, 0) and r.p == pytest.approx(2 / 64)
     r = mcnemar([True, False, True], [False, True, True])
-    assert (r["a_only"], r["b_only"]) == (1, 1) and r["p"] == 1.0
+    assert (r.a_only, r.b_only) == (1, 1) and r.p == 1.0
     with pytest.raises(ValueError):
         mcnemar([True], [True, False])
 
@@ -507,10 +515,10 @@ def test_gated_system_prompt_is_composed_from_base_and_system_prompt(tmp_path, f
     art = tiny_artefact(lm)
     methods = resolve_methods(["base", "system-prompt"], MethodContext())
     s = run_eval(lm, methods, files, tmp_path, quality_n=0, speed_n=0)
-    assert "system-prompt-gated" not in s["overall"]["benign"]
+    assert "system-prompt-gated" not in (s.overall.benign or {})
     for threshold, like in ((0.0, "base"), (1.01, "system-prompt")):  # flags every prompt / none
         g = run_eval(lm, methods, files, tmp_path / str(threshold), quality_n=0, speed_n=0,
                      gate=(art.gate, threshold))
-        for kind in ("benign", "harmful"):
-            got, want = g["overall"][kind]["system-prompt-gated"], g["overall"][kind][like]
-            assert got["refusals"] == want["refusals"] and got["paired"]["base"]["p"] == want["paired"]["base"]["p"]
+        for per in g.overall.by_kind().values():
+            got, want = per["system-prompt-gated"], per[like]
+            assert got.refusals == want.refusals and got.paired["base"].p == want.paired["base"].p

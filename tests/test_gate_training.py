@@ -1,4 +1,4 @@
-import math
+import json
 import re
 
 import pytest
@@ -21,7 +21,7 @@ from els.training.gate import (
     train_gate,
 )
 
-from helpers import tiny_model
+from helpers import saved_tiny_model, tiny_model
 
 VOCAB = "how do i kill a python process bake cake the make bomb what is chess beat my wife at you please".split()
 
@@ -142,7 +142,7 @@ def test_probe_selects_the_separable_layer_on_validation(signal_layer):
     assert 0.0 < gate.threshold < 1.0
     assert {r["layer"] for r in gate.report["search"]} == {0, 1, 2, 3}
     p = gate.probability_from_layers(acts)
-    assert auroc(p[harmful], p[~harmful]) > 0.9
+    assert float(auroc(p[harmful], p[~harmful])) > 0.9
     flagged = p >= gate.threshold
     assert flagged[harmful].float().mean() > 0.8 and flagged[~harmful].float().mean() < 0.2
     # A false-flag cap picks a threshold that respects it on validation.
@@ -152,10 +152,7 @@ def test_probe_selects_the_separable_layer_on_validation(signal_layer):
     assert train_gate(acts, harmful, source, groups, l2_grid=(1e-3,), layers=[0]).layer == 0
 
 
-def test_auroc_and_macro_auroc():
-    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
-    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
-    assert math.isnan(auroc(torch.tensor([]), torch.tensor([1.0])))
+def test_macro_auroc():
     p = torch.tensor([0.9, 0.8, 0.1, 0.95, 0.2, 0.85])
     harmful = torch.tensor([True, True, False, True, False, False])
     # b1's only prompt (0.85) outranks one of two h0 prompts: each source pair counts once.
@@ -239,3 +236,30 @@ def _interrupt_forward_at(call: int, monkeypatch) -> list[int]:
 
     monkeypatch.setattr(gate_mod, "prompt_states", interrupted)
     return calls
+
+
+def test_els_gate_writes_the_gate_and_its_report(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from els.cli import app
+
+    saved_tiny_model(tmp_path)
+    monkeypatch.setattr(gate_mod, "cached_encoder", lambda cache: bag_encoder())  # no sentence encoder to load
+    files = {}
+    for name, prompts in (("pb", [f"how do i bake cake {w}" for w in VOCAB]), ("ph", [f"make bomb {w}" for w in VOCAB]),
+                          ("eb", ["bake cake"]), ("eh", ["make bomb at the"])):
+        files[name] = tmp_path / f"{name}.csv"
+        files[name].write_text("prompt\n" + "".join(f"{p}\n" for p in prompts))
+    result = CliRunner().invoke(app, [
+        "gate", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "gate"), "--cache", str(tmp_path / "c"),
+        "--harm-data", f"benign={files['pb']}:prompt,harmful={files['ph']}:prompt",
+        "--eval", f"benign={files['eb']}:prompt,harmful={files['eh']}:prompt", "--exclude", "",
+        "--alpaca-heldout", "0", "--frame-max", "4"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert set(report) >= {"pool", "removed", "gate", "search", "eval", "seconds", "spot_checks"}
+    assert set(report["spot_checks"]) == set(gate_mod.SPOT_CHECKS) and report["search"]
+    gate = HarmGate.from_tensors(load_file(tmp_path / "gate" / "gate.safetensors"))
+    assert gate.layer == report["gate"]["layer"] and gate.threshold == pytest.approx(report["gate"]["threshold"])
+    printed = json.loads(result.output[result.output.index("\n{\n") :])  # after the progress lines
+    assert printed == {k: v for k, v in report.items() if k != "search"}

@@ -20,7 +20,7 @@ from els.core import models
 try:  # typer >= 0.20 vendors click
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click.exceptions import ClickException
+    from click.exceptions import ClickException  # type: ignore[assignment]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # What a user can cause: a bad flag (click's usage errors), a bad value or a missing or unreadable file.

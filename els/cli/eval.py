@@ -255,20 +255,20 @@ def eval_cmd(
         gate = (art.gate, gate_threshold(art, settings)) if art is not None else None
         summary = evaluate(lm, chosen, sets, out, cfg, judges, log=console.print, executor=ex, gate=gate)
     plots = write_report(summary, out, art, states)
-    table = Table("benchmark", "kind", "n", *[m.name for m in chosen], title=f"refusal rate (judge {summary['judge']})")
-    for name, b in summary["benchmarks"].items():
-        table.add_row(name, b["kind"], str(b["n"]), *[
-            f"{r['refusal_rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
-            for r in (b["methods"][m.name] for m in chosen)])
+    table = Table("benchmark", "kind", "n", *[m.name for m in chosen], title=f"refusal rate (judge {summary.judge})")
+    for name, b in summary.benchmarks.items():
+        table.add_row(name, b.kind, str(b.n), *[f"{r.refusal_rate:.3f} [{r.ci95[0]:.2f}, {r.ci95[1]:.2f}]"
+                                                for r in (b.methods[m.name] for m in chosen)])
     console.print(table)
-    for m, q in summary["quality"].items():
+    nan = float("nan")
+    for m, q in summary.quality.items():
         if m != "base":
-            console.print(f"{m}: KL to base {q.get('kl_mean', float('nan')):.4f} nats/token, unchanged "
-                          f"{q.get('unchanged_share', float('nan')):.2f} of harmless answers")
-    for m, entries in summary["speed"].items():
-        console.print(f"{m}: " + ", ".join(f"batch {e['batch']}: {e['tokens_per_s']:.1f} tok/s "
-                                           f"(x{e['ratio_to_base']:.2f})" for e in entries))
-    console.print(f"{summary['run']['generated']} answers generated, {summary['run']['timings_s']['total_s']:.0f} s; "
+            console.print(f"{m}: KL to base {nan if q.kl_mean is None else q.kl_mean:.4f} nats/token, unchanged "
+                          f"{nan if q.unchanged_share is None else q.unchanged_share:.2f} of harmless answers")
+    for m, entries in summary.speed.items():
+        console.print(f"{m}: " + ", ".join(f"batch {e.batch}: {e.tokens_per_s:.1f} tok/s (x{e.ratio_to_base:.2f})"
+                                           for e in entries))
+    console.print(f"{summary.run.generated} answers generated, {summary.run.timings_s.total_s:.0f} s; "
                   f"report: {out / 'report.md'}, plots: {', '.join(p.name for p in plots)}")
 
 

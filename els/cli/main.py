@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from els.cli import eval as cli_eval
+from els.cli import gate as cli_gate
 from els.cli.errors import ErrorsGroup, at_least, check_device, check_dtype, debug_option, load_model
 from els.cli.options import (
     DEFAULT_BENIGN,
@@ -291,5 +292,5 @@ def generate_cmd(
 
 # After the pipeline's commands, so `els --help` lists them in the order of use.
 for _name, _command in (("tune", cli_eval.tune_cmd), ("serve", cli_eval.serve_cmd), ("eval", cli_eval.eval_cmd),
-                        ("judge-check", cli_eval.judge_check_cmd)):
+                        ("judge-check", cli_eval.judge_check_cmd), ("gate", cli_gate.gate_cmd)):
     app.command(_name)(_command)

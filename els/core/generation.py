@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from els.core.hooks import record_last_token
 from els.core.models import LoadedModel, chat_texts, user_conversations
@@ -74,7 +81,7 @@ class _VerdictFixed(StoppingCriteria):
         done = torch.zeros(len(new), dtype=torch.bool, device=input_ids.device)
         for i, row in enumerate(new.tolist()):
             if self.stopped_at[i] is None:  # a stopped row is not decoded again at every later step
-                opening = self.tok.decode(row[:-1], skip_special_tokens=True).strip()
+                opening = decode_text(self.tok, row[:-1])
                 if len(opening) >= self.chars:
                     self.stopped_at[i] = len(row)
             done[i] = self.stopped_at[i] is not None
@@ -121,11 +128,16 @@ def generate_batch(lm: LoadedModel, texts: list[str], max_new_tokens: int, *, mi
         new = [row[:n] if n is not None else row for row, n in zip(new, stop.stopped_at)]
     ids = [row if min_new_tokens else trim(row, eos) for row in new]
     return Generated(ids, [decode(lm, row) for row in ids], list(out.logits) if force is not None else None,
-                     torch.stack(captured, dim=1) if record else None)
+                     torch.stack(cast(list[torch.Tensor], captured), dim=1) if record else None)  # every block ran
 
 
 def decode(lm: LoadedModel, ids: list[int]) -> str:
-    return lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return decode_text(lm.tokenizer, ids)
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    # One sequence decodes to one string; transformers annotates the batched form's list too.
+    return cast(str, tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
 
 def prompt_texts(lm: LoadedModel, prompts: list[str], system: str | None = None) -> tuple[list[str], list[int]]:

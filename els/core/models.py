@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -32,9 +33,19 @@ _BLOCK_PATHS = (
 )
 
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What AutoModelForCausalLM loads: transformers' own annotations keep `generate` off PreTrainedModel."""
+
+else:
+    CausalLM = PreTrainedModel
+
+
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
+    model: CausalLM
     tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for, e.g. "default" or an HF id
 
@@ -118,7 +129,7 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The dequantised weights are plain tensors now; without this, save_pretrained refuses or re-quantises.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, not declared by the class
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL_ID
@@ -165,14 +176,14 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=kwargs.get("gguf_file"))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device and not device_map:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # mypy reads PreTrainedModel.to (functools.wraps) as unbound
     model.eval()
     model.requires_grad_(False)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)
     prepare_tokenizer(tokenizer)
-    return LoadedModel(model, tokenizer, name)
+    return LoadedModel(cast(CausalLM, model), tokenizer, name)
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -194,7 +205,9 @@ def chat_texts(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict
     if tokenizer.chat_template is None:
         # Base models (and the tiny test models) have no template: plain turns keep the method usable.
         return ["".join(f"{m['role']}: {m['content']}\n" for m in conv) + "assistant:" for conv in conversations]
-    return [tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) for conv in conversations]
+    # tokenize=False: one string per conversation (transformers annotates every form apply_chat_template returns)
+    return [cast(str, tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+            for conv in conversations]
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]]) -> list[int]:

@@ -1,4 +1,4 @@
-"""The statistics every stage shares: AUROC, Youden's threshold, the L-BFGS logistic fit, splits, intervals."""
+"""The statistics every stage shares: AUROC, Youden's threshold, the per-layer logistic fit, splits, intervals."""
 
 from __future__ import annotations
 
@@ -12,28 +12,41 @@ import torch.nn.functional as F
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
-def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """P(score of a positive > score of a negative), ties counting half; nan when a side is empty."""
-    if not len(pos) or not len(neg):
-        return float("nan")
-    diff = pos.float()[:, None] - neg.float()[None, :]
-    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
+def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """P(score of a positive > score of a negative), ties counting half, over the last dimension:
+    [..., P], [..., N] -> [...] (one AUROC per leading index, e.g. per layer); nan where a side is empty.
+
+    Counted by binary search in the sorted negatives, not over all P x N pairs, so large sets stay cheap.
+    """
+    dtype = torch.promote_types(torch.promote_types(pos.dtype, neg.dtype), torch.float32)
+    if not pos.shape[-1] or not neg.shape[-1]:
+        return torch.full(pos.shape[:-1], float("nan"), dtype=dtype)
+    below = neg.to(dtype).sort(-1).values.contiguous()
+    p = pos.to(dtype).contiguous()
+    # A positive beats the negatives strictly below it and ties with those equal to it: (left + right) / 2.
+    wins = torch.searchsorted(below, p, side="left") + torch.searchsorted(below, p, side="right")
+    return wins.to(dtype).mean(-1) / (2 * neg.shape[-1])
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, l2: float,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted logistic regression on inputs standardised with the training rows' mean and std.
+    """Weighted logistic regression on inputs standardised with the training rows' mean and std: minimises
+    sum_i sample_weight_i / sum(sample_weight) * BCE_i + l2 * |w|^2 (the bias unpenalised), which is
+    scikit-learn's LogisticRegression with C = 1 / (2 * l2) on normalised weights (tests compare the two).
 
     Standardised because the residual stream has a few dimensions hundreds of times larger than the rest
     and its scale grows with depth: one L2 grid then means the same at every layer. Returns (w, b) on the
-    standardised scale (train_gate folds the scaling back into raw-activation weights).
+    standardised scale (callers fold the scaling back into raw-activation weights). Hand-written rather than
+    scikit-learn's because the probes fit one per layer (and per L2, warm-started): on 1,500 x 896 rows per
+    layer, 17 layers x 4 L2, this took 29 s, scikit-learn 168 s and one L-BFGS over all layers stacked
+    135 s (its line search waits for the slowest layer).
     """
     w = (init[0].clone() if init else torch.zeros(x.shape[1])).requires_grad_(True)
     b = (init[1].clone() if init else torch.zeros(())).requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], max_iter=300, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
     sw = sample_weight / sample_weight.sum()
 
-    def closure():
+    def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = (F.binary_cross_entropy_with_logits(x @ w + b, y, reduction="none") * sw).sum() + l2 * (w @ w)
         loss.backward()

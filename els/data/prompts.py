@@ -69,14 +69,14 @@ def _read_rows(path: Path, key: str | None = None) -> list[dict]:
         return rows
     if suffix == ".json":
         try:
-            rows = json_loads(text)
+            data = json_loads(text)
         except ValueError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
-        if key is not None and isinstance(rows, dict):
-            rows = rows.get(key)
-        if not isinstance(rows, list):
+        if key is not None and isinstance(data, dict):
+            data = data.get(key)
+        if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of objects")
-        return rows
+        return data
     raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .json or .jsonl)")
 
 

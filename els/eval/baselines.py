@@ -1,4 +1,5 @@
-"""Fit the training-free baselines (`els.eval.methods`) from the same `Collection` as ELS, and register them.
+"""Fit the training-free baselines (`els.eval.methods`) from the same `Collection` as ELS; `register_baselines`
+names them for `els eval --methods`.
 
     methods = fit_baselines(collection)
     with methods["ablation"].apply(model): model.generate(...)
@@ -127,7 +128,8 @@ def knobs(method: Method) -> dict:
     out: dict = {"name": method.name, "system": method.system}
     for key in ("layer", "coeff", "scale", "probe_b"):
         if hasattr(method, key):
-            out[key] = round(float(getattr(method, key)), 6) if key != "layer" else int(method.layer)
+            value = getattr(method, key)
+            out[key] = int(value) if key == "layer" else round(float(value), 6)
     return out
 
 
@@ -158,12 +160,14 @@ def _gated(name: str):
     def factory(ctx: MethodContext) -> Method:
         if ctx.artefact is None:
             raise ValueError(f"method '{name}-gated' uses the artefact's harm gate: pass --steer DIR")
-        return Gated(inner(ctx), ctx.artefact.gate, gate_threshold(ctx.artefact, ctx.els_settings))  # type: ignore[arg-type]
+        return Gated(inner(ctx), ctx.artefact.gate, gate_threshold(ctx.artefact, ctx.els_settings))
 
     return factory
 
 
-for _name in ("ablation", "addition", "surgical", "probe-gated"):
-    register_method(_name, _fitted(_name))
-for _name in ("ablation", "addition", "surgical"):
-    register_method(f"{_name}-gated", _gated(_name))
+def register_baselines() -> None:
+    """Make the fitted baselines, plain and behind the artefact's harm gate, usable in `els eval --methods`."""
+    for name in ("ablation", "addition", "surgical", "probe-gated"):
+        register_method(name, _fitted(name))
+    for name in ("ablation", "addition", "surgical"):
+        register_method(f"{name}-gated", _gated(name))

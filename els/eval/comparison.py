@@ -14,17 +14,17 @@ from pathlib import Path
 
 from els.core.models import LoadedModel
 from els.core.stats import wilson
+from els.eval.summary import Paired, Rate
 from els.steering.gate import HarmGate
 from els.training.gate import prompt_activations
 
 
-def rate(flags: Sequence[bool]) -> dict:
+def rate(flags: Sequence[bool]) -> Rate:
     k, n = sum(flags), len(flags)
-    lo, hi = wilson(k, n)
-    return {"refusal_rate": k / n if n else float("nan"), "ci95": [lo, hi], "n": n, "refusals": k}
+    return Rate(refusal_rate=k / n if n else float("nan"), ci95=wilson(k, n), n=n, refusals=k)
 
 
-def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> Paired:
     """Exact two-sided McNemar test of paired refusals: `a_only` prompts refused by a alone, `b_only` by b
     alone; p is the binomial probability of a split at least this uneven among the discordant pairs."""
     if len(a) != len(b):
@@ -33,7 +33,7 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     b_only = sum(y and not x for x, y in zip(a, b))
     n, k = a_only + b_only, min(a_only, b_only)
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
-    return {"a_only": a_only, "b_only": b_only, "p": p}
+    return Paired(a_only=a_only, b_only=b_only, p=p)
 
 
 def gated_verdicts(p_harm: Sequence[float], threshold: float, flagged: Sequence[bool],

@@ -6,7 +6,8 @@ Every answer is cached in OUT/completions/METHOD/BENCHMARK.jsonl under a key of 
 config, prompt, generation settings), one line per answer, appended and fsynced batch by batch: a rerun
 generates nothing it already has, and an interrupted run loses at most the batch in flight. Judge verdicts
 are added to the same lines once a file's answers exist, so a failing judge never costs an answer.
-The metrics go to OUT/summary.json; `els.eval.report` writes report.md and the plots from it.
+The metrics go to OUT/summary.json (`els.eval.summary.Summary`); `els.eval.report` writes report.md and the
+plots from it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -26,16 +28,34 @@ from els.core.io import json_loads, write_atomic
 from els.core.models import LoadedModel, chat_texts, user_conversations
 from els.data.capability import load_mmlu
 from els.data.prompts import load_benchmark
-from els.data.promptset import KINDS, PromptSet
-from els.eval import baselines  # noqa: F401  registers the baseline methods
+from els.data.promptset import KINDS, Kind, PromptSet
+from els.eval.baselines import register_baselines
 from els.eval.cache import CompletionFile, cache_key, digest, method_config, model_fingerprint, slug
 from els.eval.comparison import gate_probabilities, gated_verdicts, mcnemar, rate
 from els.eval.methods import COMPOSED, Method
 from els.eval.quality import kl_to_base, mc_accuracy, repeated_ngram_share
+from els.eval.summary import (
+    Benchmark,
+    Capability,
+    EvalTimings,
+    Example,
+    GenerationInfo,
+    JudgeId,
+    MethodRate,
+    Overall,
+    PairedRate,
+    Quality,
+    RunInfo,
+    Speed,
+    Summary,
+)
 from els.judges.model import Judge, ModelJudge, get_judge
 from els.steering.gate import HarmGate
 
 Log = Callable[[str], None]
+
+# The harness evaluates whatever methods `els eval --methods` names, the fitted baselines among them.
+register_baselines()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,17 +113,17 @@ class Runner:
             if not todo:
                 continue
             texts, lengths = prompt_texts(self.lm, [ps.prompts[i] for i in todo], method.system)
-            for batch in length_batches(texts, lengths, self.gen.batch_size):
-                batches.append(Batch([texts[b] for b in batch], self.gen.max_new_tokens, method=method,
-                                     tag=(store, keys, ps, [todo[b] for b in batch])))
+            for chunk in length_batches(texts, lengths, self.gen.batch_size):
+                batches.append(Batch([texts[b] for b in chunk], self.gen.max_new_tokens, method=method,
+                                     tag=(store, keys, ps, [todo[b] for b in chunk], method.name)))
         desc = f"{pairs[0][0].name} {pairs[0][1].name}" if len(pairs) == 1 else "generate"
         bar = tqdm(total=sum(len(b.texts) for b in batches), desc=desc, disable=not self.progress or not batches,
                    leave=False)
         for batch, out in self.executor.map(batches):
-            store, keys, ps, rows_of = batch.tag
+            store, keys, ps, rows_of, method_name = batch.tag
             rows = []
             for i, row_ids, answer in zip(rows_of, out.ids, out.texts):
-                rows.append({"key": keys[i], "set": ps.name, "method": batch.method.name, "prompt": ps.prompts[i],
+                rows.append({"key": keys[i], "set": ps.name, "method": method_name, "prompt": ps.prompts[i],
                              "category": ps.categories[i] if ps.categories else None,
                              "answer": answer, "tokens": row_ids, "n_tokens": len(row_ids),
                              "batch_size": len(rows_of), "verdicts": {}})
@@ -126,8 +146,8 @@ class Runner:
                 if isinstance(judge, ModelJudge):
                     verdicts = [{"refused": v.refused, "label": v.label, "fallback": v.fallback, "raw": v.raw}
                                 for v in judge.classify(prompts, answers)]
-                elif callable(getattr(judge, "probabilities", None)):
-                    verdicts = [{"refused": p > 0.5, "p": round(p, 4)} for p in judge.probabilities(answers)]
+                elif callable(probabilities := getattr(judge, "probabilities", None)):
+                    verdicts = [{"refused": p > 0.5, "p": round(p, 4)} for p in probabilities(answers)]
                 else:
                     verdicts = [{"refused": bool(r)} for r in judge(prompts, answers)]
                 for row, v in zip(part, verdicts):
@@ -141,7 +161,7 @@ class Runner:
 
 @torch.inference_mode()
 def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], batch_sizes: list[int],
-                  max_new_tokens: int, rounds: int = 2) -> dict[str, list[dict]]:
+                  max_new_tokens: int, rounds: int = 2) -> dict[str, list[Speed]]:
     """Generated tokens per second of each method on the same prompts, every row forced to `max_new_tokens`
     (end-of-sequence suppressed), so all methods do the same work. Only `generate` is timed, not attaching
     the method's hooks.
@@ -149,9 +169,10 @@ def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], ba
     Per batch size every method is first warmed up at that size, then timed in `rounds` rounds whose order
     alternates (base, m1, ..., then ..., m1, base), so drift in the machine's speed falls on all alike."""
     texts = {m.name: chat_texts(lm.tokenizer, user_conversations(prompts, m.system)) for m in methods}
-    out: dict[str, list[dict]] = {m.name: [] for m in methods}
+    out: dict[str, list[Speed]] = {m.name: [] for m in methods}
     for b in batch_sizes:
-        spent = {m.name: [0, 0.0] for m in methods}
+        tokens = {m.name: 0 for m in methods}
+        seconds = {m.name: 0.0 for m in methods}
         for m in methods:
             with m.apply(lm.model):
                 generate_batch(lm, texts[m.name][:b], 2, min_new_tokens=2)  # one-off costs of this shape
@@ -162,16 +183,13 @@ def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], ba
                         t0 = time.perf_counter()
                         ids = generate_batch(lm, texts[m.name][start : start + b], max_new_tokens,
                                              min_new_tokens=max_new_tokens).ids
-                        spent[m.name][1] += time.perf_counter() - t0
-                    spent[m.name][0] += sum(len(row) for row in ids)
+                        seconds[m.name] += time.perf_counter() - t0
+                    tokens[m.name] += sum(len(row) for row in ids)
+        base_rate = tokens[methods[0].name] / seconds[methods[0].name]
         for m in methods:
-            tokens, seconds = spent[m.name]
-            out[m.name].append({"batch": b, "tokens": tokens, "seconds": round(seconds, 3),
-                                "tokens_per_s": tokens / seconds, "rounds": rounds})
-    base = {e["batch"]: e["tokens_per_s"] for e in out[methods[0].name]}
-    for entries in out.values():
-        for e in entries:
-            e["ratio_to_base"] = e["tokens_per_s"] / base[e["batch"]]
+            per_s = tokens[m.name] / seconds[m.name]
+            out[m.name].append(Speed(batch=b, tokens=tokens[m.name], seconds=round(seconds[m.name], 3),
+                                     tokens_per_s=per_s, rounds=rounds, ratio_to_base=per_s / base_rate))
     return out
 
 
@@ -193,13 +211,19 @@ class EvalConfig:
     speed_batch: int | None = None  # the larger batch; default the generation batch size
 
 
+def _kind(ps: PromptSet) -> Kind:
+    if ps.kind is None:
+        raise ValueError(f"prompt set {ps.name!r} needs a kind (benign or harmful) to be evaluated")
+    return ps.kind
+
+
 def _verdicts(store: CompletionFile, keys: Sequence[str], judge: str) -> list[bool]:
     return [bool(store.rows[k]["verdicts"][judge]["refused"]) for k in keys]
 
 
 def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out: Path, cfg: EvalConfig,
              judges: list[Judge] | None = None, progress: bool = True, log: Log = print,
-             executor: Executor | None = None, gate: tuple[HarmGate, float] | None = None) -> dict:
+             executor: Executor | None = None, gate: tuple[HarmGate, float] | None = None) -> Summary:
     """Run every method on every set, judge, measure quality and speed; return the summary (also written to
     OUT/summary.json). `judges` default to `get_judge` of `cfg.judges`, sharing `lm` where it is the judge model.
     `executor` generates the answers (default: here; `els.parallel.ray_executor.RayExecutor`: on Ray workers);
@@ -212,7 +236,7 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
     headline = judges[0].name
     runner = Runner(lm, methods, out, cfg.generation, progress, log, executor)
     timings: dict[str, float] = {}
-    benchmarks: dict[str, dict] = {}
+    benchmarks: dict[str, Benchmark] = {}
     stores: dict[tuple[str, str], tuple[CompletionFile, list[str]]] = {}
 
     t = time.perf_counter()
@@ -237,40 +261,40 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
     names += list(composed)
     base_name = methods[0].name
     for ps in sets:
-        entry: dict = {"kind": ps.kind, "n": len(ps), "methods": {}}
+        per_method: dict[str, MethodRate] = {}
         for name in names:
             refused = verdicts[name, ps.name]
-            res = rate(refused)
-            res["paired"] = {base_name: mcnemar(refused, verdicts[base_name, ps.name])}
+            res = MethodRate(**rate(refused).model_dump(), paired={base_name: mcnemar(refused, verdicts[base_name,
+                                                                                                      ps.name])})
             if ps.categories:
-                res["categories"] = {c: rate([r for r, rc in zip(refused, ps.categories) if rc == c])
-                                     for c in sorted(set(ps.categories))}
+                res.categories = {c: rate([r for r, rc in zip(refused, ps.categories) if rc == c])
+                                  for c in sorted(set(ps.categories))}
             if ps.kind == "benign":
-                res["compliance"] = 1 - res["refusal_rate"]
-            entry["methods"][name] = res
+                res.compliance = 1 - res.refusal_rate
+            per_method[name] = res
             if (name, ps.name) not in stores:
                 continue
             store, keys = stores[name, ps.name]
             model_judged = [store.rows[k]["verdicts"][headline] for k in keys]
             if any("fallback" in v for v in model_judged):
-                res["judge_fallbacks"] = sum(bool(v.get("fallback")) for v in model_judged)
-            res["other_judges"] = {j.name: sum(_verdicts(store, keys, j.name)) / len(keys) for j in judges[1:]}
-            res["mean_tokens"] = sum(store.rows[k]["n_tokens"] for k in keys) / len(keys)
-        benchmarks[ps.name] = entry
+                res.judge_fallbacks = sum(bool(v.get("fallback")) for v in model_judged)
+            res.other_judges = {j.name: sum(_verdicts(store, keys, j.name)) / len(keys) for j in judges[1:]}
+            res.mean_tokens = sum(store.rows[k]["n_tokens"] for k in keys) / len(keys)
+        benchmarks[ps.name] = Benchmark(kind=_kind(ps), n=len(ps), methods=per_method)
 
-    overall: dict = {}
+    by_kind: dict[str, dict[str, PairedRate]] = {}
     for kind in KINDS:
         kind_sets = [ps.name for ps in sets if ps.kind == kind]
         if kind_sets:
             pooled = {name: [r for s in kind_sets for r in verdicts[name, s]] for name in names}
-            overall[kind] = {name: rate(v) | {"paired": {base_name: mcnemar(v, pooled[base_name])}}
+            by_kind[kind] = {name: PairedRate(**rate(v).model_dump(), paired={base_name: mcnemar(v, pooled[base_name])})
                              for name, v in pooled.items()}
 
     t = time.perf_counter()
-    quality = _quality(lm, methods, runner, stores, sets, headline, cfg, out, log, gate)
+    quality, capability = _quality(lm, methods, runner, stores, sets, headline, cfg, out, log, gate)
     timings["quality_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    speed: dict = {}
+    speed: dict[str, list[Speed]] = {}
     if cfg.speed_n > 0:
         sp = load_benchmark(cfg.quality_set, cfg.speed_n, cfg.seed + 1).prompts
         sizes = sorted({1, min(cfg.speed_batch or cfg.generation.batch_size, len(sp))})
@@ -279,35 +303,37 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
     timings["speed_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
 
-    summary = {
-        "model": lm.name,
-        "model_fingerprint": runner.model_fp,
-        "judge": headline,
-        "judges": [{"name": j.name, "version": getattr(j, "version", "")} for j in judges],
-        "generation": {**cfg.generation.key(), "batch_size": cfg.generation.batch_size, "greedy": True,
-                       "dtype": str(lm.model.dtype).removeprefix("torch."), "device": str(lm.model.device),
-                       "limit": cfg.limit, "seed": cfg.seed},
-        "methods": {m.name: method_config(m) for m in methods},
-        "benchmarks": benchmarks,
-        "overall": overall,
-        "quality": {name: {k: v for k, v in q.items() if k != "capability"} for name, q in quality.items()},
-        "capability": {name: q["capability"] for name, q in quality.items() if "capability" in q},
-        "speed": speed,
-        "run": {"generated": runner.generated, "timings_s": {k: round(v, 1) for k, v in timings.items()}},
-        "examples": _examples(methods, sets, stores, headline),
-    }
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    summary = Summary(
+        model=lm.name,
+        model_fingerprint=runner.model_fp,
+        judge=headline,
+        judges=[JudgeId(name=j.name, version=getattr(j, "version", "")) for j in judges],
+        generation=GenerationInfo(**cfg.generation.key(), batch_size=cfg.generation.batch_size, greedy=True,
+                                  dtype=str(lm.model.dtype).removeprefix("torch."), device=str(lm.model.device),
+                                  limit=cfg.limit, seed=cfg.seed),
+        methods={m.name: method_config(m) for m in methods},
+        benchmarks=benchmarks,
+        overall=Overall(**by_kind),
+        quality=quality,
+        **({"capability": capability} if capability else {}),  # absent from the file when not measured
+        speed=speed,
+        run=RunInfo(generated=runner.generated, timings_s=EvalTimings(**{k: round(v, 1) for k, v in timings.items()})),
+        examples=_examples(methods, sets, stores, headline),
+    )
+    summary.write(out / "summary.json")
     return summary
 
 
 def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dict, sets: list[PromptSet],
-             headline: str, cfg: EvalConfig, out: Path, log: Log, gate: tuple[HarmGate, float] | None) -> dict:
+             headline: str, cfg: EvalConfig, out: Path, log: Log, gate: tuple[HarmGate, float] | None
+             ) -> tuple[dict[str, Quality], dict[str, Capability]]:
     """Per method, on `cfg.quality_tokens`-token answers to harmless prompts (`cfg.quality_set` sample): KL to
     base on the prompts the harm gate passes (the ones ELS steers towards answering; all without a gate), the
-    share of answers unchanged from base and of repeated 4-grams; multiple-choice accuracy on
-    `cfg.capability_n` MMLU questions; and the unchanged share on benign benchmark prompts that base answered."""
+    share of answers unchanged from base and of repeated 4-grams; the unchanged share on benign benchmark
+    prompts that base answered; and multiple-choice accuracy on `cfg.capability_n` MMLU questions."""
     base = methods[0]
-    quality: dict = {}
+    quality: dict[str, Quality] = {}
+    capability: dict[str, Capability] = {}
     qs = load_benchmark(cfg.quality_set, cfg.quality_n, cfg.seed) if cfg.quality_n > 0 else None
     long = Runner(lm, methods, out, Generation(cfg.quality_tokens, cfg.generation.batch_size), runner.progress,
                   runner.log, runner.executor)
@@ -320,25 +346,25 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
     cache_path = out / "quality_cache.json"
     cache = json_loads(cache_path.read_text()) if cache_path.exists() else {}
     for m in methods:
-        entry: dict = {}
+        harmless: dict[str, Any] = {}  # only with a harmless set: absent from the summary without one
         if qs is not None:
             (bstore, bkeys), (mstore, mkeys) = qstores[base.name], qstores[m.name]
             base_rows, m_rows = [bstore.rows[k] for k in bkeys], [mstore.rows[k] for k in mkeys]
-            entry["unchanged_share"] = sum(a["answer"] == b["answer"] for a, b in zip(base_rows, m_rows)) / len(qs)
-            entry["repeated_4gram"] = repeated_ngram_share([r["tokens"] for r in m_rows])
-            entry["quality_set"], entry["quality_n"], entry["quality_tokens"] = qs.name, len(qs), cfg.quality_tokens
-            entry["kl_prompts"] = len(passed)
+            harmless["unchanged_share"] = sum(a["answer"] == b["answer"] for a, b in zip(base_rows, m_rows)) / len(qs)
+            harmless["repeated_4gram"] = repeated_ngram_share([r["tokens"] for r in m_rows])
+            harmless["quality_set"], harmless["quality_n"] = qs.name, len(qs)
+            harmless["quality_tokens"], harmless["kl_prompts"] = cfg.quality_tokens, len(passed)
             key = digest([runner.model_fp, runner.method_digest[base.name], runner.method_digest[m.name],
                           long.gen.key(), [bkeys[i] for i in passed]])
             if m is base:
-                entry["kl_mean"], entry["kl_tokens"] = 0.0, sum(len(base_rows[i]["tokens"]) for i in passed)
+                harmless["kl_mean"], harmless["kl_tokens"] = 0.0, sum(len(base_rows[i]["tokens"]) for i in passed)
             elif cache.get(m.name, {}).get("key") == key:
-                entry["kl_mean"], entry["kl_tokens"] = cache[m.name]["kl_mean"], cache[m.name]["kl_tokens"]
+                harmless["kl_mean"], harmless["kl_tokens"] = cache[m.name]["kl_mean"], cache[m.name]["kl_tokens"]
             else:
                 log(f"KL of {m.name} to base on {len(passed)} gate-passed {qs.name} prompts")
                 kl, n = kl_to_base(lm, base, m, [qs.prompts[i] for i in passed],
                                    [base_rows[i]["tokens"] for i in passed])
-                entry["kl_mean"], entry["kl_tokens"] = kl, n
+                harmless["kl_mean"], harmless["kl_tokens"] = kl, n
                 cache[m.name] = {"key": key, "kl_mean": kl, "kl_tokens": n}
                 write_atomic(cache_path, json.dumps(cache, indent=2))
         if questions:
@@ -347,8 +373,8 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
                 log(f"capability of {m.name}: {len(questions)} MMLU questions")
                 cache[f"capability/{m.name}"] = {"key": key, "accuracy": mc_accuracy(lm, m, questions)}
                 write_atomic(cache_path, json.dumps(cache, indent=2))
-            entry["capability"] = {"set": "mmlu", "n": len(questions),
-                                   "accuracy": cache[f"capability/{m.name}"]["accuracy"]}
+            capability[m.name] = Capability(set="mmlu", n=len(questions),
+                                            accuracy=cache[f"capability/{m.name}"]["accuracy"])
         same, n = 0, 0
         for ps in sets:
             if ps.kind != "benign":
@@ -358,26 +384,27 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
                 if not bstore.rows[bk]["verdicts"][headline]["refused"]:
                     n += 1
                     same += bstore.rows[bk]["answer"] == mstore.rows[mk]["answer"]
-        entry["unchanged_share_benign_answered"] = same / n if n else None
-        entry["benign_answered_n"] = n
-        quality[m.name] = entry
+        quality[m.name] = Quality(**harmless, unchanged_share_benign_answered=same / n if n else None,
+                                  benign_answered_n=n)
     runner.generated += long.generated
-    return quality
+    return quality, capability
 
 
-def _examples(methods: list[Method], sets: list[PromptSet], stores: dict, headline: str, per_kind: int = 3) -> dict:
+def _examples(methods: list[Method], sets: list[PromptSet], stores: dict, headline: str, per_kind: int = 3
+              ) -> dict[str, dict[str, list[Example]]]:
     """A few prompts per set kind where a method's verdict differs from base's, for the report."""
     base = methods[0]
-    out: dict = {}
+    out: dict[str, dict[str, list[Example]]] = {}
     for m in methods[1:]:
-        found: dict[str, list[dict]] = {k: [] for k in KINDS}
+        found: dict[str, list[Example]] = {k: [] for k in KINDS}
         for ps in sets:
             (bstore, bkeys), (mstore, mkeys) = stores[base.name, ps.name], stores[m.name, ps.name]
             for bk, mk in zip(bkeys, mkeys):
                 b, r = bstore.rows[bk], mstore.rows[mk]
                 if b["verdicts"][headline]["refused"] != r["verdicts"][headline]["refused"] \
-                        and len(found[ps.kind]) < per_kind:
-                    found[ps.kind].append({"set": ps.name, "prompt": b["prompt"], base.name: b["answer"],
-                                           m.name: r["answer"], "base_refused": b["verdicts"][headline]["refused"]})
+                        and len(found[_kind(ps)]) < per_kind:
+                    found[_kind(ps)].append(Example.model_validate({
+                        "set": ps.name, "prompt": b["prompt"], base.name: b["answer"], m.name: r["answer"],
+                        "base_refused": b["verdicts"][headline]["refused"]}))
         out[m.name] = found
     return out

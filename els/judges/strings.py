@@ -27,7 +27,9 @@ def normalise(text: str) -> str:
 
 
 class Judge(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...  # read-only: a class attribute or a property
+
     # Characters of the answer's opening after which the verdict cannot change (None: it reads the whole
     # answer), so generation for this judge may stop there (els.generation.generate_batch).
     horizon: int | None

@@ -24,16 +24,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from els.core.executor import Batch, LocalExecutor, run_batch
+from els.core.executor import Batch, LocalExecutor, Steerer, run_batch
 from els.core.generation import Generated
 from els.core.models import LoadedModel, load_model
-
-if TYPE_CHECKING:
-    from els.eval.methods import Method
 
 INSTALL_HINT = "--ray needs Ray, an optional extra: pip install 'els[ray]'"
 RETRIES = 3  # resubmissions of one batch by the driver after Ray's own retries gave up
@@ -97,7 +93,7 @@ class _Worker:
         # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs: "cuda" is the first of them.
         device = "cuda" if (spec.device or "").startswith("cuda") else spec.device
         self.lm = load_model(spec.name, device=device, dtype=spec.dtype, device_map=spec.device_map)
-        self.methods: dict[int, Method] = {}
+        self.methods: dict[int, Steerer] = {}
 
     def fingerprint(self) -> str:
         from els.eval.cache import model_fingerprint
@@ -194,7 +190,7 @@ class RayExecutor:
                                      f"{self.expect_fingerprint}: the nodes hold different weights or settings")
         return self
 
-    def _method_ref(self, method: Method | None) -> tuple[int | None, list]:
+    def _method_ref(self, method: Steerer | None) -> tuple[int | None, list]:
         if method is None:
             return None, []
         if id(method) not in self._methods:  # holding the method keeps its id unique

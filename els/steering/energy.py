@@ -38,6 +38,9 @@ class EnergyStack(nn.Module):
     scale, and is a diagonal map, so the gradient stays closed form.
     """
 
+    mean: torch.Tensor  # buffers [S, d], registered in __init__ (nn.Module's attribute lookup hides their type)
+    inv_std: torch.Tensor
+
     def __init__(self, n: int, dim: int, widths: tuple[int, ...] = (512, 256), dropout: float = 0.15,
                  seeds: list[int] | None = None):
         super().__init__()

@@ -115,6 +115,7 @@ def read_gate(model: nn.Module, gate: HarmGate, threshold: Threshold) -> Iterato
             handle.remove()
             state.busy = False
         p = state.p_harm
+        assert p is not None, "the gate's block did not run"  # grab sets it before stopping the forward
         state.allowed = p < threshold(p.shape[0], p.device)
         return None
 

@@ -207,8 +207,8 @@ class Steering:
     def sides(self) -> list[tuple[Side, float | None]]:
         """Per row of the latest prefill, in that batch's order (`generate` sorts prompts into batches by
         length: run one batch in order to read them per prompt): which way it was steered and the harm gate's
-        p(harmful) (None without a gate). "answer": the compliance energy; "refuse": the safety energy; "leave": flagged and
-        left alone; "off": a row given no settings."""
+        p(harmful) (None without a gate). "answer": the compliance energy; "refuse": the safety energy;
+        "leave": flagged and left alone; "off": a row given no settings."""
         p = None if self._gate is None or self._gate.p_harm is None else self._gate.p_harm.tolist()
         n = len(p) if p is not None else len(self.rows) if self.rows is not None else 1
         rows = self.rows if self.rows is not None else (self.settings,) * n

@@ -8,9 +8,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from els.core.stats import stratified_split
+from els.core.stats import auroc, fit_logistic, stratified_split
 from els.steering.energy import CONTRASTS, STATES, EnergyStack
 
 
@@ -23,15 +22,6 @@ def info_nce(e_good: torch.Tensor, e_bad: torch.Tensor, tau: float = 0.1) -> tor
     neg = (-e_bad / tau)[:, None, :].expand(-1, e_good.shape[1], -1)
     logits = torch.cat([pos, neg], dim=-1)
     return -(logits.log_softmax(-1)[..., 0]).mean(-1)
-
-
-def pairwise_auc(e_good: torch.Tensor, e_bad: torch.Tensor) -> torch.Tensor:
-    """P[E(good) < E(bad)] per member (ties count half): [S, P], [S, N] -> [S].
-
-    Shift-invariant like the loss, unlike the authors' sign rule (E < 0 counted as good).
-    """
-    diff = e_good[:, :, None] - e_bad[:, None, :]
-    return (diff < 0).float().mean((1, 2)) + 0.5 * (diff == 0).float().mean((1, 2))
 
 
 def balanced_weights(states: list[str], side: tuple[str, ...]) -> torch.Tensor:
@@ -150,33 +140,23 @@ def evaluate_auc(model: EnergyStack, x: torch.Tensor, good: torch.Tensor) -> tor
     model.eval()
     e = model(x)
     model.train(was_training)
-    return pairwise_auc(e[:, good], e[:, ~good])
+    return auroc(e[:, ~good], e[:, good])  # P[E(good) < E(bad)]: shift-invariant, like the loss
 
 
 def fit_harm_probe(acts: torch.Tensor, harmful: torch.Tensor, train: list[int], l2: float = 1e-2,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer logistic regression of "the prompt is harmful" on activations [N, S, d].
+    """Per-layer logistic regression of "the prompt is harmful" on activations [N, S, d], each layer on its
+    standardised `train` rows (mean loss + l2 * |w|^2).
 
     Returns weights [S, d] and biases [S] acting on raw activations. It lets steering leave alone the rows
     that look harmful: the energy alone ranks "will refuse" high for benign and harmful prompts alike.
     """
-    x = acts[train].transpose(0, 1).float()  # [S, n, d]
+    x = acts[train].float()
     y = harmful[train].float()
-    mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True) + 1e-3
-    z = (x - mu) / sd
-    w = torch.zeros(x.shape[0], x.shape[2], requires_grad=True)
-    b = torch.zeros(x.shape[0], requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        logits = torch.einsum("snd,sd->sn", z, w) + b[:, None]
-        loss = F.binary_cross_entropy_with_logits(logits, y.expand_as(logits)) * x.shape[0] + l2 * (w**2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    w_raw = (w / sd[:, 0]).detach()
-    return w_raw, (b - (mu[:, 0] * w_raw).sum(-1)).detach()
-
+    weights, biases = [], []
+    for layer in range(x.shape[1]):
+        mu, sd = x[:, layer].mean(0), x[:, layer].std(0) + 1e-3
+        w, b = fit_logistic((x[:, layer] - mu) / sd, y, torch.ones(len(y)), l2)
+        weights.append(w / sd)
+        biases.append(b - mu @ (w / sd))
+    return torch.stack(weights), torch.stack(biases)
