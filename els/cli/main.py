@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Optional
@@ -59,6 +61,7 @@ from els.steering.steering import Steering
 from els.training import recipe
 from els.training.collect import COLLECTION_FILES, Collection, check_fits, collect, load_collection
 from els.training.energy import TrainConfig
+from els.training.timings import Timings
 
 SIDES = {"answer": "steered towards answering", "refuse": "steered towards refusing",
          "leave": "flagged, left unsteered", "off": "unsteered"}
@@ -138,7 +141,8 @@ def train_cmd(
     col = load_collection(states)
     sets = recipe.harm_sets(how)
     # A --model given on its own is loaded too, to check that the activations are its own.
-    named = ctx.get_parameter_source("model").name != "DEFAULT"
+    source = ctx.get_parameter_source("model")
+    named = source is not None and source.name != "DEFAULT"
     lm = load_model(model, device=device, dtype=dtype) if sets is not None or named else None
     if lm is not None:
         check_fits(col, lm, states)
@@ -193,38 +197,39 @@ def run_cmd(steer: dict, **options) -> None:
     for sub, owns in (("collect", COLLECTION_FILES), ("artefact", (MANIFEST, WEIGHTS))):
         check_output_dir("--out", o.out / sub, inputs, owns, o.overwrite)
     need_ray(o.ray, o.ray_address, o.workers)
-    times = {}
+    times = Timings()
     # Every input is read before the model loads: a missing one costs seconds, not a collection.
-    t = time.perf_counter()
-    sets = prompt_sets(o.benign, "benign", o.limit, o.seed) + prompt_sets(o.harmful, "harmful", o.limit, o.seed)
-    pool = recipe.harm_sets(how)
-    times["inputs_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map)
-    times["load_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with ray_executor(lm, o.ray, o.ray_address, o.workers, o.device, o.dtype, o.device_map) as ex:
+    with _timed(times, "inputs_s"):
+        sets = prompt_sets(o.benign, "benign", o.limit, o.seed) + prompt_sets(o.harmful, "harmful", o.limit, o.seed)
+        pool = recipe.harm_sets(how)
+    with _timed(times, "load_s"):
+        lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map)
+    with _timed(times, "collect_s"), ray_executor(lm, o.ray, o.ray_address, o.workers, o.device, o.dtype,
+                                                  o.device_map) as ex:
         col = _collect(lm, o.out / "collect", sets, o.max_new_tokens, o.batch_size, o.judge, o.system, ex)
-    times["collect_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    gate = recipe.fit_harm_gate(lm, how, sets=pool, collection=col)
-    times["gate_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    art = _train(col, o.out / "artefact", how, gate)
-    times["train_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rows = recipe.held_out(col, how.train)
-    check = recipe.validate(lm, art, col, rows, get_judge(o.judge), max_new_tokens=o.max_new_tokens)
-    times["validate_s"] = time.perf_counter() - t
+    with _timed(times, "gate_s"):
+        gate = recipe.fit_harm_gate(lm, how, sets=pool, collection=col)
+    with _timed(times, "train_s"):
+        art = _train(col, o.out / "artefact", how, gate)
+    with _timed(times, "validate_s"):
+        rows = recipe.held_out(col, how.train)
+        check = recipe.validate(lm, art, col, rows, get_judge(o.judge), max_new_tokens=o.max_new_tokens)
     write_atomic(o.out / "validation.json", json.dumps(check, indent=2))
-    write_atomic(o.out / "timings.json", json.dumps({k: round(v, 1) for k, v in times.items()}, indent=2))
-    console.print("stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
+    times.write(o.out / "timings.json")
+    console.print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.stages().items()))
     table = Table("", "benign compliance", "harmful refusal",
                   title=f"held-out prompts of the collection (judge {o.judge})")
     for name, r in check.items():
         table.add_row(name, *(f"{r[k]:.2f} (n={r[n]})" if k in r else "-" for k, n in
                               (("benign_compliance", "benign_n"), ("harmful_refusal", "harmful_n"))))
     console.print(table)
+
+
+@contextmanager
+def _timed(times: Timings, stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    setattr(times, stage, time.perf_counter() - start)
 
 
 def _run_signature() -> inspect.Signature:
@@ -267,7 +272,7 @@ def generate_cmd(
     lm = load_model(model, device=device, dtype=dtype)
     base = generate(lm, prompts, max_new_tokens=max_new_tokens, system=system) if compare or not steer_dir else None
     steered = None
-    if steer_dir is not None:
+    if art is not None:
         try:
             chosen = None if layers is None else parse_ints(layers, "--layers")
             with Steering(lm.model, art, layers=chosen, **(steer or {})) as s:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from els.data.prompts import load_prompts, spec_files
+from els.data.promptset import Kind, PromptSet
 from els.parallel.ray_executor import RayMissing, import_ray, make_executor
 from els.steering.artefact import LAYER_RULES
 from els.steering.settings import FLAGGED_MODES, SteerSettings
@@ -93,10 +94,10 @@ def ray_executor(lm, ray: bool, ray_address: Optional[str], workers: Optional[in
     try:
         yield ex
     finally:
-        ex.close()
+        ex.__exit__(None, None, None)
 
 
-def prompt_sets(specs: list[str], kind: str, limit: Optional[int], seed: int):
+def prompt_sets(specs: list[str], kind: Kind, limit: Optional[int], seed: int) -> list[PromptSet]:
     out = []
     for spec in specs:
         try:

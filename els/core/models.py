@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -77,9 +77,10 @@ def decoder_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
     )
 
 
-def config_fingerprint(model: PreTrainedModel) -> str:
+def config_fingerprint(model: nn.Module) -> str:
     """Hash of the architecture fields that decide whether an artefact fits a model."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config: Any = model.config
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
             "num_key_value_heads", "vocab_size", "n_embd", "n_layer")
     fields = {k: getattr(cfg, k, None) for k in keys}

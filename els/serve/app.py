@@ -146,7 +146,7 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = _parse(await _read_json(request, limits.max_body_bytes))
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
 
         def emit(event: tuple) -> None:
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import time
 from typing import Any
 
@@ -79,7 +80,11 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = ACCEP
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         e = context.get("exception")
         if not (isinstance(e, OSError) and e.errno in _OUT_OF_DESCRIPTORS):
-            return previous(loop, context) if previous else loop.default_exception_handler(context)
+            if previous:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
         state["count"] += 1
         if (now := time.monotonic()) - state["last"] >= interval:
             log.error("cannot accept connections: %s (%d times since the last report); lower "
@@ -92,5 +97,5 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = ACCEP
 def serve(app: Any, host: str, port: int, *, read_timeout: float = READ_TIMEOUT_S,
           keep_alive: float = KEEP_ALIVE_S, limit_concurrency: int = LIMIT_CONCURRENCY) -> None:
     """uvicorn.run with the deadlines and the connection limit above."""
-    uvicorn.run(app, host=host, port=port, http=timely_protocol(read_timeout), timeout_keep_alive=keep_alive,
+    uvicorn.run(app, host=host, port=port, http=timely_protocol(read_timeout), timeout_keep_alive=math.ceil(keep_alive),
                 limit_concurrency=limit_concurrency)

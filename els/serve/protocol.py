@@ -45,15 +45,15 @@ class ElsOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool | None = None  # default: on when the server has an artefact
-    eta: float | None = Field(None, ge=0, le=MAX_ETA, allow_inf_nan=False)
-    steps: int | None = Field(None, ge=0, le=MAX_STEPS)
-    energy_gate: float | None = Field(None, ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE, allow_inf_nan=False)
-    harm_gate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    eta: float | None = Field(default=None, ge=0, le=MAX_ETA, allow_inf_nan=False)
+    steps: int | None = Field(default=None, ge=0, le=MAX_STEPS)
+    energy_gate: float | None = Field(default=None, ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE, allow_inf_nan=False)
+    harm_gate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     flagged: Literal["refuse", "leave"] | None = None  # flagged prompts: steered towards refusal, or left alone
-    refuse_eta: float | None = Field(None, ge=0, le=MAX_ETA, allow_inf_nan=False)
+    refuse_eta: float | None = Field(default=None, ge=0, le=MAX_ETA, allow_inf_nan=False)
     positions: Literal["last", "prompt"] | None = None  # "prompt": steer the last prompt token only
     # Older spellings, still read: `threshold` is energy_gate; `gate: false` turns the energy gate off.
-    threshold: float | None = Field(None, ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE, allow_inf_nan=False)
+    threshold: float | None = Field(default=None, ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE, allow_inf_nan=False)
     gate: bool | None = None
 
     def changes(self) -> dict[str, Any]:
@@ -89,15 +89,15 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
+    seed: int | None = Field(default=None, ge=INT64[0], le=INT64[1])
     stream: bool | None = None  # null is absent, as OpenAI takes it
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=1)
     user: str | None = None
     els: ElsOptions | None = None
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -118,7 +119,7 @@ class _RowTracker(StoppingCriteria):
         for row in self.rows:
             if not row.done:
                 self._step(row, last[row.index])
-        return torch.tensor([row.done for row in self.rows], device=input_ids.device)
+        return cast(torch.BoolTensor, torch.tensor([row.done for row in self.rows], device=input_ids.device))
 
     def _step(self, row: _Row, token: int) -> None:
         job = row.job
@@ -132,7 +133,7 @@ class _RowTracker(StoppingCriteria):
         if token in self.engine.eos:
             return self.finish(row, "stop")
         row.out.append(token)
-        text = self.engine.lm.tokenizer.decode(row.out, skip_special_tokens=True)
+        text = cast(str, self.engine.lm.tokenizer.decode(row.out, skip_special_tokens=True))
         hits = [i for i in (text.find(s) for s in job.stop) if i >= 0]
         if hits:
             row.text = text[: min(hits)]
@@ -172,6 +173,8 @@ class _RowTracker(StoppingCriteria):
         layers = []
         for layer in self.steering.layers:
             st, i = self.steering.stats[layer], row.index
+            assert st.energy_before is not None and st.energy_after is not None and st.rows_taken is not None \
+                and st.rows_skipped is not None, "a finished row's batch had its prefill"
             layers.append({"layer": layer, "energy_before": float(st.energy_before[i]),
                            "energy_after": float(st.energy_after[i]), "steps_taken": int(st.rows_taken[i]),
                            "steps_skipped": int(st.rows_skipped[i])})

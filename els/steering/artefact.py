@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -118,8 +119,9 @@ class Artefact:
                 raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
         _check_integrity(manifest, tensors, mpath, wpath)
         try:
-            e = manifest["energy"]
-            shape = (len(manifest["trained_layers"]), manifest["hidden_size"], tuple(e["widths"]), e["dropout"])
+            spec = manifest["energy"]
+            shape = (len(manifest["trained_layers"]), manifest["hidden_size"], tuple(spec["widths"]),
+                     spec["dropout"])
             with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights on disk
                 expected = {k: tuple(v.shape) for k, v in EnergyStack(*shape).state_dict().items()}
         except (KeyError, TypeError, ValueError) as err:
@@ -142,7 +144,7 @@ class Artefact:
         if expected != found:
             diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
             raise ValueError(f"{wpath} does not fit {mpath} (hidden_size {manifest['hidden_size']}, "
-                             f"{len(manifest['trained_layers'])} layers, widths {e['widths']}): "
+                             f"{len(manifest['trained_layers'])} layers, widths {spec['widths']}): "
                              + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}"
                                          for k in diff[:3]))
         if not 0 <= gate.layer < manifest["num_layers"]:
@@ -160,7 +162,8 @@ class Artefact:
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model whose architecture differs from the one the energies were trained on."""
         m = self.manifest
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config: Any = model.config
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
         problems = []
         if (fp := config_fingerprint(model)) != m["model_fingerprint"]:

@@ -51,12 +51,12 @@ class SteerSettings:
     chosen on its pool's validation split); docs/results.md says how each was chosen.
     """
 
-    eta: float = 0.3
+    eta: float = 0.5
     steps: int = 3
     energy_gate: float | None = None
     harm_gate: float | None = 0.5
     flagged: Flagged = "refuse"
-    refuse_eta: float = 0.3
+    refuse_eta: float = 0.5
     positions: Positions = "prompt"
     project: bool = False
 

@@ -217,7 +217,7 @@ class Steering:
             prob = None if p is None or r is None or r.harm_gate is None else p[i]
             if r is None:
                 out.append(("off", prob))
-            elif prob is None or prob < r.harm_gate:  # type: ignore[operator]
+            elif prob is None or r.harm_gate is None or prob < r.harm_gate:
                 out.append(("answer", prob))
             else:
                 out.append(("refuse" if r.flagged == "refuse" else "leave", prob))
