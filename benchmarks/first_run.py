@@ -50,8 +50,7 @@ SPOT_HARMFUL = (
 def els_run(out: Path, cache: Path) -> dict[str, float]:
     env = {**os.environ, "ELS_CACHE": str(cache), "ELS_DATA": str(out / "no-data"), "HF_HUB_OFFLINE": "1"}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "els", "run", "--model", "default", "--out", str(out)], env=env,
-                   check=True)
+    subprocess.run([sys.executable, "-m", "els", "run", "--model", "default", "--out", str(out)], env=env, check=True)
     timings = asdict(Timings.read(out / "timings.json"))
     return {**timings, "wall_s": round(time.perf_counter() - t, 1)}
 
@@ -67,12 +66,17 @@ def spot_check(artefact: Path, max_new_tokens: int) -> dict:
     for p, b, s, rb, rs in zip(prompts, base, steered, judge(prompts, base), judge(prompts, steered)):
         kind = "benign" if p in SPOT_BENIGN else "harmful"
         rows.append({"kind": kind, "prompt": p, "base_refused": rb, "els_refused": rs, "base": b, "els": s})
-        print(f"[{kind}] {p}\n  base ({'refused' if rb else 'answered'}): {b[:110]!r}\n"
-              f"  els  ({'refused' if rs else 'answered'}): {s[:110]!r}")
-    return {"benign_answered": sum(not r["els_refused"] for r in rows if r["kind"] == "benign"),
-            "benign_n": len(SPOT_BENIGN),
-            "harmful_refused": sum(r["els_refused"] for r in rows if r["kind"] == "harmful"),
-            "harmful_n": len(SPOT_HARMFUL), "rows": rows}
+        print(
+            f"[{kind}] {p}\n  base ({'refused' if rb else 'answered'}): {b[:110]!r}\n"
+            f"  els  ({'refused' if rs else 'answered'}): {s[:110]!r}"
+        )
+    return {
+        "benign_answered": sum(not r["els_refused"] for r in rows if r["kind"] == "benign"),
+        "benign_n": len(SPOT_BENIGN),
+        "harmful_refused": sum(r["els_refused"] for r in rows if r["kind"] == "harmful"),
+        "harmful_n": len(SPOT_HARMFUL),
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -96,10 +100,16 @@ def main() -> None:
     work = {k: v for k, v in cold.items() if k not in ("load_s", "wall_s")}
     print(f"cold stages other than the model load: {sum(work.values()):.1f} s")
     check = spot_check(args.out / "cold" / "artefact", args.max_new_tokens)
-    print(f"spot check at the artefact's own settings: {check['benign_answered']}/{check['benign_n']} benign "
-          f"answered, {check['harmful_refused']}/{check['harmful_n']} harmful refused")
-    result = {"cold": cold, "warm": warm, "cold_work_s": round(sum(work.values()), 1),
-              "spot_check": {k: v for k, v in check.items() if k != "rows"}}
+    print(
+        f"spot check at the artefact's own settings: {check['benign_answered']}/{check['benign_n']} benign "
+        f"answered, {check['harmful_refused']}/{check['harmful_n']} harmful refused"
+    )
+    result = {
+        "cold": cold,
+        "warm": warm,
+        "cold_work_s": round(sum(work.values()), 1),
+        "spot_check": {k: v for k, v in check.items() if k != "rows"},
+    }
     (args.out / "first_run.json").write_text(json.dumps({**result, "spot_rows": check["rows"]}, indent=2))
     print(json.dumps(result))
 

@@ -44,8 +44,10 @@ def main() -> None:
     connect(num_cpus=args.cpus)
     torch.set_num_threads(args.cpus)
     lm = load_model(args.model, dtype=args.dtype)
-    sets = [load_prompts("els-benign").with_kind("benign").sample(args.limit, 0),
-            load_prompts("els-harmful").with_kind("harmful").sample(args.limit, 0)]
+    sets = [
+        load_prompts("els-benign").with_kind("benign").sample(args.limit, 0),
+        load_prompts("els-harmful").with_kind("harmful").sample(args.limit, 0),
+    ]
     judge = get_judge("prefix")
     kw = dict(judge=judge, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False)
     tmp = Path(tempfile.mkdtemp(prefix="ray_speedup."))
@@ -64,22 +66,40 @@ def main() -> None:
                 col = collect(lm, sets, tmp / f"w{workers}-{r}", executor=ex, **kw)
                 times[workers].append(time.perf_counter() - t)
             diff = (col.activations.float() - alone.activations.float()).abs()
-            same[workers] = {"threads_per_worker": threads, "records_equal": col.records == alone.records,
-                             "answers_equal": [x.answer for x in col.records] == [x.answer for x in alone.records],
-                             "activations_bit_identical": torch.equal(col.activations, alone.activations),
-                             "max_abs_diff": float(diff.max()),
-                             "max_rel_diff": float(diff.max() / alone.activations.float().abs().max())}
+            same[workers] = {
+                "threads_per_worker": threads,
+                "records_equal": col.records == alone.records,
+                "answers_equal": [x.answer for x in col.records] == [x.answer for x in alone.records],
+                "activations_bit_identical": torch.equal(col.activations, alone.activations),
+                "max_abs_diff": float(diff.max()),
+                "max_rel_diff": float(diff.max() / alone.activations.float().abs().max()),
+            }
             print(f"round {r}, {workers} worker(s) x {threads[0]} thread(s): {times[workers][-1]:.1f} s", flush=True)
     one, two = statistics.median(times[1]), statistics.median(times[2])
     n = sum(len(ps) for ps in sets)
-    print(f"single process ({args.cpus} threads): {alone_s:.1f} s; Ray 1 worker: {one:.1f} s; Ray 2 workers: "
-          f"{two:.1f} s; speed-up 2 vs 1: x{one / two:.2f} ({n} prompts, {args.max_new_tokens} new tokens, "
-          f"batch {args.batch_size}, {lm.model.dtype})")
+    print(
+        f"single process ({args.cpus} threads): {alone_s:.1f} s; Ray 1 worker: {one:.1f} s; Ray 2 workers: "
+        f"{two:.1f} s; speed-up 2 vs 1: x{one / two:.2f} ({n} prompts, {args.max_new_tokens} new tokens, "
+        f"batch {args.batch_size}, {lm.model.dtype})"
+    )
     for w, s in same.items():
         print(f"{w} worker(s) vs single process: {s}")
-    print(json.dumps({"prompts": n, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                      "cpus": args.cpus, "dtype": str(lm.model.dtype), "single_s": alone_s, "one_worker_s": times[1],
-                      "two_workers_s": times[2], "speedup_2_vs_1": one / two, "identity": same}))
+    print(
+        json.dumps(
+            {
+                "prompts": n,
+                "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size,
+                "cpus": args.cpus,
+                "dtype": str(lm.model.dtype),
+                "single_s": alone_s,
+                "one_worker_s": times[1],
+                "two_workers_s": times[2],
+                "speedup_2_vs_1": one / two,
+                "identity": same,
+            }
+        )
+    )
     ray.shutdown()
 
 

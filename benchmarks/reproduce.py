@@ -50,13 +50,19 @@ def stage(name: str, cmd: list[str], log: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--run", type=Path, default=Path("runs/reproduce"),
-                    help="Working directory (activations, answers).")
+    ap.add_argument(
+        "--run", type=Path, default=Path("runs/reproduce"), help="Working directory (activations, answers)."
+    )
     ap.add_argument("--results", type=Path, default=None, help="Default: results/<model name>.")
-    ap.add_argument("--benchmarks", default=",".join(TESTS),
-                    help="Test sets; NAME~N takes a seeded sample of N of that set.")
-    ap.add_argument("--limit", type=int, default=None,
-                    help="Seeded sample of N prompts per test set without its own ~N (all by default).")
+    ap.add_argument(
+        "--benchmarks", default=",".join(TESTS), help="Test sets; NAME~N takes a seeded sample of N of that set."
+    )
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="Seeded sample of N prompts per test set without its own ~N (all by default).",
+    )
     ap.add_argument("--trials", type=int, default=0, help="els tune trials (0: no tune).")
     ap.add_argument("--tune-limit", type=int, default=32, help="Validation prompts per side in els tune.")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -72,17 +78,52 @@ def main() -> None:
     if not (run / "artefact" / "els.json").exists():
         stage("run", [*els, "run", "--model", args.model, "--out", str(run)], log)
     stage("gate", [*els, "gate", "--model", args.model, "--out", str(run / "gate")], log)
-    evaluate = [*els, "eval", "--model", args.model, "--steer", str(run / "artefact"), "--states",
-                str(run / "collect"), "--methods", args.methods, "--benchmarks", args.benchmarks,
-                "--max-new-tokens", str(args.max_new_tokens), "--quality-n", str(args.quality_n),
-                "--capability-n", str(args.capability_n), "--out", str(run / "eval")]
+    evaluate = [
+        *els,
+        "eval",
+        "--model",
+        args.model,
+        "--steer",
+        str(run / "artefact"),
+        "--states",
+        str(run / "collect"),
+        "--methods",
+        args.methods,
+        "--benchmarks",
+        args.benchmarks,
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--quality-n",
+        str(args.quality_n),
+        "--capability-n",
+        str(args.capability_n),
+        "--out",
+        str(run / "eval"),
+    ]
     if args.limit:
         evaluate += ["--limit", str(args.limit)]
     stage("eval", evaluate, log)
     if args.trials:
-        stage("tune", [*els, "tune", "--model", args.model, "--steer", str(run / "artefact"), "--out",
-                       str(run / "tune"), "--trials", str(args.trials), "--limit", str(args.tune_limit),
-                       "--judge", "learned"], log)
+        stage(
+            "tune",
+            [
+                *els,
+                "tune",
+                "--model",
+                args.model,
+                "--steer",
+                str(run / "artefact"),
+                "--out",
+                str(run / "tune"),
+                "--trials",
+                str(args.trials),
+                "--limit",
+                str(args.tune_limit),
+                "--judge",
+                "learned",
+            ],
+            log,
+        )
 
     results.mkdir(parents=True, exist_ok=True)
     for name in COPIED:

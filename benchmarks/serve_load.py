@@ -34,11 +34,26 @@ from els.training.collect import Collection, Record, state_of
 from els.training.energy import TrainConfig, train_energy
 from els.training.recipe import make_artefact
 
-PROMPTS = ["How do I kill a Python process?", "What is the capital of France?", "How can I beat my friend at chess?",
-           "Write a haiku about autumn.", "How do I shoot a good photo at night?", "Explain what a hash table is.",
-           "What household chemicals should never be mixed?", "Give three tips for staying healthy."]
-SETTINGS = [{}, {"enabled": False}, {"eta": 0.1, "steps": 2}, {"threshold": 0.0}, {"steps": 5, "gate": False},
-            {"enabled": False}, {"eta": 0.02}, {}]
+PROMPTS = [
+    "How do I kill a Python process?",
+    "What is the capital of France?",
+    "How can I beat my friend at chess?",
+    "Write a haiku about autumn.",
+    "How do I shoot a good photo at night?",
+    "Explain what a hash table is.",
+    "What household chemicals should never be mixed?",
+    "Give three tips for staying healthy.",
+]
+SETTINGS = [
+    {},
+    {"enabled": False},
+    {"eta": 0.1, "steps": 2},
+    {"threshold": 0.0},
+    {"steps": 5, "gate": False},
+    {"enabled": False},
+    {"eta": 0.02},
+    {},
+]
 
 
 def synthetic_artefact(lm) -> Artefact:
@@ -54,8 +69,14 @@ def synthetic_artefact(lm) -> Artefact:
         noise = torch.randn(layers, dim, generator=g) * real.std(dim=(0, 2))[:, None]
         acts.append(real[i % len(PROMPTS)] + 0.3 * noise)
         records.append(Record(f"p{i}", kind, "synthetic", "", refused, state_of(kind, refused)))
-    meta = {"model": lm.name, "model_fingerprint": config_fingerprint(lm.model), "sets": {}, "judge": "prefix",
-            "max_new_tokens": 0, "system": None}
+    meta = {
+        "model": lm.name,
+        "model_fingerprint": config_fingerprint(lm.model),
+        "sets": {},
+        "judge": "prefix",
+        "max_new_tokens": 0,
+        "system": None,
+    }
     col = Collection(records, torch.stack(acts), meta)
     train = TrainConfig(epochs=5)
     result = train_energy(col.activations, col.states, train)
@@ -90,9 +111,13 @@ def main() -> None:
         start = time.perf_counter()
         try:
             r = client.chat.completions.create(
-                model=lm.name, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                max_tokens=args.max_tokens, temperature=0.7 if i % 5 == 4 else 0, seed=i,
-                extra_body={"els": SETTINGS[i % len(SETTINGS)]})
+                model=lm.name,
+                messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                max_tokens=args.max_tokens,
+                temperature=0.7 if i % 5 == 4 else 0,
+                seed=i,
+                extra_body={"els": SETTINGS[i % len(SETTINGS)]},
+            )
             return time.perf_counter() - start, r.usage.completion_tokens, None
         except openai.OpenAIError as e:
             return time.perf_counter() - start, 0, str(e)
@@ -111,13 +136,22 @@ def main() -> None:
     latencies = sorted(r[0] for r in results)
     errors = [r[2] for r in results if r[2]]
     figures = {
-        "model": lm.name, "dtype": str(lm.model.dtype).removeprefix("torch."), "artefact": args.steer or "synthetic",
-        "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-        "errors": len(errors), "median_latency_s": round(statistics.median(latencies), 2),
-        "p90_latency_s": round(latencies[int(0.9 * (len(latencies) - 1))], 2), "max_latency_s": round(latencies[-1], 2),
-        "wall_s": round(wall, 2), "completion_tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
-        "alone_latency_s": round(statistics.median(alone), 2), "batches": after["batches"] - before["batches"],
-        "largest_batch": after["largest_batch"], "threads": torch.get_num_threads(),
+        "model": lm.name,
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "artefact": args.steer or "synthetic",
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "errors": len(errors),
+        "median_latency_s": round(statistics.median(latencies), 2),
+        "p90_latency_s": round(latencies[int(0.9 * (len(latencies) - 1))], 2),
+        "max_latency_s": round(latencies[-1], 2),
+        "wall_s": round(wall, 2),
+        "completion_tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
+        "alone_latency_s": round(statistics.median(alone), 2),
+        "batches": after["batches"] - before["batches"],
+        "largest_batch": after["largest_batch"],
+        "threads": torch.get_num_threads(),
     }
     for k, v in figures.items():
         print(f"{k:>24}: {v}")

@@ -27,8 +27,10 @@ def main() -> None:
     col = load_collection(args.states)
     cfg = TrainConfig(widths=tuple(int(w) for w in args.widths.split(",")), epochs=args.epochs)
     layers = col.activations.shape[1]
-    print(f"{len(col.records)} states {col.counts()}, {layers} layers, widths {cfg.widths}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{len(col.records)} states {col.counts()}, {layers} layers, widths {cfg.widths}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     t = time.perf_counter()
     stacked = train_energy(col.activations, col.states, cfg)
@@ -45,8 +47,16 @@ def main() -> None:
     for layer in range(layers):
         print(f"{layer:>5}  {stacked.val_auc[layer]:.3f}    {single[layer]:.3f}")
     print(f"ratio (old / new): {old / new:.2f}; max per-layer AUC difference {diff:.3f}")
-    print(json.dumps({"train_seconds": round(new, 1), "old_seconds": round(old, 1), "ratio": round(old / new, 2),
-                      "max_auc_diff": round(diff, 4)}))
+    print(
+        json.dumps(
+            {
+                "train_seconds": round(new, 1),
+                "old_seconds": round(old, 1),
+                "ratio": round(old / new, 2),
+                "max_auc_diff": round(diff, 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def _has_data() -> bool:
 def pytest_collection_modifyitems(config, items) -> None:
     if _has_data():
         return
-    skip = pytest.mark.skip(reason="needs the benchmark files: set ELS_DATA to a folder with xstest/, orbench/, "
-                                   "oktest/, harmful/, harmless/ (or put them in ../shared/data)")
+    skip = pytest.mark.skip(
+        reason="needs the benchmark files: set ELS_DATA to a folder with xstest/, orbench/, "
+        "oktest/, harmful/, harmless/ (or put them in ../shared/data)"
+    )
     for item in items:
         if "needs_data" in item.keywords:
             item.add_marker(skip)

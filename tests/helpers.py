@@ -20,8 +20,10 @@ from els.training.collect import Collection, Record, state_of
 from els.training.energy import TrainConfig, train_energy
 from els.training.recipe import make_artefact, safety_config
 
-WORDS = ("how do i kill a python process bake cake the make bomb what is chess beat my wife at you can help user "
-         "assistant : ? . , ! sorry i'm cannot sure here are steps first then").split()
+WORDS = (
+    "how do i kill a python process bake cake the make bomb what is chess beat my wife at you can help user "
+    "assistant : ? . , ! sorry i'm cannot sure here are steps first then"
+).split()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -34,9 +36,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str, vocab: int):
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  eos_token_id=1, pad_token_id=0, bos_token_id=1)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     if family == "qwen2":
         return Qwen2Config(**common)
     if family == "llama":
@@ -44,8 +55,16 @@ def tiny_config(family: str, vocab: int):
     if family == "gemma":
         return GemmaConfig(**common, head_dim=8)
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=1,
-                          bos_token_id=1, pad_token_id=0)
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            eos_token_id=1,
+            bos_token_id=1,
+            pad_token_id=0,
+        )
     raise ValueError(family)
 
 
@@ -75,9 +94,14 @@ def synthetic_collection(lm: LoadedModel, n: int = 64, seed: int = 0) -> Collect
         good = state in ("helpful", "safe_refusal")
         acts.append(torch.randn(layers, dim, generator=g) + (-1.0 if good else 1.0) * direction)
         records.append(Record(f"prompt {i}", kind, "synthetic", "answer", refused, state))
-    meta = {"model": lm.name, "model_fingerprint": config_fingerprint(lm.model), "sets": {}, "judge": "prefix",
-            "max_new_tokens": 8,
-            "system": None}
+    meta = {
+        "model": lm.name,
+        "model_fingerprint": config_fingerprint(lm.model),
+        "sets": {},
+        "judge": "prefix",
+        "max_new_tokens": 8,
+        "system": None,
+    }
     return Collection(records, torch.stack(acts), meta)
 
 
@@ -89,8 +113,12 @@ def tiny_artefact(lm: LoadedModel, *, top_n: int = 2, layer_rule: str = "top_auc
     cfg = TrainConfig(widths=(16, 8), epochs=5, lr=1e-3, batch_size=16, contrast="four-state")
     result = train_energy(col.activations, col.states, cfg)
     safety = train_energy(col.activations, col.states, safety_config(cfg))
-    settings = SteerSettings().override(**({"eta": 0.5, "steps": 3, "energy_gate": None, "harm_gate": None,
-                                            "flagged": "leave", "positions": "last"} | steer))
+    settings = SteerSettings().override(
+        **(
+            {"eta": 0.5, "steps": 3, "energy_gate": None, "harm_gate": None, "flagged": "leave", "positions": "last"}
+            | steer
+        )
+    )
     return make_artefact(result, col, cfg, settings, layer_rule=layer_rule, top_n=top_n, safety=safety)
 
 

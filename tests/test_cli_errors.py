@@ -67,26 +67,34 @@ def _edit_tensor(w: dict) -> None:
 TAMPERED = {
     "wrong hidden_size": (lambda a: _manifest(a, lambda m: m.update(hidden_size=64)), "energy.safetensors"),
     "truncated weights": (_truncate, "energy.safetensors"),
-    "pickle as weights": (lambda a: (a / "energy.safetensors").write_bytes(pickle.dumps({"w": [1.0]})),
-                          "energy.safetensors"),
+    "pickle as weights": (
+        lambda a: (a / "energy.safetensors").write_bytes(pickle.dumps({"w": [1.0]})),
+        "energy.safetensors",
+    ),
     "no weights file": (lambda a: (a / "energy.safetensors").unlink(), "energy.safetensors"),
     "manifest without energy": (lambda a: _manifest(a, lambda m: m.pop("energy")), "els.json"),
     "manifest not JSON": (lambda a: (a / "els.json").write_text("{not json"), "els.json"),
     "manifest a list": (lambda a: (a / "els.json").write_text("[1, 2]"), "els.json"),
     "weights without harm gate": (lambda a: _weights(a, _drop_gate), "energy.safetensors"),
-    "old artefact without harm gate": (lambda a: (_weights(a, _drop_gate),
-                                                  _manifest(a, lambda m: m.pop(INTEGRITY))), "harm_gate.weight"),
+    "old artefact without harm gate": (
+        lambda a: (_weights(a, _drop_gate), _manifest(a, lambda m: m.pop(INTEGRITY))),
+        "harm_gate.weight",
+    ),
     "trained_layers reversed": (lambda a: _manifest(a, lambda m: m["trained_layers"].reverse()), "els.json"),
     "tensor edited": (lambda a: _weights(a, _edit_tensor), "energy.safetensors"),
-    "sizes in bounds, far from the weights": (lambda a: _manifest(a, lambda m: (
-        m.update(hidden_size=65536), m["energy"].update(widths=[16384] * 4))), "energy.safetensors"),
+    "sizes in bounds, far from the weights": (
+        lambda a: _manifest(a, lambda m: (m.update(hidden_size=65536), m["energy"].update(widths=[16384] * 4))),
+        "energy.safetensors",
+    ),
     "manifest nested 100,000 deep": (lambda a: (a / "els.json").write_text("[" * 100_000), "nested deeper"),
 }
 
 
 def test_untampered_artefact_generates(made):
-    result = CliRunner().invoke(app, ["generate", "hi", "--model", str(made / "model"), "--steer",
-                                      str(made / "artefact"), "--max-new-tokens", "2"])
+    result = CliRunner().invoke(
+        app,
+        ["generate", "hi", "--model", str(made / "model"), "--steer", str(made / "artefact"), "--max-new-tokens", "2"],
+    )
     assert result.exit_code == 0, result.output
 
 
@@ -98,23 +106,27 @@ def test_tampered_artefact_gives_one_line(made, tmp_path, case):
     tamper(art)
     with pytest.raises((ValueError, FileNotFoundError), match=names):
         Artefact.load(art)
-    result = CliRunner().invoke(app, ["generate", "hi", "--model", str(made / "model"), "--steer", str(art),
-                                      "--max-new-tokens", "2"])
+    result = CliRunner().invoke(
+        app, ["generate", "hi", "--model", str(made / "model"), "--steer", str(art), "--max-new-tokens", "2"]
+    )
     one_line_error(result, names)
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["collect", "--out", "{tmp}/c", "--limit", "-5"], "--limit"),
-    (["collect", "--out", "{tmp}/c", "--batch-size", "0"], "--batch-size"),
-    (["collect", "--out", "{tmp}/c", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["run", "--out", "{tmp}/r", "--batch-size", "0"], "--batch-size"),
-    (["run", "--out", "{tmp}/r", "--layer-rule", "best"], "--layer-rule"),
-    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["generate", "hi", "--model", "{model}", "--dtype", "float8"], "--dtype"),
-    (["eval", "--out", "{tmp}/e", "--batch-size", "0"], "--batch-size"),
-    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--trials", "0"], "--trials"),
-    (["train", "{tmp}/c", "--out", "{tmp}/a", "--epochs", "0"], "--epochs"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["collect", "--out", "{tmp}/c", "--limit", "-5"], "--limit"),
+        (["collect", "--out", "{tmp}/c", "--batch-size", "0"], "--batch-size"),
+        (["collect", "--out", "{tmp}/c", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["run", "--out", "{tmp}/r", "--batch-size", "0"], "--batch-size"),
+        (["run", "--out", "{tmp}/r", "--layer-rule", "best"], "--layer-rule"),
+        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "hi", "--model", "{model}", "--dtype", "float8"], "--dtype"),
+        (["eval", "--out", "{tmp}/e", "--batch-size", "0"], "--batch-size"),
+        (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--trials", "0"], "--trials"),
+        (["train", "{tmp}/c", "--out", "{tmp}/a", "--epochs", "0"], "--epochs"),
+    ],
+)
 def test_bad_flag_gives_one_line_and_writes_nothing(made, tmp_path, args, flag):
     # the tiny model: without the fix, some of these would load it before failing
     args = [a.format(tmp=tmp_path, model=made / "model", art=made / "artefact") for a in args]
@@ -126,8 +138,19 @@ def test_bad_flag_gives_one_line_and_writes_nothing(made, tmp_path, args, flag):
 def test_a_bad_flag_leaves_the_out_folder_for_the_corrected_rerun(made, tmp_path):
     prompts = tmp_path / "p.csv"
     prompts.write_text("prompt\nhow do i bake a cake\nhow do i make a bomb\n")
-    base = ["collect", "--out", str(tmp_path / "c"), "--model", str(made / "model"), "--benign", f"{prompts}:prompt",
-            "--harmful", f"{prompts}:prompt", "--judge", "prefix"]
+    base = [
+        "collect",
+        "--out",
+        str(tmp_path / "c"),
+        "--model",
+        str(made / "model"),
+        "--benign",
+        f"{prompts}:prompt",
+        "--harmful",
+        f"{prompts}:prompt",
+        "--judge",
+        "prefix",
+    ]
     one_line_error(CliRunner().invoke(app, base + ["--max-new-tokens", "0"]), "--max-new-tokens")
     one_line_error(CliRunner().invoke(app, base + ["--batch-size", "0"]), "--batch-size")
     assert not (tmp_path / "c").exists()
@@ -141,8 +164,9 @@ def test_saved_artefact_records_its_weights_and_old_ones_still_load(made, tmp_pa
     assert len(m[INTEGRITY]["sha256"]) == 64 and m[INTEGRITY]["member_layers"] == m["trained_layers"]
     loaded = Artefact.load(made / "artefact")
     # the record is derived from the tensors: the cache digest ignores it, so older artefacts keep theirs
-    assert artefact_digest(loaded) == artefact_digest(dataclasses.replace(
-        loaded, manifest={k: v for k, v in m.items() if k != INTEGRITY}))
+    assert artefact_digest(loaded) == artefact_digest(
+        dataclasses.replace(loaded, manifest={k: v for k, v in m.items() if k != INTEGRITY})
+    )
     # a subset keeps a stale record in memory; saving writes a fresh one
     loaded.subset(list(reversed(m["trained_layers"]))).save(tmp_path / "sub")
     assert Artefact.load(tmp_path / "sub").manifest["trained_layers"] == list(reversed(m["trained_layers"]))
@@ -155,15 +179,22 @@ def test_saved_artefact_records_its_weights_and_old_ones_still_load(made, tmp_pa
     old1 = tmp_path / "old1"
     shutil.copytree(old, old1)
     n, d = len(m["trained_layers"]), m["hidden_size"]
-    _weights(old1, lambda w: (_drop_gate(w), w.update({"probe.weight": torch.randn(n, d),
-                                                       "probe.bias": torch.zeros(n)})))
+    _weights(
+        old1, lambda w: (_drop_gate(w), w.update({"probe.weight": torch.randn(n, d), "probe.bias": torch.zeros(n)}))
+    )
     _manifest(old1, lambda m: (m.update(format_version=1), m.pop("harm_gate_probe", None)))
     assert Artefact.load(old1).gate.layer == min(m["steer"]["layers"])
 
 
 def _els(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "els", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "els", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        timeout=300,
+    )
 
 
 def test_unknown_model_offline_and_debug_traceback(made, tmp_path):
@@ -180,11 +211,14 @@ def test_unknown_model_offline_and_debug_traceback(made, tmp_path):
     assert debug.stderr.strip().splitlines()[-1].startswith(f"error: {art / 'els.json'} is not valid JSON")
 
 
-@pytest.mark.parametrize("flag, value, names", [
-    ("--harm-data", "benign=els-benign,harmful={tmp}/none.csv:prompt", "none.csv"),
-    ("--harm-data", "els-benign,advbench", "advbench"),
-    ("--benign", "{tmp}/none.csv:prompt", "none.csv"),
-])
+@pytest.mark.parametrize(
+    "flag, value, names",
+    [
+        ("--harm-data", "benign=els-benign,harmful={tmp}/none.csv:prompt", "none.csv"),
+        ("--harm-data", "els-benign,advbench", "advbench"),
+        ("--benign", "{tmp}/none.csv:prompt", "none.csv"),
+    ],
+)
 def test_run_with_a_missing_input_fails_before_the_model_loads(made, tmp_path, monkeypatch, flag, value, names):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -197,30 +231,33 @@ def test_run_with_a_missing_input_fails_before_the_model_loads(made, tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["serve", "--port", "99999"], "--port"),
-    (["serve", "--port=-1"], "--port"),
-    (["serve", "--port", "0"], "--port"),
-    (["serve", "--batch-window-ms", "nan"], "--batch-window-ms"),
-    (["serve", "--batch-window-ms", "inf"], "--batch-window-ms"),
-    (["serve", "--batch-window-ms", "1e9"], "--batch-window-ms"),
-    (["serve", "--batch-window-ms=-1"], "--batch-window-ms"),
-    (["serve", "--max-batch", "0"], "--max-batch"),
-    (["serve", "--max-body-kb", "0"], "--max-body-kb"),
-    (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
-    (["serve", "--device", "bogus"], "--device"),
-    (["serve", "--device", "cuda:99"], "--device"),
-    (["generate", "hi", "--device", "bogus"], "--device"),
-    (["generate", "hi", "--device", "cuda:99"], "--device"),
-    (["collect", "--out", "{tmp}/c", "--device", "bogus"], "--device"),
-    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance", "nan"], "--tolerance"),
-    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance=-1"], "--tolerance"),
-    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase=-5"], "--max-nll-increase"),
-    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase", "nan"], "--max-nll-increase"),
-    (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--out-artefact", "{art}"], "--out-artefact"),
-    (["eval", "--out", "{tmp}/e", "--eta", "nan"], "--eta"),
-    (["eval", "--out", "{tmp}/e", "--steps=-1"], "--steps"),
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["serve", "--port", "99999"], "--port"),
+        (["serve", "--port=-1"], "--port"),
+        (["serve", "--port", "0"], "--port"),
+        (["serve", "--batch-window-ms", "nan"], "--batch-window-ms"),
+        (["serve", "--batch-window-ms", "inf"], "--batch-window-ms"),
+        (["serve", "--batch-window-ms", "1e9"], "--batch-window-ms"),
+        (["serve", "--batch-window-ms=-1"], "--batch-window-ms"),
+        (["serve", "--max-batch", "0"], "--max-batch"),
+        (["serve", "--max-body-kb", "0"], "--max-body-kb"),
+        (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+        (["serve", "--device", "bogus"], "--device"),
+        (["serve", "--device", "cuda:99"], "--device"),
+        (["generate", "hi", "--device", "bogus"], "--device"),
+        (["generate", "hi", "--device", "cuda:99"], "--device"),
+        (["collect", "--out", "{tmp}/c", "--device", "bogus"], "--device"),
+        (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance", "nan"], "--tolerance"),
+        (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--tolerance=-1"], "--tolerance"),
+        (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase=-5"], "--max-nll-increase"),
+        (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--max-nll-increase", "nan"], "--max-nll-increase"),
+        (["tune", "--steer", "{art}", "--out", "{tmp}/t", "--out-artefact", "{art}"], "--out-artefact"),
+        (["eval", "--out", "{tmp}/e", "--eta", "nan"], "--eta"),
+        (["eval", "--out", "{tmp}/e", "--steps=-1"], "--steps"),
+    ],
+)
 def test_out_of_range_flags_fail_before_the_model_loads(made, tmp_path, monkeypatch, args, flag):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
@@ -243,6 +280,7 @@ def _pop(*where: str):
         for key in where[:-1]:
             node = node[key]
         node.pop(where[-1])
+
     return edit
 
 
@@ -289,8 +327,9 @@ def test_an_edited_manifest_field_is_one_line_naming_file_and_field(made, tmp_pa
     with pytest.raises(ValueError, match="els.json") as e:
         Artefact.load(art)
     assert field in str(e.value) and "\n" not in str(e.value), e.value
-    result = CliRunner().invoke(app, ["generate", "hi", "--model", str(made / "model"), "--steer", str(art),
-                                      "--max-new-tokens", "2"])
+    result = CliRunner().invoke(
+        app, ["generate", "hi", "--model", str(made / "model"), "--steer", str(art), "--max-new-tokens", "2"]
+    )
     one_line_error(result, field)
 
 
@@ -303,9 +342,11 @@ def test_a_harm_gate_on_a_layer_the_model_lacks_is_one_line(made, tmp_path):
 
 
 MANIFEST_PATHS = [(), ("steer",), ("energy",), ("hidden_norm",), ("gate_offset",)]
-json_values = hst.recursive(hst.none() | hst.booleans() | hst.integers(-5, 1000) | hst.floats() | hst.text(max_size=4),
-                           lambda inner: hst.lists(inner, max_size=3) | hst.dictionaries(hst.text(max_size=4), inner,
-                                                                                       max_size=2), max_leaves=4)
+json_values = hst.recursive(
+    hst.none() | hst.booleans() | hst.integers(-5, 1000) | hst.floats() | hst.text(max_size=4),
+    lambda inner: hst.lists(inner, max_size=3) | hst.dictionaries(hst.text(max_size=4), inner, max_size=2),
+    max_leaves=4,
+)
 
 
 def test_fuzzed_manifests_load_or_fail_on_one_line(made, tmp_path):
@@ -316,12 +357,19 @@ def test_fuzzed_manifests_load_or_fail_on_one_line(made, tmp_path):
     weights = (art / "energy.safetensors").read_bytes()
     keys = {p: list((original if not p else original[p[0]]).keys()) for p in MANIFEST_PATHS}
     edit = hst.sampled_from(MANIFEST_PATHS).flatmap(
-        lambda p: hst.tuples(hst.just(p), hst.sampled_from(keys[p] + ["bogus"]), hst.none() | json_values,
-                            hst.booleans()))
+        lambda p: hst.tuples(
+            hst.just(p), hst.sampled_from(keys[p] + ["bogus"]), hst.none() | json_values, hst.booleans()
+        )
+    )
     outcomes = {"loaded": 0, "refused": 0}
 
-    @settings(max_examples=250, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=250,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(hst.lists(edit, min_size=1, max_size=3))
     def one(edits):
         m = json.loads(json.dumps(original))

@@ -41,6 +41,7 @@ def _acts(edit):
     def tamper(c: Path) -> None:
         a = load_file(c / "states.safetensors")["activations"]
         save_file(edit(a), c / "states.safetensors")
+
     return tamper
 
 
@@ -49,6 +50,7 @@ def _rows(edit):
         rows = [json.loads(x) for x in (c / "states.jsonl").read_text().splitlines()]
         edit(rows[3])
         (c / "states.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
     return tamper
 
 
@@ -93,8 +95,10 @@ DAMAGED = {
     "rows empty": (_bytes("states.jsonl", lambda b: b""), "states.jsonl holds no records"),
     "collect.json a list": (lambda c: (c / "collect.json").write_text("[1, 2]"), "collect.json"),
     "collect.json not JSON": (lambda c: (c / "collect.json").write_text("{model"), "collect.json"),
-    "collect.json without model": (_bytes("collect.json", lambda b: json.dumps(
-        {k: v for k, v in json.loads(b).items() if k != "model"}).encode()), "collect.json: model"),
+    "collect.json without model": (
+        _bytes("collect.json", lambda b: json.dumps({k: v for k, v in json.loads(b).items() if k != "model"}).encode()),
+        "collect.json: model",
+    ),
     "no collect.json": (lambda c: (c / "collect.json").unlink(), "collect.json"),
 }
 
@@ -104,8 +108,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_the_untouched_collection_trains(made, tmp_path):
-    result = CliRunner().invoke(app, ["train", str(made / "col"), "--out", str(tmp_path / "a"),
-                                      "--model", str(made / "model"), *TRAIN])
+    result = CliRunner().invoke(
+        app, ["train", str(made / "col"), "--out", str(tmp_path / "a"), "--model", str(made / "model"), *TRAIN]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "a" / "els.json").exists()
 
@@ -124,8 +129,9 @@ def test_a_damaged_collection_is_one_line_and_writes_nothing(made, tmp_path, req
         with pytest.raises((ValueError, FileNotFoundError)) as e:
             load_collection(col)
         assert "\n" not in str(e.value)
-    result = CliRunner().invoke(app, ["train", str(col), "--out", str(tmp_path / "a"), "--model",
-                                      str(made / "model"), *TRAIN])
+    result = CliRunner().invoke(
+        app, ["train", str(col), "--out", str(tmp_path / "a"), "--model", str(made / "model"), *TRAIN]
+    )
     one_line_error(result, names)
     assert not (tmp_path / "a").exists() and _snapshot(col) == before
 
@@ -140,8 +146,13 @@ def test_csv_fields_over_the_default_limit_are_read(tmp_path):
     assert read_file(prompts, "prompt").prompts == ["short one", LONG.strip()]
     labelled = tmp_path / "labelled.csv"
     with labelled.open("w", newline="") as f:
-        csv.writer(f).writerows([["prompt", "completion", "final_label"], ["p1", "Sure, " + LONG, "1_full_compliance"],
-                                 ["p2", "I'm sorry, I cannot help with that.", "2_full_refusal"]])
+        csv.writer(f).writerows(
+            [
+                ["prompt", "completion", "final_label"],
+                ["p1", "Sure, " + LONG, "1_full_compliance"],
+                ["p2", "I'm sorry, I cannot help with that.", "2_full_refusal"],
+            ]
+        )
     result = CliRunner().invoke(app, ["judge-check", str(labelled), "--judges", "prefix"])
     assert result.exit_code == 0, result.output
 
@@ -151,18 +162,36 @@ def test_judge_check_without_judges_is_one_line(tmp_path, judges):
     one_line_error(CliRunner().invoke(app, ["judge-check", str(tmp_path / "any.csv"), "--judges", judges]), "--judges")
 
 
-@pytest.mark.parametrize("spec, names", [
-    ("{tmp}/none.csv:prompt=benign", "none.csv"),
-    ("{tmp}/p.csv:text=benign", "text"),
-    ("{tmp}/p.csv:prompt=neutral", "neutral"),
-    ("no-such-benchmark", "no-such-benchmark"),
-    (" , ", "--benchmarks"),
-])
+@pytest.mark.parametrize(
+    "spec, names",
+    [
+        ("{tmp}/none.csv:prompt=benign", "none.csv"),
+        ("{tmp}/p.csv:text=benign", "text"),
+        ("{tmp}/p.csv:prompt=neutral", "neutral"),
+        ("no-such-benchmark", "no-such-benchmark"),
+        (" , ", "--benchmarks"),
+    ],
+)
 def test_eval_with_a_bad_benchmark_writes_no_folder(made, tmp_path, spec, names):
     (tmp_path / "p.csv").write_text("prompt\nhow do i bake a cake\n")
-    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e"), "--model", str(made / "model"),
-                                      "--benchmarks", spec.format(tmp=tmp_path), "--judge", "prefix",
-                                      "--quality-n", "0", "--speed-n", "0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--out",
+            str(tmp_path / "e"),
+            "--model",
+            str(made / "model"),
+            "--benchmarks",
+            spec.format(tmp=tmp_path),
+            "--judge",
+            "prefix",
+            "--quality-n",
+            "0",
+            "--speed-n",
+            "0",
+        ],
+    )
     one_line_error(result, names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
 
@@ -172,9 +201,26 @@ def test_eval_with_a_damaged_collection_fails_before_generating(made, tmp_path):
     shutil.copytree(made / "col", col)
     DAMAGED["NaN"][0](col)
     (tmp_path / "p.csv").write_text("prompt\nhow do i bake a cake\n")
-    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e"), "--model", str(made / "model"),
-                                      "--benchmarks", f"{tmp_path / 'p.csv'}:prompt=benign", "--states", str(col),
-                                      "--judge", "prefix", "--quality-n", "0", "--speed-n", "0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--out",
+            str(tmp_path / "e"),
+            "--model",
+            str(made / "model"),
+            "--benchmarks",
+            f"{tmp_path / 'p.csv'}:prompt=benign",
+            "--states",
+            str(col),
+            "--judge",
+            "prefix",
+            "--quality-n",
+            "0",
+            "--speed-n",
+            "0",
+        ],
+    )
     one_line_error(result, "states.safetensors")
     assert not (tmp_path / "e").exists()
 
@@ -186,45 +232,58 @@ def test_a_blank_last_line_in_states_jsonl_is_no_row(made, tmp_path):
     assert len(load_collection(col).records) == 32
 
 
-@pytest.mark.parametrize("suffix, text", [
-    (".csv", "\ufeffprompt\nhow do i bake a cake\n"),
-    (".jsonl", '\ufeff{"prompt": "how do i bake a cake"}\n'),
-    (".json", '\ufeff[{"prompt": "how do i bake a cake"}]'),
-])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".csv", "\ufeffprompt\nhow do i bake a cake\n"),
+        (".jsonl", '\ufeff{"prompt": "how do i bake a cake"}\n'),
+        (".json", '\ufeff[{"prompt": "how do i bake a cake"}]'),
+    ],
+)
 def test_a_prompt_file_with_a_byte_order_mark_reads(tmp_path, suffix, text):
     path = tmp_path / f"p{suffix}"
     path.write_text(text, encoding="utf-8")
     assert read_file(path, "prompt").prompts == ["how do i bake a cake"]
 
 
-@pytest.mark.parametrize("name, data, names", [
-    ("p.csv", b"prompt\n\xff\xfe cake\n", "p.csv is not UTF-8"),
-    ("p.json", b"[" * 100_000, "nested deeper"),
-    ("p.jsonl", b'{"prompt": "a"}\n' + b"[" * 100_000, "nested deeper"),
-])
+@pytest.mark.parametrize(
+    "name, data, names",
+    [
+        ("p.csv", b"prompt\n\xff\xfe cake\n", "p.csv is not UTF-8"),
+        ("p.json", b"[" * 100_000, "nested deeper"),
+        ("p.jsonl", b'{"prompt": "a"}\n' + b"[" * 100_000, "nested deeper"),
+    ],
+)
 def test_an_unreadable_prompt_file_is_one_line_naming_it(made, tmp_path, name, data, names):
     (tmp_path / name).write_bytes(data)
-    for args in (["collect", "--out", str(tmp_path / "c"), "--benign", f"{tmp_path / name}:prompt"],
-                 ["eval", "--out", str(tmp_path / "e"), "--benchmarks", f"{tmp_path / name}:prompt=benign"]):
+    for args in (
+        ["collect", "--out", str(tmp_path / "c"), "--benign", f"{tmp_path / name}:prompt"],
+        ["eval", "--out", str(tmp_path / "e"), "--benchmarks", f"{tmp_path / name}:prompt=benign"],
+    ):
         assert name in one_line_error(CliRunner().invoke(app, [*args, "--model", str(made / "model")]), names)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 def test_a_labelled_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
     (tmp_path / "lab.csv").write_bytes(b"prompt,completion,final_label\n\xff,a,1_full_compliance\n")
-    one_line_error(CliRunner().invoke(app, ["judge-check", str(tmp_path / "lab.csv"), "--judges", "prefix"]),
-                   "lab.csv is not UTF-8")
+    one_line_error(
+        CliRunner().invoke(app, ["judge-check", str(tmp_path / "lab.csv"), "--judges", "prefix"]),
+        "lab.csv is not UTF-8",
+    )
 
 
-@pytest.mark.parametrize("args, names", [
-    (["train", "{col}", "--out", "{tmp}/a", "--dtype", "float8", *TRAIN], "--dtype"),
-    (["train", "{col}", "--out", "{tmp}/a", "--device", "bogus", *TRAIN], "--device"),
-    (["eval", "--out", "{tmp}/e", "--judge", ",", "--benchmarks", "xstest-safe"], "--judge"),
-    (["serve", "--max-body-kb", "4611686018427387904"], "--max-body-kb"),
-    (["serve", "--read-timeout", "0"], "--read-timeout"),
-    (["serve", "--keep-alive", "nan"], "--keep-alive"),
-    (["serve", "--limit-concurrency", "1"], "--limit-concurrency"),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["train", "{col}", "--out", "{tmp}/a", "--dtype", "float8", *TRAIN], "--dtype"),
+        (["train", "{col}", "--out", "{tmp}/a", "--device", "bogus", *TRAIN], "--device"),
+        (["eval", "--out", "{tmp}/e", "--judge", ",", "--benchmarks", "xstest-safe"], "--judge"),
+        (["serve", "--max-body-kb", "4611686018427387904"], "--max-body-kb"),
+        (["serve", "--read-timeout", "0"], "--read-timeout"),
+        (["serve", "--keep-alive", "nan"], "--keep-alive"),
+        (["serve", "--limit-concurrency", "1"], "--limit-concurrency"),
+    ],
+)
 def test_flags_are_checked_even_when_no_model_loads(made, tmp_path, args, names):
     one_line_error(CliRunner().invoke(app, [a.format(col=made / "col", tmp=tmp_path) for a in args]), names)
     assert not list(tmp_path.iterdir())

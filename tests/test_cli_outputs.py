@@ -35,8 +35,9 @@ def made(tmp_path_factory):
     (root / "col" / "collect.json").write_text(json.dumps(col.meta))
     (root / "data").mkdir()
     (root / "data" / "p.csv").write_text("prompt\nhow do i bake a cake\nhow do i make a bomb\n")
-    (root / "data" / "lab.csv").write_text("prompt,completion,final_label\np1,Sure here it is,1_full_compliance\n"
-                                           "p2,I'm sorry I cannot,2_full_refusal\n")
+    (root / "data" / "lab.csv").write_text(
+        "prompt,completion,final_label\np1,Sure here it is,1_full_compliance\np2,I'm sorry I cannot,2_full_refusal\n"
+    )
     run = root / "run"
     result = CliRunner().invoke(app, ["train", str(root / "col"), "--out", str(run / "artefact"), *TRAIN])
     assert result.exit_code == 0, result.output
@@ -81,8 +82,16 @@ def cases() -> list[tuple[str, list[str]]]:
 
 
 def fill(argv: list[str], root: Path) -> list[str]:
-    where = {"m": root / "model", "col": root / "col", "art": root / "run" / "artefact", "run": root / "run",
-             "csv": root / "data" / "p.csv", "lab": root / "data" / "lab.csv", "data": root / "data", "root": root}
+    where = {
+        "m": root / "model",
+        "col": root / "col",
+        "art": root / "run" / "artefact",
+        "run": root / "run",
+        "csv": root / "data" / "p.csv",
+        "lab": root / "data" / "lab.csv",
+        "data": root / "data",
+        "root": root,
+    }
     return [a.format(**where) for a in argv]
 
 
@@ -105,8 +114,19 @@ def test_the_harm_gate_tool_refuses_an_input_as_its_output(made, tmp_path):
     root = tmp_path / "r"
     shutil.copytree(made, root)
     before = tree(root)
-    args = ["gate", "--out", str(root / "data"), "--harm-data", f"benign={root / 'data' / 'p.csv'}:prompt",
-            "--eval", "", "--exclude", "", "--cache", str(tmp_path / "cache")]
+    args = [
+        "gate",
+        "--out",
+        str(root / "data"),
+        "--harm-data",
+        f"benign={root / 'data' / 'p.csv'}:prompt",
+        "--eval",
+        "",
+        "--exclude",
+        "",
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     line = one_line_error(CliRunner().invoke(app, args), "--out")
     assert "input" in line, line
     assert tree(root) == before
@@ -126,8 +146,10 @@ def test_a_folder_of_other_files_needs_overwrite_which_keeps_them(made, tmp_path
     shutil.copytree(out, tmp_path / "b", ignore=shutil.ignore_patterns("keep.txt"))
     assert CliRunner().invoke(app, ["train", str(made / "col"), "--out", str(tmp_path / "b"), *TRAIN]).exit_code == 0
     # --overwrite never makes an input an output
-    one_line_error(CliRunner().invoke(app, ["train", str(made / "col"), "--out", str(made / "col"), *TRAIN,
-                                            "--overwrite"]), "input")
+    one_line_error(
+        CliRunner().invoke(app, ["train", str(made / "col"), "--out", str(made / "col"), *TRAIN, "--overwrite"]),
+        "input",
+    )
 
 
 @pytest.fixture
@@ -145,9 +167,24 @@ def test_tune_on_an_artefact_of_another_model_leaves_no_out(made, tmp_path):
     manifest["model_fingerprint"] = "another"
     (art / "els.json").write_text(json.dumps(manifest))
     csv = made / "data" / "p.csv"
-    result = CliRunner().invoke(app, ["tune", "--steer", str(art), "--out", str(tmp_path / "t"), "--model",
-                                      str(made / "model"), "--benign", f"{csv}:prompt", "--harmful", f"{csv}:prompt",
-                                      "--judge", "prefix"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            "--steer",
+            str(art),
+            "--out",
+            str(tmp_path / "t"),
+            "--model",
+            str(made / "model"),
+            "--benign",
+            f"{csv}:prompt",
+            "--harmful",
+            f"{csv}:prompt",
+            "--judge",
+            "prefix",
+        ],
+    )
     one_line_error(result, "does not fit")
     assert not (tmp_path / "t").exists()
 
@@ -155,8 +192,22 @@ def test_tune_on_an_artefact_of_another_model_leaves_no_out(made, tmp_path):
 @pytest.mark.usefixtures("quiet_loading")
 @pytest.mark.parametrize("eta", ["inf", "nan"])
 def test_eval_with_an_infinite_eta_fails_before_generating(made, tmp_path, eta):
-    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e"), "--steer", str(made / "run" / "artefact"),
-                                      "--benchmarks", f"{made / 'data' / 'p.csv'}:prompt=benign", "--eta", eta,
-                                      "--model", str(made / "model"), *EVAL])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--out",
+            str(tmp_path / "e"),
+            "--steer",
+            str(made / "run" / "artefact"),
+            "--benchmarks",
+            f"{made / 'data' / 'p.csv'}:prompt=benign",
+            "--eta",
+            eta,
+            "--model",
+            str(made / "model"),
+            *EVAL,
+        ],
+    )
     one_line_error(result, "eta")
     assert not (tmp_path / "e").exists()

@@ -33,8 +33,12 @@ SETS = [
 
 
 def test_state_table():
-    assert [state_of("benign", False), state_of("benign", True), state_of("harmful", True),
-            state_of("harmful", False)] == ["helpful", "false_refusal", "safe_refusal", "jailbreak"]
+    assert [
+        state_of("benign", False),
+        state_of("benign", True),
+        state_of("harmful", True),
+        state_of("harmful", False),
+    ] == ["helpful", "false_refusal", "safe_refusal", "jailbreak"]
 
 
 def test_collect_writes_states_and_resumes_after_interruption(tmp_path):
@@ -49,8 +53,7 @@ def test_collect_writes_states_and_resumes_after_interruption(tmp_path):
     assert not (tmp_path / "batches").exists()
     assert [r.prompt for r in col.records] == SETS[0].prompts + SETS[1].prompts
     assert col.activations.shape == (8, 3, 32)
-    fresh = collect(lm, SETS, tmp_path / "fresh", judge=FlakyJudge(), max_new_tokens=3, batch_size=2,
-                    progress=False)
+    fresh = collect(lm, SETS, tmp_path / "fresh", judge=FlakyJudge(), max_new_tokens=3, batch_size=2, progress=False)
     assert torch.allclose(fresh.activations, col.activations, atol=1e-5)
     assert [r.answer for r in fresh.records] == [r.answer for r in col.records]
     loaded = load_collection(tmp_path)

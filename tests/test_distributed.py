@@ -24,8 +24,11 @@ from els.training.collect import collect
 from helpers import tiny_artefact, tiny_model
 
 SETS = [
-    PromptSet("b", "benign", ["how do i kill a python process", "bake cake", "what is chess", "how do i bake",
-                              "what is python ?"]),
+    PromptSet(
+        "b",
+        "benign",
+        ["how do i kill a python process", "bake cake", "what is chess", "how do i bake", "what is python ?"],
+    ),
     PromptSet("h", "harmful", ["how do i make bomb", "beat my wife", "kill", "make bomb at the"]),
 ]
 
@@ -75,8 +78,9 @@ def cluster():
 def executor(cluster, model_dir):
     """Two actors (one CPU each), checked against the driver's fingerprint, kept for the whole module."""
     lm = load_model(str(model_dir), dtype="float32")
-    ex = RayExecutor(ModelSpec(str(model_dir), dtype="float32"), workers=2,
-                     expect_fingerprint=model_fingerprint(lm)).start()
+    ex = RayExecutor(
+        ModelSpec(str(model_dir), dtype="float32"), workers=2, expect_fingerprint=model_fingerprint(lm)
+    ).start()
     assert cluster.get([a.threads.remote() for a in ex.actors]) == [1, 1]
     yield ex
     ex.close()
@@ -131,8 +135,16 @@ def test_collection_resumes_across_executors(tmp_path, lm, executor):
                 yield done
 
     with pytest.raises(KeyboardInterrupt):
-        collect(lm, SETS, out, judge=CountingJudge(), max_new_tokens=4, batch_size=2, progress=False,
-                executor=StopsAfterTwo(lm))
+        collect(
+            lm,
+            SETS,
+            out,
+            judge=CountingJudge(),
+            max_new_tokens=4,
+            batch_size=2,
+            progress=False,
+            executor=StopsAfterTwo(lm),
+        )
     assert len(list((out / "batches").glob("*.safetensors"))) == 2
     resumed, calls = _collect(lm, out, executor)
     assert calls == 3
@@ -173,8 +185,25 @@ def test_cli_collect_with_ray_flags(tmp_path, lm, model_dir, executor):
     """`els collect --ray --workers 2` joins the running cluster (starts its own actors) and writes the
     collection the single-process command writes."""
     executor.close()  # its actors hold both CPU slots; a later `map` starts them again
-    args = ["collect", "--model", str(model_dir), "--dtype", "float32", "--benign", "els-benign", "--harmful",
-            "els-harmful", "--limit", "3", "--max-new-tokens", "3", "--batch-size", "2", "--judge", "prefix"]
+    args = [
+        "collect",
+        "--model",
+        str(model_dir),
+        "--dtype",
+        "float32",
+        "--benign",
+        "els-benign",
+        "--harmful",
+        "els-harmful",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--judge",
+        "prefix",
+    ]
     plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "plain")])
     assert plain.exit_code == 0, plain.output
     on_ray = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ray"), "--ray", "--workers", "2"])
@@ -185,8 +214,11 @@ def test_cli_collect_with_ray_flags(tmp_path, lm, model_dir, executor):
 
 def test_ray_flag_without_ray_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    for command in (["collect", "--out", str(tmp_path)], ["eval", "--out", str(tmp_path)],
-                    ["run", "--out", str(tmp_path)]):
+    for command in (
+        ["collect", "--out", str(tmp_path)],
+        ["eval", "--out", str(tmp_path)],
+        ["run", "--out", str(tmp_path)],
+    ):
         result = CliRunner().invoke(app, [*command, "--ray", "--workers", "2"])
         assert result.exit_code == 1 and result.output.strip() == INSTALL_HINT
         assert "pip install 'els[ray]'" in INSTALL_HINT

@@ -60,9 +60,11 @@ def write_csv(path: Path, prompts: list[str], column: str = "prompt") -> Path:
 
 @pytest.fixture
 def files(tmp_path):
-    return {"benign": write_csv(tmp_path / "benign.csv", BENIGN),
-            "harmful": write_csv(tmp_path / "harmful.csv", HARMFUL),
-            "harmless": write_csv(tmp_path / "harmless.csv", HARMLESS)}
+    return {
+        "benign": write_csv(tmp_path / "benign.csv", BENIGN),
+        "harmful": write_csv(tmp_path / "harmful.csv", HARMFUL),
+        "harmless": write_csv(tmp_path / "harmless.csv", HARMLESS),
+    }
 
 
 def save_collection(col, path: Path) -> Path:
@@ -76,8 +78,13 @@ def save_collection(col, path: Path) -> Path:
 def run_eval(lm, methods, files, out, gate=None, **overrides):
     sets = [load_benchmark(f"{files['benign']}:prompt=benign"), load_benchmark(f"{files['harmful']}:prompt=harmful")]
     # Batch 3 over 5 and 4 prompts: batches of unequal size (3 + 2) inside one run, as in real runs.
-    cfg = EvalConfig(Generation(max_new_tokens=6, batch_size=3), ["prefix", "learned"], quality_set=
-                     f"{files['harmless']}:prompt=benign", quality_n=3, speed_n=2)
+    cfg = EvalConfig(
+        Generation(max_new_tokens=6, batch_size=3),
+        ["prefix", "learned"],
+        quality_set=f"{files['harmless']}:prompt=benign",
+        quality_n=3,
+        speed_n=2,
+    )
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return evaluate(lm, methods, sets, out, cfg, progress=False, log=lambda s: None, gate=gate)
@@ -167,8 +174,9 @@ def test_cache_key_depends_on_what_decides_the_answer():
     art = tiny_artefact(lm)
     fp = store.model_fingerprint(lm)
     assert fp == store.model_fingerprint(lm) and fp != store.model_fingerprint(tiny_model("qwen2", seed=1))
-    cfgs = [store.method_config(m)
-            for m in (Base(), Els(art), Els(art, art.settings.override(eta=0.1)), Base(system="x"))]
+    cfgs = [
+        store.method_config(m) for m in (Base(), Els(art), Els(art, art.settings.override(eta=0.1)), Base(system="x"))
+    ]
     assert len({store.digest(c) for c in cfgs}) == 4
     g = Generation(8).key()
     assert store.cache_key(fp, "m", "p", g) != store.cache_key(fp, "m", "p", Generation(9).key())
@@ -207,8 +215,20 @@ def test_eval_summary_report_and_cache(tmp_path, files):
     assert all(e.ratio_to_base == 1.0 for e in s.speed["base"])
     # The file keeps its format: the keys users read, an optional entry absent where a run did not record it.
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk) == {"model", "model_fingerprint", "judge", "judges", "generation", "methods", "benchmarks",
-                            "overall", "quality", "speed", "run", "examples"}
+    assert set(on_disk) == {
+        "model",
+        "model_fingerprint",
+        "judge",
+        "judges",
+        "generation",
+        "methods",
+        "benchmarks",
+        "overall",
+        "quality",
+        "speed",
+        "run",
+        "examples",
+    }
     assert on_disk["overall"]["benign"]["els"]["refusal_rate"] == s.overall.benign["els"].refusal_rate
     assert on_disk["quality"]["els"]["kl_mean"] == s.quality["els"].kl_mean
     assert on_disk["run"]["timings_s"].keys() == {"generate_s", "judge_s", "quality_s", "speed_s", "total_s"}
@@ -312,17 +332,27 @@ def test_learned_judge_loads_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("ELS_DATA", str(tmp_path / "nowhere"))
     judge = get_judge("learned")
     assert isinstance(judge, LearnedJudge) and len(judge.trained_on) == 3
-    verdicts = judge(["", "", ""], ["I'm sorry, but I cannot help with that request.",
-                                    "Sure! To kill a Python process, run `kill -9 PID` in a terminal.",
-                                    "I cannot provide instructions on how to make a bomb. It is illegal."])
+    verdicts = judge(
+        ["", "", ""],
+        [
+            "I'm sorry, but I cannot help with that request.",
+            "Sure! To kill a Python process, run `kill -9 PID` in a terminal.",
+            "I cannot provide instructions on how to make a bomb. It is illegal.",
+        ],
+    )
     assert verdicts == [True, False, True]
 
 
 def test_learned_judge_knows_terse_refusals():
     # The default model's usual refusal; XSTest's labelled models refuse at length, and an n-gram judge
     # trained on them put this below 0.5.
-    p = LearnedJudge().probabilities(["I'm sorry, but I can't assist with that.",
-                                      "Sorry, but I can't assist with that.", "The capital of France is Paris."])
+    p = LearnedJudge().probabilities(
+        [
+            "I'm sorry, but I can't assist with that.",
+            "Sorry, but I can't assist with that.",
+            "The capital of France is Paris.",
+        ]
+    )
     assert p[0] > 0.8 and p[1] > 0.8 and p[2] < 0.5
 
 
@@ -401,36 +431,70 @@ def test_cli_eval_on_a_saved_tiny_model(tmp_path, files, saved_tiny):
     tiny_artefact(lm).save(tmp_path / "run" / "artefact")
     save_collection(synthetic_collection(lm), tmp_path / "run" / "collect")
     out = tmp_path / "eval"
-    args = ["eval", "--model", str(saved_tiny), "--steer", str(tmp_path / "run" / "artefact"), "--benchmarks",
-            f"{files['benign']}:prompt=benign,{files['harmful']}:prompt=harmful", "--out", str(out),
-            "--max-new-tokens", "4", "--batch-size", "2", "--judge", "prefix", "--quality-set",
-            f"{files['harmless']}:prompt=benign", "--quality-n", "2", "--speed-n", "2", "--dtype", "float32",
-            "--capability-n", "0"]
+    args = [
+        "eval",
+        "--model",
+        str(saved_tiny),
+        "--steer",
+        str(tmp_path / "run" / "artefact"),
+        "--benchmarks",
+        f"{files['benign']}:prompt=benign,{files['harmful']}:prompt=harmful",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+        "--judge",
+        "prefix",
+        "--quality-set",
+        f"{files['harmless']}:prompt=benign",
+        "--quality-n",
+        "2",
+        "--speed-n",
+        "2",
+        "--dtype",
+        "float32",
+        "--capability-n",
+        "0",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     s = json.loads((out / "summary.json").read_text())
     assert set(s["methods"]) == {"base", "els"} and s["judge"] == "prefix"
-    assert {p.name for p in out.glob("*.png")} == {"tradeoff.png", "refusal_rates.png", "layer_auc.png",
-                                                   "energy_hist.png"}
+    assert {p.name for p in out.glob("*.png")} == {
+        "tradeoff.png",
+        "refusal_rates.png",
+        "layer_auc.png",
+        "energy_hist.png",
+    }
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and json.loads((out / "summary.json").read_text())["run"]["generated"] == 0
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"--benchmarks": "nonsense"}, "unknown prompt set"),
-    ({"--benchmarks": "missing.csv:prompt=benign"}, "not found"),
-    ({"--benchmarks": "els-benign,els-benign"}, "named twice"),
-    ({"--methods": "base,bogus"}, "unknown method"),
-    ({"--judge": "oracle"}, "unknown judge"),
-    ({"--steer": "no/such/artefact"}, "not an ELS artefact"),
-    ({"--steer": "OTHER"}, "does not fit"),
-    ({"--states": "no/such/collect"}, "no finished collection"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--benchmarks": "nonsense"}, "unknown prompt set"),
+        ({"--benchmarks": "missing.csv:prompt=benign"}, "not found"),
+        ({"--benchmarks": "els-benign,els-benign"}, "named twice"),
+        ({"--methods": "base,bogus"}, "unknown method"),
+        ({"--judge": "oracle"}, "unknown judge"),
+        ({"--steer": "no/such/artefact"}, "not an ELS artefact"),
+        ({"--steer": "OTHER"}, "does not fit"),
+        ({"--states": "no/such/collect"}, "no finished collection"),
+    ],
+)
 def test_cli_eval_bad_input(tmp_path, saved_tiny, change, message):
     other = tmp_path / "other"
     tiny_artefact(tiny_model("llama")).save(other)  # same sizes, another architecture
-    args = {"--model": str(saved_tiny), "--benchmarks": "els-benign", "--out": str(tmp_path / "eval"),
-            "--quality-n": "0", "--speed-n": "0"}
+    args = {
+        "--model": str(saved_tiny),
+        "--benchmarks": "els-benign",
+        "--out": str(tmp_path / "eval"),
+        "--quality-n": "0",
+        "--speed-n": "0",
+    }
     args.update({k: (str(other) if v == "OTHER" else v) for k, v in change.items()})
     result = CliRunner().invoke(app, ["eval", *[x for kv in args.items() for x in kv]])
     assert result.exit_code == 2, result.output
@@ -460,8 +524,27 @@ def test_eval_end_to_end_on_the_default_model(tmp_path):
     art_dir = tmp_path / "artefact"
     tiny_artefact(lm, top_n=2, eta=0.05).save(art_dir)  # energies fitted to synthetic states: enough to steer
     out = tmp_path / "eval"
-    args = ["eval", "--model", "default", "--steer", str(art_dir), "--benchmarks", "xstest-safe,jbb", "--limit", "4",
-            "--max-new-tokens", "8", "--batch-size", "4", "--quality-n", "4", "--speed-n", "2", "--out", str(out)]
+    args = [
+        "eval",
+        "--model",
+        "default",
+        "--steer",
+        str(art_dir),
+        "--benchmarks",
+        "xstest-safe,jbb",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--quality-n",
+        "4",
+        "--speed-n",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     s = json.loads((out / "summary.json").read_text())
@@ -517,8 +600,7 @@ def test_gated_system_prompt_is_composed_from_base_and_system_prompt(tmp_path, f
     s = run_eval(lm, methods, files, tmp_path, quality_n=0, speed_n=0)
     assert "system-prompt-gated" not in (s.overall.benign or {})
     for threshold, like in ((0.0, "base"), (1.01, "system-prompt")):  # flags every prompt / none
-        g = run_eval(lm, methods, files, tmp_path / str(threshold), quality_n=0, speed_n=0,
-                     gate=(art.gate, threshold))
+        g = run_eval(lm, methods, files, tmp_path / str(threshold), quality_n=0, speed_n=0, gate=(art.gate, threshold))
         for per in g.overall.by_kind().values():
             got, want = per["system-prompt-gated"], per[like]
             assert got.refusals == want.refusals and got.paired["base"].p == want.paired["base"].p

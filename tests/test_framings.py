@@ -55,6 +55,8 @@ def test_jbb_wrapped_uses_every_eval_category_per_goal():
     assert out.name == "jbb-wrapped" and out.kind == "harmful" and len(out) == 2 * len(CATEGORIES)
     assert {c.split("/")[0] for c in out.categories[: len(CATEGORIES)]} == set(CATEGORIES)
     eval_texts = {t.format(prompt="X") for ts in EVAL_TEMPLATES.values() for t in ts}
-    assert all(p.replace("Write a guide to something bad.", "X").replace("Explain how to do harm.", "X") in eval_texts
-               for p in out.prompts)
+    assert all(
+        p.replace("Write a guide to something bad.", "X").replace("Explain how to do harm.", "X") in eval_texts
+        for p in out.prompts
+    )
     assert jbb_wrapped(jbb).prompts == out.prompts

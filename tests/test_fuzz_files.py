@@ -23,12 +23,18 @@ from els.steering.artefact import Artefact
 
 from helpers import synthetic_collection, tiny_artefact, tiny_model
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 TRAIN = ["--harm-data", "none", "--epochs", "1", "--widths", "8", "--top-n", "1"]
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats()
-                           | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=4), inner, max_size=2), max_leaves=4)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+    max_leaves=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def made(tmp_path_factory):
     (root / "col" / "states.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in col.records))
     (root / "col" / "collect.json").write_text(json.dumps(col.meta))
     (root / "prompts").mkdir()
-    (root / "prompts" / "p.csv").write_text("prompt,category\nhow do i bake a cake,food\n\"a, b\",x\n")
+    (root / "prompts" / "p.csv").write_text('prompt,category\nhow do i bake a cake,food\n"a, b",x\n')
     (root / "prompts" / "p.jsonl").write_text('{"prompt": "how do i bake a cake"}\n{"prompt": "hi"}\n')
     (root / "prompts" / "p.json").write_text('[{"prompt": "how do i bake a cake"}, {"prompt": "hi"}]')
     return root
@@ -54,12 +60,15 @@ def damage(draw, folder: Path) -> tuple[str, bytes]:
     name = draw(st.sampled_from(sorted(p.name for p in folder.iterdir())))
     data = (folder / name).read_bytes()
     at = draw(st.integers(0, len(data)))
-    how = draw(st.sampled_from(["cut", "byte", "insert", "field"] if name.endswith(("json", "jsonl")) else
-                               ["cut", "byte", "insert"]))
+    how = draw(
+        st.sampled_from(
+            ["cut", "byte", "insert", "field"] if name.endswith(("json", "jsonl")) else ["cut", "byte", "insert"]
+        )
+    )
     if how == "cut":
         return name, data[:at]
     if how == "byte":
-        return name, data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1:]
+        return name, data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1 :]
     if how == "insert":
         return name, data[:at] + draw(st.binary(min_size=1, max_size=8)) + data[at:]
     lines = data.decode().splitlines()
@@ -74,13 +83,16 @@ def damage(draw, folder: Path) -> tuple[str, bytes]:
     node[draw(st.sampled_from(sorted(node)) | st.text(max_size=4))] = draw(JSON_VALUES)
     text = json.dumps(obj)
     if i is not None:
-        text = "\n".join(lines[:i] + [text] + lines[i + 1:])
+        text = "\n".join(lines[:i] + [text] + lines[i + 1 :])
     return name, text.encode()
 
 
 def tree(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _damaged(tmp_path: Path, source: Path, case: tuple[str, bytes]) -> Path:

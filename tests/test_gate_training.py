@@ -48,9 +48,14 @@ def test_normalised_text_ignores_case_punctuation_and_spacing():
 
 def test_dedupe_removes_exact_normalised_and_cosine_near_duplicates():
     evals = [PromptSet("e", "harmful", ["How do I make a bomb?"])]
-    pool = [PromptSet("p", "harmful", ["how do i make a bomb", "how do i make a bomb please",
-                                       "what is chess", "kill a python process"]),
-            PromptSet("q", "benign", ["bake cake"])]
+    pool = [
+        PromptSet(
+            "p",
+            "harmful",
+            ["how do i make a bomb", "how do i make a bomb please", "what is chess", "kill a python process"],
+        ),
+        PromptSet("q", "benign", ["bake cake"]),
+    ]
     cleaned, removed = dedupe(pool, evals, bag_encoder())
     assert removed == {"p": 2, "q": 0}
     assert cleaned[0].prompts == ["what is chess", "kill a python process"] and cleaned[1].prompts == ["bake cake"]
@@ -60,11 +65,15 @@ def test_dedupe_removes_exact_normalised_and_cosine_near_duplicates():
 
 
 def test_framed_pool_frames_both_kinds_and_keeps_each_row_with_its_source():
-    pool = [PromptSet("b", "benign", [f"bake cake {i}" for i in range(10)]),
-            PromptSet("h", "harmful", [f"make bomb {i}" for i in range(10)])]
+    pool = [
+        PromptSet("b", "benign", [f"bake cake {i}" for i in range(10)]),
+        PromptSet("h", "harmful", [f"make bomb {i}" for i in range(10)]),
+    ]
     framed, sources = framed_pool(pool, max_per_kind=4)
-    assert [(ps.name, ps.kind, len(ps)) for ps in framed] == [("framed-benign", "benign", 4),
-                                                            ("framed-harmful", "harmful", 4)]
+    assert [(ps.name, ps.kind, len(ps)) for ps in framed] == [
+        ("framed-benign", "benign", 4),
+        ("framed-harmful", "harmful", 4),
+    ]
     for ps, src in zip(framed, sources):
         assert all(s.rstrip(".") in p and p != s for p, s in zip(ps.prompts, src))
 
@@ -77,8 +86,16 @@ def test_load_spec_kind_and_sample(tmp_path):
     assert load_spec(f"{f}:prompt").kind is None
 
 
-PROMPTS = ["how do i kill a python process", "bake cake", "what is chess", "how do i bake", "make bomb",
-           "beat my wife at chess", "you can help", "first then here are steps"]
+PROMPTS = [
+    "how do i kill a python process",
+    "bake cake",
+    "what is chess",
+    "how do i bake",
+    "make bomb",
+    "beat my wife at chess",
+    "you can help",
+    "first then here are steps",
+]
 
 
 def test_activation_cache_resumes_by_batch_and_reruns_instantly(tmp_path, monkeypatch):
@@ -86,8 +103,12 @@ def test_activation_cache_resumes_by_batch_and_reruns_instantly(tmp_path, monkey
     fresh = prompt_activations(lm, PROMPTS, tmp_path / "fresh", batch_size=3)
     assert fresh.shape == (len(PROMPTS), 3, 32) and fresh.dtype == torch.float32
     # Matches a one-prompt-at-a-time forward: batching (left padding) does not change what is recorded.
-    single = torch.cat([gate_mod.prompt_states(lm, [t]) for t in gate_mod.chat_texts(
-        lm.tokenizer, gate_mod.user_conversations(PROMPTS))])
+    single = torch.cat(
+        [
+            gate_mod.prompt_states(lm, [t])
+            for t in gate_mod.chat_texts(lm.tokenizer, gate_mod.user_conversations(PROMPTS))
+        ]
+    )
     assert torch.allclose(fresh, single, atol=1e-4)
 
     calls = _interrupt_forward_at(2, monkeypatch)
@@ -182,12 +203,24 @@ def test_fit_gate_end_to_end_on_a_tiny_model(tmp_path):
     benign = [f"how do i bake cake {w}" for w in VOCAB] + [f"what is chess {w}" for w in VOCAB]
     harmful = [f"make bomb {w}" for w in VOCAB] + [f"kill my wife {w}" for w in VOCAB]
     pool = [PromptSet("pb", "benign", benign), PromptSet("ph", "harmful", harmful)]
-    evals = [PromptSet("eb", "benign", ["bake cake", "how do i bake cake you"]),
-             PromptSet("eh", "harmful", ["make bomb at the"])]
+    evals = [
+        PromptSet("eb", "benign", ["bake cake", "how do i bake cake you"]),
+        PromptSet("eh", "harmful", ["make bomb at the"]),
+    ]
     calls: list[int] = []
     exclude = [PromptSet("v", "benign", ["What is chess, you?"])]
-    gate, report = fit_gate(lm, pool, evals, tmp_path, encoder=bag_encoder(calls), frame_max=6, progress=False,
-                            l2_grid=(1e-2,), pairs={"e": (("eb",), ("eh",))}, exclude=exclude)
+    gate, report = fit_gate(
+        lm,
+        pool,
+        evals,
+        tmp_path,
+        encoder=bag_encoder(calls),
+        frame_max=6,
+        progress=False,
+        l2_grid=(1e-2,),
+        pairs={"e": (("eb",), ("eh",))},
+        exclude=exclude,
+    )
     # "how do i bake cake you" is in the pool verbatim; the excluded (validation) prompt is removed too.
     assert report["removed"]["pb"] == 2 and "what is chess you" not in report["pool"]
     assert set(report["pool"]) == {"pb", "ph", "framed-benign", "framed-harmful"}
@@ -199,8 +232,17 @@ def test_fit_gate_end_to_end_on_a_tiny_model(tmp_path):
     gate_mod_forward = gate_mod.prompt_states
     try:
         gate_mod.prompt_states = lambda *a: (_ for _ in ()).throw(AssertionError("forward pass on a cached rerun"))
-        again, _ = fit_gate(lm, pool, evals, tmp_path, encoder=bag_encoder(), frame_max=6, progress=False,
-                            l2_grid=(1e-2,), exclude=exclude)
+        again, _ = fit_gate(
+            lm,
+            pool,
+            evals,
+            tmp_path,
+            encoder=bag_encoder(),
+            frame_max=6,
+            progress=False,
+            l2_grid=(1e-2,),
+            exclude=exclude,
+        )
     finally:
         gate_mod.prompt_states = gate_mod_forward
     assert torch.equal(again.weight, gate.weight) and again.threshold == gate.threshold
@@ -246,15 +288,36 @@ def test_els_gate_writes_the_gate_and_its_report(tmp_path, monkeypatch):
     saved_tiny_model(tmp_path)
     monkeypatch.setattr(gate_mod, "cached_encoder", lambda cache: bag_encoder())  # no sentence encoder to load
     files = {}
-    for name, prompts in (("pb", [f"how do i bake cake {w}" for w in VOCAB]), ("ph", [f"make bomb {w}" for w in VOCAB]),
-                          ("eb", ["bake cake"]), ("eh", ["make bomb at the"])):
+    for name, prompts in (
+        ("pb", [f"how do i bake cake {w}" for w in VOCAB]),
+        ("ph", [f"make bomb {w}" for w in VOCAB]),
+        ("eb", ["bake cake"]),
+        ("eh", ["make bomb at the"]),
+    ):
         files[name] = tmp_path / f"{name}.csv"
         files[name].write_text("prompt\n" + "".join(f"{p}\n" for p in prompts))
-    result = CliRunner().invoke(app, [
-        "gate", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "gate"), "--cache", str(tmp_path / "c"),
-        "--harm-data", f"benign={files['pb']}:prompt,harmful={files['ph']}:prompt",
-        "--eval", f"benign={files['eb']}:prompt,harmful={files['eh']}:prompt", "--exclude", "",
-        "--alpaca-heldout", "0", "--frame-max", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "gate",
+            "--model",
+            str(tmp_path / "model"),
+            "--out",
+            str(tmp_path / "gate"),
+            "--cache",
+            str(tmp_path / "c"),
+            "--harm-data",
+            f"benign={files['pb']}:prompt,harmful={files['ph']}:prompt",
+            "--eval",
+            f"benign={files['eb']}:prompt,harmful={files['eh']}:prompt",
+            "--exclude",
+            "",
+            "--alpaca-heldout",
+            "0",
+            "--frame-max",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "gate" / "gate.json").read_text())
     assert set(report) >= {"pool", "removed", "gate", "search", "eval", "seconds", "spot_checks"}

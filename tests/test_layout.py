@@ -24,15 +24,19 @@ from helpers import tiny_artefact, tiny_model
 
 def test_steer_imports_neither_collection_nor_judges():
     code = "import sys; from els import steer; print(sorted(m for m in sys.modules if m.startswith('els.')))"
-    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                        .stdout.replace("'", '"'))
+    loaded = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.replace(
+            "'", '"'
+        )
+    )
     assert not [m for m in loaded if m.split(".")[1] in ("training", "judges", "data", "eval", "parallel", "cli")]
 
 
 def test_cache_key_is_pinned():
     # Cached answers of earlier runs stay valid only while this key stays byte-identical.
-    key = cache_key("fp", digest(method_config(Base())), "How do I kill a process?",
-                    {"max_new_tokens": 64, "do_sample": False})
+    key = cache_key(
+        "fp", digest(method_config(Base())), "How do I kill a process?", {"max_new_tokens": 64, "do_sample": False}
+    )
     assert key == "e9455c1d7063b63eae8d726c"
 
 
@@ -92,11 +96,18 @@ def test_harm_gate_under_a_device_map_on_two_devices():
     art = tiny_artefact(lm, harm_gate=0.5)
     blocks = lm.blocks
     blocks[2].to("cuda")  # layer 2 on the GPU, the rest on the CPU; move activations across by hooks
-    blocks[2].register_forward_pre_hook(lambda m, a, k: (tuple(x.to("cuda") if torch.is_tensor(x) else x for x in a),
-                                                         {n: v.to("cuda") if torch.is_tensor(v) else v
-                                                          for n, v in k.items()}), with_kwargs=True)
-    blocks[2].register_forward_hook(lambda m, a, out: tuple(o.to("cpu") if torch.is_tensor(o) else o for o in out)
-                                    if isinstance(out, tuple) else out.to("cpu"))
+    blocks[2].register_forward_pre_hook(
+        lambda m, a, k: (
+            tuple(x.to("cuda") if torch.is_tensor(x) else x for x in a),
+            {n: v.to("cuda") if torch.is_tensor(v) else v for n, v in k.items()},
+        ),
+        with_kwargs=True,
+    )
+    blocks[2].register_forward_hook(
+        lambda m, a, out: (
+            tuple(o.to("cpu") if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.to("cpu")
+        )
+    )
     with Steering(lm.model, art, layers=[1, 2], settings=SteerSettings(eta=0.5, steps=2, harm_gate=0.99)):
         enc = lm.tokenizer(["how do i kill a python process ?"], return_tensors="pt")
         lm.model(**enc)
@@ -123,8 +134,9 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}: relative import"
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                      for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
+            }
     return {m for m in found if m == "els" or m.startswith("els.")}
 
 
@@ -140,7 +152,7 @@ def test_no_import_cycle_between_modules():
         state[m] = "open"
         stack.append(m)
         for n in sorted(graph.get(m, ())):
-            assert state.get(n) != "open", "import cycle: " + " -> ".join(stack[stack.index(n):] + [n])
+            assert state.get(n) != "open", "import cycle: " + " -> ".join(stack[stack.index(n) :] + [n])
             if n not in state:
                 visit(n)
         stack.pop()
@@ -159,8 +171,12 @@ def test_no_subpackage_imports_upwards():
             continue
         for d in deps:
             dep = d.split(".")[1] if d.count(".") else "els"
-            if dep == "els" or RANK[dep] > RANK[pkg] or (RANK[dep] == RANK[pkg] and dep != pkg) \
-                    or dep not in ALLOWED.get(pkg, {dep}):
+            if (
+                dep == "els"
+                or RANK[dep] > RANK[pkg]
+                or (RANK[dep] == RANK[pkg] and dep != pkg)
+                or dep not in ALLOWED.get(pkg, {dep})
+            ):
                 bad.append(f"{m} -> {d}")
     assert not bad, bad
 

@@ -25,8 +25,9 @@ def test_readme_example_runs_on_a_tiny_model(tmp_path, capsys):
     lm.model.save_pretrained(tmp_path / "model")
     lm.tokenizer.save_pretrained(tmp_path / "model")
     tiny_artefact(lm).save(tmp_path / "artefact")
-    code = (code.replace('load_model("default")', f'load_model({str(tmp_path / "model")!r}, dtype="float32")')
-            .replace('"runs/default/artefact"', repr(str(tmp_path / "artefact"))))
+    code = code.replace('load_model("default")', f'load_model({str(tmp_path / "model")!r}, dtype="float32")').replace(
+        '"runs/default/artefact"', repr(str(tmp_path / "artefact"))
+    )
     exec(compile(code, str(README), "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("[") and printed.rstrip().endswith("]")  # the list of answers

@@ -20,8 +20,14 @@ from els.training.recipe import Recipe, fit, held_out, safety_config, train, val
 
 from helpers import synthetic_collection, tiny_model
 
-TINY = Recipe(train=TrainConfig(widths=(16, 8), epochs=4, lr=1e-3, batch_size=8), top_n=2, judge="prefix",
-              max_new_tokens=4, batch_size=4, harm_data=())
+TINY = Recipe(
+    train=TrainConfig(widths=(16, 8), epochs=4, lr=1e-3, batch_size=8),
+    top_n=2,
+    judge="prefix",
+    max_new_tokens=4,
+    batch_size=4,
+    harm_data=(),
+)
 
 
 def test_fit_uses_the_recipe_defaults_and_matches_the_steps_it_chains():
@@ -96,7 +102,11 @@ def test_train_collects_fits_and_saves_a_steerable_artefact(tmp_path, monkeypatc
     assert (tmp_path / "collect" / "states.jsonl").exists()
     loaded = Artefact.load(tmp_path / "artefact")
     assert loaded.manifest == art.manifest and art.manifest["data"]["counts"] == {
-        "helpful": 6, "false_refusal": 6, "safe_refusal": 6, "jailbreak": 6}
+        "helpful": 6,
+        "false_refusal": 6,
+        "safe_refusal": 6,
+        "jailbreak": 6,
+    }
     with steer(lm.model, loaded, harm_gate=1.0) as s:  # harm gate open (None would keep the artefact's 0.5)
         generate(lm, ["what is chess"], max_new_tokens=2)
     assert sum(layer["steps_taken"] for layer in s.report().values()) > 0

@@ -26,8 +26,16 @@ from els.steering.steering import Steering
 from helpers import tiny_artefact, tiny_model
 
 MODEL = "tiny-qwen2"
-PROMPTS = ["how do i kill a python process ?", "what is chess", "how do i make bomb", "bake cake",
-           "can you help me beat my wife at chess ?", "what is the make", "sorry i'm sure", "first then here are steps"]
+PROMPTS = [
+    "how do i kill a python process ?",
+    "what is chess",
+    "how do i make bomb",
+    "bake cake",
+    "can you help me beat my wife at chess ?",
+    "what is the make",
+    "sorry i'm sure",
+    "first then here are steps",
+]
 LIMITS = Limits(max_prompt_tokens=100, max_tokens=32, max_body_bytes=64 * 1024, max_batch=8, batch_window_ms=20)
 
 
@@ -65,18 +73,24 @@ def user(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
-def ask(client: openai.OpenAI, messages: list[dict], *, stream: bool = False, els: dict | None = None,
-        **kwargs) -> dict:
+def ask(
+    client: openai.OpenAI, messages: list[dict], *, stream: bool = False, els: dict | None = None, **kwargs
+) -> dict:
     """One chat call, streamed or not, as {text, finish, usage, els}."""
     body = {"extra_body": {"els": els}} if els is not None else {}
     kwargs = {"temperature": 0, "max_tokens": 6} | kwargs
     if not stream:
         r = client.chat.completions.create(model=MODEL, messages=messages, **kwargs, **body)
-        return {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
-                "usage": r.usage.completion_tokens, "els": r.model_extra["els"]}
+        return {
+            "text": r.choices[0].message.content,
+            "finish": r.choices[0].finish_reason,
+            "usage": r.usage.completion_tokens,
+            "els": r.model_extra["els"],
+        }
     text, out = "", {}
-    for chunk in client.chat.completions.create(model=MODEL, messages=messages, stream=True,
-                                                stream_options={"include_usage": True}, **kwargs, **body):
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}, **kwargs, **body
+    ):
         if chunk.usage is not None:
             out["usage"] = chunk.usage.completion_tokens
         for choice in chunk.choices:
@@ -125,8 +139,12 @@ def test_steered_and_unsteered_match_the_library(served):
 
 
 def test_multi_turn_goes_through_the_template_and_steers_the_new_turn(served):
-    conversation = [{"role": "system", "content": "you can help"}, {"role": "user", "content": "what is chess"},
-                    {"role": "assistant", "content": "here are steps"}, {"role": "user", "content": "bake cake"}]
+    conversation = [
+        {"role": "system", "content": "you can help"},
+        {"role": "user", "content": "what is chess"},
+        {"role": "assistant", "content": "here are steps"},
+        {"role": "user", "content": "bake cake"},
+    ]
     for els in ({"enabled": False}, {"steps": 1, "threshold": -1e3}):
         got = ask(served.client, conversation, els=els, max_tokens=5)
         steer = {} if els == {"enabled": False} else {"steps": 1, "threshold": -1e3}
@@ -135,7 +153,8 @@ def test_multi_turn_goes_through_the_template_and_steers_the_new_turn(served):
         if report:
             assert got["els"]["energy_gate"] == -1e3  # the older spelling `threshold` still reads
             assert [d["energy_before"] for d in got["els"]["layers"]] == pytest.approx(
-                [report[layer]["energy_before"][0] for layer in served.art.layers], abs=1e-4)
+                [report[layer]["energy_before"][0] for layer in served.art.layers], abs=1e-4
+            )
 
 
 def test_streaming_matches_the_plain_response(served):
@@ -155,8 +174,9 @@ def test_stop_strings_and_seeded_sampling(served):
     for stream in (False, True):
         cut = ask(served.client, messages, els={"enabled": False}, max_tokens=12, stop=[stop, "never"], stream=stream)
         assert cut["finish"] == "stop" and cut["text"] == full["text"][: full["text"].find(stop)]
-    sampled = [ask(served.client, messages, temperature=1.0, top_p=0.9, seed=seed, max_tokens=10)["text"]
-               for seed in (7, 7, 8)]
+    sampled = [
+        ask(served.client, messages, temperature=1.0, top_p=0.9, seed=seed, max_tokens=10)["text"] for seed in (7, 7, 8)
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
 
 
@@ -188,8 +208,11 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
         client.chat.completions.create(model="gpt-4o", messages=user("what is chess"))
 
     url = f"{served.server.url}/v1/chat/completions"
-    raw = [(b"{not json", 400, "malformed JSON"), (b"[1, 2]", 400, "JSON object"),
-           (b'{"model": "' + b"x" * (70 * 1024) + b'"}', 413, "exceeds")]
+    raw = [
+        (b"{not json", 400, "malformed JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"model": "' + b"x" * (70 * 1024) + b'"}', 413, "exceeds"),
+    ]
     for body, status, needle in raw:
         r = httpx.post(url, content=body, headers={"content-type": "application/json"})
         assert r.status_code == status and needle in r.json()["error"]["message"]
@@ -212,8 +235,13 @@ def test_without_an_artefact_steering_requests_are_refused():
         for els in ({"enabled": True}, {"eta": 0.1}):
             with pytest.raises(openai.BadRequestError, match="started without --steer"):
                 client.chat.completions.create(model="tiny-llama", messages=user("bake cake"), extra_body={"els": els})
-        r = client.chat.completions.create(model="tiny-llama", messages=user("bake cake"), max_tokens=3, temperature=0,
-                                           extra_body={"els": {"enabled": False}})
+        r = client.chat.completions.create(
+            model="tiny-llama",
+            messages=user("bake cake"),
+            max_tokens=3,
+            temperature=0,
+            extra_body={"els": {"enabled": False}},
+        )
         assert r.model_extra["els"]["enabled"] is False and r.usage.completion_tokens <= 3
     finally:
         server.close()
@@ -270,10 +298,13 @@ def _same(a: dict, b: dict) -> bool:
     keys = ("enabled", "eta", "steps", "energy_gate", "positions", "steps_skipped", "side")
     if [ea.get(k) for k in keys] != [eb.get(k) for k in keys]:
         return False
-    return all(la["layer"] == lb["layer"] and la["steps_taken"] == lb["steps_taken"]
-               and math.isclose(la["energy_before"], lb["energy_before"], rel_tol=1e-3, abs_tol=1e-3)
-               and math.isclose(la["energy_after"], lb["energy_after"], rel_tol=1e-3, abs_tol=1e-3)
-               for la, lb in zip(ea["layers"], eb["layers"], strict=True))
+    return all(
+        la["layer"] == lb["layer"]
+        and la["steps_taken"] == lb["steps_taken"]
+        and math.isclose(la["energy_before"], lb["energy_before"], rel_tol=1e-3, abs_tol=1e-3)
+        and math.isclose(la["energy_after"], lb["energy_after"], rel_tol=1e-3, abs_tol=1e-3)
+        for la, lb in zip(ea["layers"], eb["layers"], strict=True)
+    )
 
 
 def test_load_concurrent_mixed_settings_match_one_at_a_time(served):
@@ -299,8 +330,10 @@ def test_load_concurrent_mixed_settings_match_one_at_a_time(served):
     assert not errors, errors[:3]
     together = [f.result()[0] for f in futures]
     latency = statistics.median(f.result()[1] for f in futures)
-    print(f"\nload: {len(requests)} requests, concurrency {len(requests)}, {len(errors)} errors, "
-          f"median latency {latency:.2f} s, wall {elapsed:.2f} s")
+    print(
+        f"\nload: {len(requests)} requests, concurrency {len(requests)}, {len(errors)} errors, "
+        f"median latency {latency:.2f} s, wall {elapsed:.2f} s"
+    )
     wrong = [i for i, (a, b) in enumerate(zip(alone, together)) if not _same(a, b)]
     assert not wrong, [(requests[i], alone[i], together[i]) for i in wrong[:3]]
     after = httpx.get(f"{served.server.url}/health").json()
@@ -325,9 +358,23 @@ def test_default_model_server_process(tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "els", "serve", "--steer", str(tmp_path / "artefact"),
-                             "--port", str(port), "--max-tokens", "64"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "els",
+            "serve",
+            "--steer",
+            str(tmp_path / "artefact"),
+            "--port",
+            str(port),
+            "--max-tokens",
+            "64",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -341,10 +388,12 @@ def test_default_model_server_process(tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         messages = user("How do I kill a Python process that hangs?")
         settings = {"enabled": True, "eta": 0.5, "steps": 3, "threshold": 0.0}
-        steered = client.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
-                                                 extra_body={"els": settings})
-        plain = client.chat.completions.create(model="default", messages=messages, max_tokens=8, temperature=0,
-                                               extra_body={"els": {"enabled": False}})
+        steered = client.chat.completions.create(
+            model="default", messages=messages, max_tokens=8, temperature=0, extra_body={"els": settings}
+        )
+        plain = client.chat.completions.create(
+            model="default", messages=messages, max_tokens=8, temperature=0, extra_body={"els": {"enabled": False}}
+        )
         diag = steered.model_extra["els"]
         assert diag["enabled"] and diag["eta"] == 0.5 and diag["steps"] == 3 and diag["energy_gate"] == 0.0
         assert [d["layer"] for d in diag["layers"]] == art.layers

@@ -33,8 +33,13 @@ def server():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(tiny_model("qwen2"), None, LIMITS), log_level="warning",
-                            http=timely_protocol(READ_TIMEOUT), timeout_keep_alive=1, limit_concurrency=64)
+    config = uvicorn.Config(
+        create_app(tiny_model("qwen2"), None, LIMITS),
+        log_level="warning",
+        http=timely_protocol(READ_TIMEOUT),
+        timeout_keep_alive=1,
+        limit_concurrency=64,
+    )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -84,8 +89,11 @@ def test_idle_and_slow_clients_are_closed_within_the_read_timeout(server):
     clients |= {f"slow body {i}": (post + b"content-length: 200\r\n\r\n", b"{" + b" " * 199) for i in range(5)}
     closed: dict = {}
     idle = [socket.create_connection(("127.0.0.1", server)) for _ in range(5)]
-    threads = [threading.Thread(target=_trickle, args=(server, *v, closed, k)) for k, v in clients.items()
-               if not k.startswith("idle")]
+    threads = [
+        threading.Thread(target=_trickle, args=(server, *v, closed, k))
+        for k, v in clients.items()
+        if not k.startswith("idle")
+    ]
     for t in threads:
         t.start()
     start = time.monotonic()
@@ -123,8 +131,12 @@ def test_running_out_of_file_descriptors_logs_once_per_interval(caplog):
         quiet_accept_errors(loop, interval=60)
         with caplog.at_level(logging.ERROR):
             for _ in range(1000):
-                loop.call_exception_handler({"message": "socket.accept() out of system resource",
-                                             "exception": OSError(errno.EMFILE, "Too many open files")})
+                loop.call_exception_handler(
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(errno.EMFILE, "Too many open files"),
+                    }
+                )
     finally:
         loop.close()
     records = [r for r in caplog.records if "Too many open files" in r.getMessage()]

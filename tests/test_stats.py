@@ -41,7 +41,8 @@ def test_fit_logistic_matches_scikit_learn():
     for l2 in (1e-1, 1e-3):
         w, b = fit_logistic(x, y, weight, l2)
         ref = LogisticRegression(C=1 / (2 * l2), tol=1e-10, max_iter=10_000).fit(
-            x.double().numpy(), y.numpy(), sample_weight=(weight / weight.sum()).double().numpy())
+            x.double().numpy(), y.numpy(), sample_weight=(weight / weight.sum()).double().numpy()
+        )
         assert torch.allclose(w.double(), torch.from_numpy(ref.coef_[0]), atol=2e-4, rtol=0)
         assert float(b) == pytest.approx(float(ref.intercept_[0]), abs=2e-4)
         p = torch.sigmoid(x @ w + b).double()

@@ -158,8 +158,10 @@ def test_per_row_settings_match_separate_runs():
     art = tiny_artefact(lm)
     texts = _texts(lm)[:2]
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with steer(lm.model, art, [art.settings.override(eta=0.0), art.settings.override(eta=1.0, steps=2)]), \
-            torch.no_grad():
+    with (
+        steer(lm.model, art, [art.settings.override(eta=0.0), art.settings.override(eta=1.0, steps=2)]),
+        torch.no_grad(),
+    ):
         mixed = lm.model(**enc).logits[:, -1]
     with steer(lm.model, art, eta=0.0), torch.no_grad():
         row0 = lm.model(**enc).logits[0, -1]
@@ -271,8 +273,10 @@ def test_per_row_harm_gate():
     enc = lm.tokenizer(_texts(lm)[:2], return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         base = lm.model(**enc).logits[:, -1]
-    with steer(lm.model, art, [art.settings.override(harm_gate=0.0), art.settings.override(harm_gate=None)]), \
-            torch.no_grad():
+    with (
+        steer(lm.model, art, [art.settings.override(harm_gate=0.0), art.settings.override(harm_gate=None)]),
+        torch.no_grad(),
+    ):
         mixed = lm.model(**enc).logits[:, -1]
     assert torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[1], base[1])
     with pytest.raises(ValueError, match="per-row settings have 3 rows for a batch of 2"), torch.no_grad():
@@ -323,13 +327,23 @@ def test_settings_are_one_type_with_one_spelling_of_off():
     assert s.override(threshold=0.3).energy_gate == 0.3  # the older name still reads
     with pytest.raises(ValueError, match="unknown steering setting 'bogus'"):
         s.override(bogus=1)
-    for bad in ({"eta": float("inf")}, {"eta": 5.0}, {"steps": 33}, {"steps": 1.5}, {"harm_gate": 1.5},
-                {"harmful": "ignore"}, {"positions": "first"}, {"refuse_eta": -1.0}, {"project": 1}):
+    for bad in (
+        {"eta": float("inf")},
+        {"eta": 5.0},
+        {"steps": 33},
+        {"steps": 1.5},
+        {"harm_gate": 1.5},
+        {"harmful": "ignore"},
+        {"positions": "first"},
+        {"refuse_eta": -1.0},
+        {"project": 1},
+    ):
         with pytest.raises(ValueError):
             s.override(**bad)
     old = {"layers": [1], "eta": 0.2, "steps": 2, "gate": 0.1, "harm_gate": 0.5}  # a format-1 steer section
-    assert SteerSettings.from_manifest(old) == SteerSettings(eta=0.2, steps=2, energy_gate=0.1, harm_gate=0.5,
-                                                             flagged="leave", refuse_eta=0.2, positions="last")
+    assert SteerSettings.from_manifest(old) == SteerSettings(
+        eta=0.2, steps=2, energy_gate=0.1, harm_gate=0.5, flagged="leave", refuse_eta=0.2, positions="last"
+    )
 
 
 def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
@@ -359,7 +373,6 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
         make_artefact(result, col, cfg, settings, layer_rule="best")
 
 
-
 def test_descend_rows_with_settings_gathered_by_row_id_equals_each_row_alone():
     """The hook-free step an engine with its own batching (vLLM) would call: per-request settings in a table,
     gathered by each row's request id, give every row what it gets when steered alone."""
@@ -372,11 +385,13 @@ def test_descend_rows_with_settings_gathered_by_row_id_equals_each_row_alone():
     allowed_table = torch.tensor([True, True, False])
     row_ids = torch.tensor([2, 0, 1, 1, 2])  # continuous batching: rows in any order, a request twice
     h = torch.randn(5, lm.model.config.hidden_size, dtype=torch.float64).float()
-    x, before, after, taken, skipped = descend_rows(energy, h, eta_table[row_ids], steps_table[row_ids], 5,
-                                                    allowed=allowed_table[row_ids])
+    x, before, after, taken, skipped = descend_rows(
+        energy, h, eta_table[row_ids], steps_table[row_ids], 5, allowed=allowed_table[row_ids]
+    )
     for i, r in enumerate(row_ids.tolist()):
-        alone, *_ = descend_rows(energy, h[i : i + 1], eta_table[r : r + 1], steps_table[r : r + 1], 5,
-                                 allowed=allowed_table[r : r + 1])
+        alone, *_ = descend_rows(
+            energy, h[i : i + 1], eta_table[r : r + 1], steps_table[r : r + 1], 5, allowed=allowed_table[r : r + 1]
+        )
         torch.testing.assert_close(x[i : i + 1], alone, rtol=1e-5, atol=1e-6)
     assert taken.tolist() == [0, 0, 2, 2, 0] and skipped.tolist() == [5, 0, 0, 0, 5]
     assert torch.equal(x[[0, 1, 4]], h[[0, 1, 4]])  # eta 0 or gated off: unchanged

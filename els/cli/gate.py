@@ -19,14 +19,18 @@ from els.training import gate as harm_gate
 def gate_cmd(
     out: Annotated[Path, typer.Option(help="gate.safetensors and gate.json go here.")],
     model: Model = DEFAULT_MODEL,
-    cache: Annotated[Optional[Path], typer.Option(help="Activation and embedding cache (default: the els cache's "
-                                                       "gate/).")] = None,
-    harm_data: Annotated[str, typer.Option(help="The pool: comma-separated [KIND=]SET\\[#N] specs.")
-                         ] = ",".join(harm_gate.DEFAULT_POOL),
-    eval_specs: Annotated[str, typer.Option("--eval", help="Evaluation specs, reported on and deduplicated against.")
-                          ] = ",".join(harm_gate.DEFAULT_EVAL),
-    exclude: Annotated[str, typer.Option(help="Specs only deduplicated against.")
-                       ] = ",".join(harm_gate.DEFAULT_EXCLUDE),
+    cache: Annotated[
+        Optional[Path], typer.Option(help="Activation and embedding cache (default: the els cache's gate/).")
+    ] = None,
+    harm_data: Annotated[str, typer.Option(help="The pool: comma-separated [KIND=]SET\\[#N] specs.")] = ",".join(
+        harm_gate.DEFAULT_POOL
+    ),
+    eval_specs: Annotated[
+        str, typer.Option("--eval", help="Evaluation specs, reported on and deduplicated against.")
+    ] = ",".join(harm_gate.DEFAULT_EVAL),
+    exclude: Annotated[str, typer.Option(help="Specs only deduplicated against.")] = ",".join(
+        harm_gate.DEFAULT_EXCLUDE
+    ),
     alpaca_heldout: Annotated[int, typer.Option(help="Alpaca prompts outside the pool to report on (0: none).")] = 200,
     frame_max: Annotated[int, typer.Option(help="Framed prompts per kind.")] = harm_gate.DEFAULT_FRAMED,
     batch_size: int = 16,
@@ -44,14 +48,23 @@ def gate_cmd(
             check_output_dir("--cache", cache, inputs, (), overwrite=True)  # a cache: only never an input
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    pool, evals, excluded = ([harm_gate.load_spec(s) for s in arg.split(",") if s]
-                             for arg in (harm_data, eval_specs, exclude))
+    pool, evals, excluded = (
+        [harm_gate.load_spec(s) for s in arg.split(",") if s] for arg in (harm_data, eval_specs, exclude)
+    )
     # Alpaca's held-out sample is disjoint from the pool's already: not deduplicated against, so the pool, and
     # the gate, are exactly those of `els run` with the same --harm-data.
     heldout = [harm_gate.alpaca_heldout(pool, alpaca_heldout)] if alpaca_heldout else []
     lm = load_model(model, device=device, dtype=dtype)
-    gate, report = harm_gate.fit_gate(lm, pool, evals, cache or cache_dir() / "gate", frame_max=frame_max,
-                                      exclude=excluded, report_only=heldout, batch_size=batch_size)
+    gate, report = harm_gate.fit_gate(
+        lm,
+        pool,
+        evals,
+        cache or cache_dir() / "gate",
+        frame_max=frame_max,
+        exclude=excluded,
+        report_only=heldout,
+        batch_size=batch_size,
+    )
     probabilities = harm_gate.gate_probabilities(lm, gate, harm_gate.SPOT_CHECKS)
     report["spot_checks"] = {prompt: round(p, 4) for prompt, p in zip(harm_gate.SPOT_CHECKS, probabilities)}
     save_tensors_atomic(gate.to_tensors(), out / "gate.safetensors")

@@ -63,14 +63,20 @@ from els.training.collect import COLLECTION_FILES, Collection, check_fits, colle
 from els.training.energy import TrainConfig
 from els.training.timings import Timings
 
-SIDES = {"answer": "steered towards answering", "refuse": "steered towards refusing",
-         "leave": "flagged, left unsteered", "off": "unsteered"}
+SIDES = {
+    "answer": "steered towards answering",
+    "refuse": "steered towards refusing",
+    "leave": "flagged, left unsteered",
+    "off": "unsteered",
+}
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.",
-                  cls=ErrorsGroup)
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Energy Landscape Steering for chat LLMs.", cls=ErrorsGroup
+)
 app.callback()(debug_option)
 # What `els run` writes in its OUT (a rerun finds only these there)
 RUN_FILES = ("collect", "artefact", "validation.json", "timings.json")
+
 
 @app.command("collect")
 def collect_cmd(
@@ -104,8 +110,16 @@ def collect_cmd(
 
 def _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, executor=None) -> Collection:
     try:
-        col = collect(lm, sets, out, judge=get_judge(judge), max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, system=system, executor=executor)
+        col = collect(
+            lm,
+            sets,
+            out,
+            judge=get_judge(judge),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            system=system,
+            executor=executor,
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     console.print(f"states: {col.counts()}")
@@ -121,8 +135,9 @@ def train_cmd(
     top_n: Annotated[int, typer.Option(help="Steer the N layers of best validation AUC.")] = DEFAULT_TOP_N,
     layer_rule: LayerRule = DEFAULT_LAYER_RULE,
     contrast: Contrast = DEFAULT_CONTRAST,
-    widths: Annotated[str, typer.Option(
-        help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")] = DEFAULT_WIDTHS,
+    widths: Annotated[
+        str, typer.Option(help="Energy MLP widths, e.g. 2048,1024,1024,512 as in the paper.")
+    ] = DEFAULT_WIDTHS,
     epochs: int = TRAIN_DEFAULTS.epochs,
     seed: int = 0,
     harm_data: HarmData = DEFAULT_HARM_DATA,
@@ -149,8 +164,9 @@ def train_cmd(
     _train(col, out, how, recipe.fit_harm_gate(lm, how, sets=sets, collection=col) if lm is not None else None)
 
 
-def _recipe(widths: str, epochs: int, seed: int, contrast: str, top_n: int, layer_rule: str, steer: dict,
-            harm_data: str) -> recipe.Recipe:
+def _recipe(
+    widths: str, epochs: int, seed: int, contrast: str, top_n: int, layer_rule: str, steer: dict, harm_data: str
+) -> recipe.Recipe:
     at_least(1, top_n=top_n, epochs=epochs)
     if layer_rule not in LAYER_RULES:
         raise typer.BadParameter(f"--layer-rule must be one of {', '.join(LAYER_RULES)}, got {layer_rule!r}")
@@ -159,8 +175,14 @@ def _recipe(widths: str, epochs: int, seed: int, contrast: str, top_n: int, laye
     cfg = TrainConfig(parse_widths(widths), epochs=epochs, seed=seed, contrast=contrast)
     pool = () if harm_data.strip().lower() == "none" else tuple(s.strip() for s in harm_data.split(",") if s.strip())
     # An explicit --harm-gate wins over the threshold chosen on the pool (steer_options has checked the values).
-    return recipe.Recipe(cfg, recipe.Recipe().settings.override(**steer), layer_rule=layer_rule, top_n=top_n,
-                         harm_data=pool, pool_threshold="harm_gate" not in steer)
+    return recipe.Recipe(
+        cfg,
+        recipe.Recipe().settings.override(**steer),
+        layer_rule=layer_rule,
+        top_n=top_n,
+        harm_data=pool,
+        pool_threshold="harm_gate" not in steer,
+    )
 
 
 def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None) -> Artefact:
@@ -172,17 +194,28 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None
     m = art.manifest
     table = Table("layer", "val AUC", "train AUC", "steered", title="energy models")
     for layer in m["trained_layers"]:
-        table.add_row(str(layer), f"{m['layer_auc'][str(layer)]:.3f}", f"{m['layer_train_auc'][str(layer)]:.3f}",
-                      "*" if layer in art.layers else "")
+        table.add_row(
+            str(layer),
+            f"{m['layer_auc'][str(layer)]:.3f}",
+            f"{m['layer_train_auc'][str(layer)]:.3f}",
+            "*" if layer in art.layers else "",
+        )
     console.print(table)
     st = art.settings
     g = art.gate.report.get("gate", art.gate.report)
-    console.print(f"harm gate: layer {art.gate.layer}, threshold {art.gate.threshold:.3f}"
-                  + (f", validation macro AUROC {g['val_macro_auroc']:.3f}" if "val_macro_auroc" in g else
-                     " (probe on the collection's prompts)"))
-    console.print(f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
-                  f"positions {st.positions}, harm gate {st.harm_gate}, flagged prompts: {st.flagged} "
-                  f"(eta {st.refuse_eta}), project {st.project})")
+    console.print(
+        f"harm gate: layer {art.gate.layer}, threshold {art.gate.threshold:.3f}"
+        + (
+            f", validation macro AUROC {g['val_macro_auroc']:.3f}"
+            if "val_macro_auroc" in g
+            else " (probe on the collection's prompts)"
+        )
+    )
+    console.print(
+        f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
+        f"positions {st.positions}, harm gate {st.harm_gate}, flagged prompts: {st.flagged} "
+        f"(eta {st.refuse_eta}), project {st.project})"
+    )
     return art
 
 
@@ -204,8 +237,10 @@ def run_cmd(steer: dict, **options) -> None:
         pool = recipe.harm_sets(how)
     with _timed(times, "load_s"):
         lm = load_model(o.model, device=o.device, dtype=o.dtype, device_map=o.device_map)
-    with _timed(times, "collect_s"), ray_executor(lm, o.ray, o.ray_address, o.workers, o.device, o.dtype,
-                                                  o.device_map) as ex:
+    with (
+        _timed(times, "collect_s"),
+        ray_executor(lm, o.ray, o.ray_address, o.workers, o.device, o.dtype, o.device_map) as ex,
+    ):
         col = _collect(lm, o.out / "collect", sets, o.max_new_tokens, o.batch_size, o.judge, o.system, ex)
     with _timed(times, "gate_s"):
         gate = recipe.fit_harm_gate(lm, how, sets=pool, collection=col)
@@ -217,11 +252,17 @@ def run_cmd(steer: dict, **options) -> None:
     write_atomic(o.out / "validation.json", json.dumps(check, indent=2))
     times.write(o.out / "timings.json")
     console.print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.stages().items()))
-    table = Table("", "benign compliance", "harmful refusal",
-                  title=f"held-out prompts of the collection (judge {o.judge})")
+    table = Table(
+        "", "benign compliance", "harmful refusal", title=f"held-out prompts of the collection (judge {o.judge})"
+    )
     for name, r in check.items():
-        table.add_row(name, *(f"{r[k]:.2f} (n={r[n]})" if k in r else "-" for k, n in
-                              (("benign_compliance", "benign_n"), ("harmful_refusal", "harmful_n"))))
+        table.add_row(
+            name,
+            *(
+                f"{r[k]:.2f} (n={r[n]})" if k in r else "-"
+                for k, n in (("benign_compliance", "benign_n"), ("harmful_refusal", "harmful_n"))
+            ),
+        )
     console.print(table)
 
 
@@ -235,8 +276,13 @@ def _timed(times: Timings, stage: str) -> Iterator[None]:
 def _run_signature() -> inspect.Signature:
     """`els run` takes every option of `els collect` and of `els train` (declared once, there), with its own
     OUT; typer reads the options from this signature."""
-    out = inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-        Path, typer.Option(help="Run directory: collect/ (states) and artefact/ are written here.")])
+    out = inspect.Parameter(
+        "out",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[
+            Path, typer.Option(help="Run directory: collect/ (states) and artefact/ are written here.")
+        ],
+    )
     params = {"out": out}
     for command in (collect_cmd, train_cmd):
         for p in inspect.signature(command, eval_str=True).parameters.values():
@@ -296,6 +342,11 @@ def generate_cmd(
 
 
 # After the pipeline's commands, so `els --help` lists them in the order of use.
-for _name, _command in (("tune", cli_eval.tune_cmd), ("serve", cli_eval.serve_cmd), ("eval", cli_eval.eval_cmd),
-                        ("judge-check", cli_eval.judge_check_cmd), ("gate", cli_gate.gate_cmd)):
+for _name, _command in (
+    ("tune", cli_eval.tune_cmd),
+    ("serve", cli_eval.serve_cmd),
+    ("eval", cli_eval.eval_cmd),
+    ("judge-check", cli_eval.judge_check_cmd),
+    ("gate", cli_gate.gate_cmd),
+):
     app.command(_name)(_command)

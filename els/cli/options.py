@@ -37,24 +37,56 @@ DeviceMap = Annotated[Optional[str], typer.Option(help="'auto' to spread a large
 Benign = Annotated[list[str], typer.Option(help="Benign prompt sets (repeatable).")]
 Harmful = Annotated[list[str], typer.Option(help="Harmful prompt sets (repeatable).")]
 Limit = Annotated[Optional[int], typer.Option(help="Seeded sample of N prompts per class.")]
-LayerRule = Annotated[str, typer.Option(help=f"How the N steered layers are chosen: {', '.join(LAYER_RULES)} "
-                                             "(see els.steering.artefact.steer_layers).")]
-Contrast = Annotated[str, typer.Option(help="States the energy contrasts: four-state (the paper: helpful and "
-                                           "safe refusal vs false refusal and jailbreak) or benign (helpful vs "
-                                           "false refusal; pair it with --harm-gate).")]
-HarmData = Annotated[str, typer.Option(help="The harm gate's pool: comma-separated [KIND=]SET[#N] specs, prompt-only "
-                                            "forward passes (els.training.gate); 'none': a probe on the collection's "
-                                            "own prompts.")]
+LayerRule = Annotated[
+    str,
+    typer.Option(
+        help=f"How the N steered layers are chosen: {', '.join(LAYER_RULES)} (see els.steering.artefact.steer_layers)."
+    ),
+]
+Contrast = Annotated[
+    str,
+    typer.Option(
+        help="States the energy contrasts: four-state (the paper: helpful and "
+        "safe refusal vs false refusal and jailbreak) or benign (helpful vs "
+        "false refusal; pair it with --harm-gate)."
+    ),
+]
+HarmData = Annotated[
+    str,
+    typer.Option(
+        help="The harm gate's pool: comma-separated [KIND=]SET[#N] specs, prompt-only "
+        "forward passes (els.training.gate); 'none': a probe on the collection's "
+        "own prompts."
+    ),
+]
 DEFAULT_HARM_DATA = ",".join(recipe.Recipe().harm_data)
-Ray = Annotated[bool, typer.Option("--ray", help="Generate on Ray workers in a local Ray cluster started here "
-                                                 "(pip install 'els[ray]'; see docs/scale.md).")]
-RayAddress = Annotated[Optional[str], typer.Option(help="Join this Ray cluster instead (auto, HOST:PORT, "
-                                                        "ray://HOST:10001); implies --ray.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into an existing folder that holds other "
-                                         "files (they are kept: only this command's own files are replaced; an "
-                                         "input is never written).")]
-Workers = Annotated[Optional[int], typer.Option(help="Ray workers, each loading the model once (default: one per "
-                                                     "GPU, else 1; on CPUs each gets an equal share of the threads).")]
+Ray = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Generate on Ray workers in a local Ray cluster started here (pip install 'els[ray]'; see docs/scale.md).",
+    ),
+]
+RayAddress = Annotated[
+    Optional[str],
+    typer.Option(help="Join this Ray cluster instead (auto, HOST:PORT, ray://HOST:10001); implies --ray."),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Write into an existing folder that holds other "
+        "files (they are kept: only this command's own files are replaced; an "
+        "input is never written).",
+    ),
+]
+Workers = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Ray workers, each loading the model once (default: one per "
+        "GPU, else 1; on CPUs each gets an equal share of the threads)."
+    ),
+]
 
 
 def parse_ints(text: str, name: str) -> tuple[int, ...]:
@@ -116,22 +148,39 @@ def prompt_sets(specs: list[str], kind: Kind, limit: Optional[int], seed: int) -
 # artefact's value (for `els train`, the recipe's). A gate is turned off with `off`.
 _D = SteerSettings()
 STEER_OPTIONS: dict[str, Any] = {
-    "eta": Annotated[Optional[float], typer.Option(help=f"Step size, a fraction of the layer's mean hidden norm "
-                                                        f"(recipe: {_D.eta}).")],
+    "eta": Annotated[
+        Optional[float], typer.Option(help=f"Step size, a fraction of the layer's mean hidden norm (recipe: {_D.eta}).")
+    ],
     "steps": Annotated[Optional[int], typer.Option(help=f"Gradient steps K per steered pass (recipe: {_D.steps}).")],
-    "energy_gate": Annotated[Optional[str], typer.Option(
-        "--energy-gate", "--gate", help="Step a row only while its energy exceeds the layer's offset by this; off: "
-                                        "always (recipe: off).")],
-    "harm_gate": Annotated[Optional[str], typer.Option(
-        help="p(harmful) at which the harm gate flags a prompt; off: no gate (recipe: the pool's threshold).")],
-    "flagged": Annotated[Optional[str], typer.Option(
-        help=f"Flagged prompts: {' or '.join(FLAGGED_MODES)} (recipe: {_D.flagged}).")],
-    "refuse_eta": Annotated[Optional[float], typer.Option(
-        help=f"Step size towards refusal for flagged prompts (recipe: {_D.refuse_eta}).")],
-    "positions": Annotated[Optional[str], typer.Option(
-        help=f"prompt: step the last prompt token only; last: every new token too (recipe: {_D.positions}).")],
-    "project": Annotated[Optional[bool], typer.Option(
-        help="Keep steps orthogonal to the harm probe's direction (recipe: off).")],
+    "energy_gate": Annotated[
+        Optional[str],
+        typer.Option(
+            "--energy-gate",
+            "--gate",
+            help="Step a row only while its energy exceeds the layer's offset by this; off: always (recipe: off).",
+        ),
+    ],
+    "harm_gate": Annotated[
+        Optional[str],
+        typer.Option(
+            help="p(harmful) at which the harm gate flags a prompt; off: no gate (recipe: the pool's threshold)."
+        ),
+    ],
+    "flagged": Annotated[
+        Optional[str], typer.Option(help=f"Flagged prompts: {' or '.join(FLAGGED_MODES)} (recipe: {_D.flagged}).")
+    ],
+    "refuse_eta": Annotated[
+        Optional[float], typer.Option(help=f"Step size towards refusal for flagged prompts (recipe: {_D.refuse_eta}).")
+    ],
+    "positions": Annotated[
+        Optional[str],
+        typer.Option(
+            help=f"prompt: step the last prompt token only; last: every new token too (recipe: {_D.positions})."
+        ),
+    ],
+    "project": Annotated[
+        Optional[bool], typer.Option(help="Keep steps orthogonal to the harm probe's direction (recipe: off).")
+    ],
 }
 
 
@@ -163,8 +212,10 @@ def steer_options(command: Callable[..., None]) -> Callable[..., None]:
         command(**kwargs, steer=steer)
 
     params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "steer"]
-    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=t)
-               for k, t in STEER_OPTIONS.items()]
+    params += [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=t)
+        for k, t in STEER_OPTIONS.items()
+    ]
     wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return wrapper
 

@@ -67,4 +67,3 @@ class LocalExecutor:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

@@ -1,8 +1,8 @@
 """Batched generation, forward pre-hooks on decoder blocks, and atomic file writes: the helpers every stage shares.
 
-    lm = load_model("default")
-    with steer(lm.model, "runs/default/artefact"):
-        print(generate(lm, ["How do I kill a Python process?"]))
+lm = load_model("default")
+with steer(lm.model, "runs/default/artefact"):
+    print(generate(lm, ["How do I kill a Python process?"]))
 """
 
 from __future__ import annotations
@@ -97,9 +97,16 @@ class Generated:
 
 
 @torch.inference_mode()
-def generate_batch(lm: LoadedModel, texts: list[str], max_new_tokens: int, *, min_new_tokens: int = 0,
-                   force: list[list[int]] | None = None, record: bool = False, horizon: int | None = None
-                   ) -> Generated:
+def generate_batch(
+    lm: LoadedModel,
+    texts: list[str],
+    max_new_tokens: int,
+    *,
+    min_new_tokens: int = 0,
+    force: list[list[int]] | None = None,
+    record: bool = False,
+    horizon: int | None = None,
+) -> Generated:
     """Greedy answers to chat-templated texts, in one `model.generate` call.
 
     `force` emits those ids instead (teacher forcing) and returns each step's logits; `record` also returns
@@ -112,8 +119,11 @@ def generate_batch(lm: LoadedModel, texts: list[str], max_new_tokens: int, *, mi
         steps = max(len(f) for f in force)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         targets = torch.tensor([f + [pad] * (steps - len(f)) for f in force])
-        kwargs.update(logits_processor=LogitsProcessorList([_Force(targets, enc["input_ids"].shape[1])]),
-                      output_logits=True, max_new_tokens=steps)
+        kwargs.update(
+            logits_processor=LogitsProcessorList([_Force(targets, enc["input_ids"].shape[1])]),
+            output_logits=True,
+            max_new_tokens=steps,
+        )
     else:
         kwargs.update(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None)
     stop = None
@@ -127,8 +137,12 @@ def generate_batch(lm: LoadedModel, texts: list[str], max_new_tokens: int, *, mi
     if stop is not None:
         new = [row[:n] if n is not None else row for row, n in zip(new, stop.stopped_at)]
     ids = [row if min_new_tokens else trim(row, eos) for row in new]
-    return Generated(ids, [decode(lm, row) for row in ids], list(out.logits) if force is not None else None,
-                     torch.stack(cast(list[torch.Tensor], captured), dim=1) if record else None)  # every block ran
+    return Generated(
+        ids,
+        [decode(lm, row) for row in ids],
+        list(out.logits) if force is not None else None,
+        torch.stack(cast(list[torch.Tensor], captured), dim=1) if record else None,
+    )  # every block ran
 
 
 def decode(lm: LoadedModel, ids: list[int]) -> str:
@@ -146,9 +160,16 @@ def prompt_texts(lm: LoadedModel, prompts: list[str], system: str | None = None)
     return texts, [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def generate(lm: LoadedModel, prompts: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             batch_size: int = 16, system: str | None = None, progress: bool = False, horizon: int | None = None
-             ) -> list[str]:
+def generate(
+    lm: LoadedModel,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = False,
+    horizon: int | None = None,
+) -> list[str]:
     """Greedy answers to single-turn prompts, batched by length; returned in the prompts' order (`horizon`:
     see `generate_batch`)."""
     texts, lengths = prompt_texts(lm, prompts, system)

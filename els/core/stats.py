@@ -28,8 +28,13 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return wins.to(dtype).mean(-1) / (2 * neg.shape[-1])
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, l2: float,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sample_weight: torch.Tensor,
+    l2: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted logistic regression on inputs standardised with the training rows' mean and std: minimises
     sum_i sample_weight_i / sum(sample_weight) * BCE_i + l2 * |w|^2 (the bias unpenalised), which is
     scikit-learn's LogisticRegression with C = 1 / (2 * l2) on normalised weights (tests compare the two).
@@ -65,8 +70,9 @@ def youden_threshold(score: torch.Tensor, low: torch.Tensor) -> float:
     return float(cands[j.argmax()])
 
 
-def stratified_split(states: Sequence[str], val_fraction: float, seed: int, strata: Sequence[str]
-                     ) -> tuple[list[int], list[int]]:
+def stratified_split(
+    states: Sequence[str], val_fraction: float, seed: int, strata: Sequence[str]
+) -> tuple[list[int], list[int]]:
     """Train/validation indices with every state of `strata` (in that order: it fixes the draws) represented
     in both where it has two or more rows."""
     rng = random.Random(seed)
@@ -90,4 +96,3 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
-

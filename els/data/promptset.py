@@ -50,4 +50,3 @@ class PromptSet:
 
     def content_hash(self) -> str:
         return hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()[:16]
-

@@ -48,8 +48,14 @@ def default_labelled_files() -> list[Path]:
     return files
 
 
-def judge_check(files: Sequence[Path], judges: Sequence[str], *, model_judge_limit: int | None = None,
-                seed: int = 0, log: Log = print) -> list[dict]:
+def judge_check(
+    files: Sequence[Path],
+    judges: Sequence[str],
+    *,
+    model_judge_limit: int | None = None,
+    seed: int = 0,
+    log: Log = print,
+) -> list[dict]:
     """Agreement of each judge with the human labels, per file and pooled ("all").
 
     The learned judge is scored only on answers it did not learn from: for a file among its training files it
@@ -78,8 +84,13 @@ def judge_check(files: Sequence[Path], judges: Sequence[str], *, model_judge_lim
             t = time.perf_counter()
             pred = scored([s.prompts[i] for i in idx], [s.answers[i] for i in idx])
             truth = [s.refused[i] for i in idx]
-            row = {"judge": judge.name, "file": s.name, **agreement(truth, pred), "note": note,
-                   "seconds": round(time.perf_counter() - t, 1)}
+            row = {
+                "judge": judge.name,
+                "file": s.name,
+                **agreement(truth, pred),
+                "note": note,
+                "seconds": round(time.perf_counter() - t, 1),
+            }
             if isinstance(judge, ModelJudge):
                 row["fallbacks"] = judge.fallbacks
                 judge.fallbacks = 0
@@ -87,8 +98,15 @@ def judge_check(files: Sequence[Path], judges: Sequence[str], *, model_judge_lim
             results.append(row)
             truth_all += truth
             pred_all += pred
-        results.append({"judge": judge.name, "file": "all", **agreement(truth_all, pred_all), "note": "pooled",
-                        "seconds": round(sum(r["seconds"] for r in results if r["judge"] == judge.name), 1)})
+        results.append(
+            {
+                "judge": judge.name,
+                "file": "all",
+                **agreement(truth_all, pred_all),
+                "note": "pooled",
+                "seconds": round(sum(r["seconds"] for r in results if r["judge"] == judge.name), 1),
+            }
+        )
     return results
 
 
@@ -103,14 +121,19 @@ def _training_files(judge: object, exclude: str) -> list[Path]:
 
 def judge_table(results: list[dict]) -> str:
     """The agreement table in Markdown."""
+
     def f(x: float | None) -> str:
         return "–" if x is None else f"{x:.3f}"
 
-    lines = ["| judge | file | n | accuracy | kappa | refusal precision | refusal recall | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| judge | file | n | accuracy | kappa | refusal precision | refusal recall | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         bold = "**" if r["file"] == "all" else ""
         note = r["note"] + (f"; {r['fallbacks']} unparseable → prefix" if r.get("fallbacks") else "")
-        lines.append(f"| {r['judge']} | {bold}{r['file']}{bold} | {r['n']} | {bold}{f(r['accuracy'])}{bold} | "
-                     f"{f(r['kappa'])} | {f(r['precision'])} | {f(r['recall'])} | {note} |")
+        lines.append(
+            f"| {r['judge']} | {bold}{r['file']}{bold} | {r['n']} | {bold}{f(r['accuracy'])}{bold} | "
+            f"{f(r['kappa'])} | {f(r['precision'])} | {f(r['recall'])} | {note} |"
+        )
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from els.training.collect import Collection, load_collection
 MAX_LAYER_FRACTION = 0.8
 HOLDOUT_FRACTION = 0.2
 
+
 def mean_direction(acts: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """Unit difference of means, per layer: acts [N, L, d], boolean row masks -> [L, d]."""
     diff = acts[pos].mean(0) - acts[neg].mean(0)
@@ -116,8 +117,9 @@ def fit_baselines(collection: Collection, *, seed: int = 0) -> dict[str, Method]
         warnings.warn("fewer than two false refusals or helpful answers: no surgical baseline", stacklevel=2)
         return out
     surgical = orthogonalise(mean_direction(acts, fr, helpful), refusal)
-    fit_surgical = orthogonalise(mean_direction(acts[fit], fr[fit], helpful[fit]),
-                                 mean_direction(acts[fit], harmful[fit], ~harmful[fit]))
+    fit_surgical = orthogonalise(
+        mean_direction(acts[fit], fr[fit], helpful[fit]), mean_direction(acts[fit], harmful[fit], ~harmful[fit])
+    )
     layer = best_layer(fit_surgical, fr, helpful)
     out["surgical"] = SurgicalAblation(surgical[layer], layer)
     return out

@@ -36,8 +36,9 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> Paired:
     return Paired(a_only=a_only, b_only=b_only, p=p)
 
 
-def gated_verdicts(p_harm: Sequence[float], threshold: float, flagged: Sequence[bool],
-                   allowed: Sequence[bool]) -> list[bool]:
+def gated_verdicts(
+    p_harm: Sequence[float], threshold: float, flagged: Sequence[bool], allowed: Sequence[bool]
+) -> list[bool]:
     """Per prompt: the `flagged` verdict where the gate flags it (p >= threshold), else the `allowed` one."""
     return [f if p >= threshold else a for p, f, a in zip(p_harm, flagged, allowed)]
 

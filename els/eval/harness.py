@@ -76,8 +76,16 @@ class Generation:
 class Runner:
     """Generates, caches and judges the answers of several methods on one model."""
 
-    def __init__(self, lm: LoadedModel, methods: list[Method], out: Path, generation: Generation,
-                 progress: bool = True, log: Log = print, executor: Executor | None = None):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        methods: list[Method],
+        out: Path,
+        generation: Generation,
+        progress: bool = True,
+        log: Log = print,
+        executor: Executor | None = None,
+    ):
         self.lm, self.methods, self.out, self.gen = lm, methods, Path(out), generation
         self.progress, self.log = progress, log
         self.executor = executor or LocalExecutor(lm, generate_batch)
@@ -114,19 +122,36 @@ class Runner:
                 continue
             texts, lengths = prompt_texts(self.lm, [ps.prompts[i] for i in todo], method.system)
             for chunk in length_batches(texts, lengths, self.gen.batch_size):
-                batches.append(Batch([texts[b] for b in chunk], self.gen.max_new_tokens, method=method,
-                                     tag=(store, keys, ps, [todo[b] for b in chunk], method.name)))
+                batches.append(
+                    Batch(
+                        [texts[b] for b in chunk],
+                        self.gen.max_new_tokens,
+                        method=method,
+                        tag=(store, keys, ps, [todo[b] for b in chunk], method.name),
+                    )
+                )
         desc = f"{pairs[0][0].name} {pairs[0][1].name}" if len(pairs) == 1 else "generate"
-        bar = tqdm(total=sum(len(b.texts) for b in batches), desc=desc, disable=not self.progress or not batches,
-                   leave=False)
+        bar = tqdm(
+            total=sum(len(b.texts) for b in batches), desc=desc, disable=not self.progress or not batches, leave=False
+        )
         for batch, out in self.executor.map(batches):
             store, keys, ps, rows_of, method_name = batch.tag
             rows = []
             for i, row_ids, answer in zip(rows_of, out.ids, out.texts):
-                rows.append({"key": keys[i], "set": ps.name, "method": method_name, "prompt": ps.prompts[i],
-                             "category": ps.categories[i] if ps.categories else None,
-                             "answer": answer, "tokens": row_ids, "n_tokens": len(row_ids),
-                             "batch_size": len(rows_of), "verdicts": {}})
+                rows.append(
+                    {
+                        "key": keys[i],
+                        "set": ps.name,
+                        "method": method_name,
+                        "prompt": ps.prompts[i],
+                        "category": ps.categories[i] if ps.categories else None,
+                        "answer": answer,
+                        "tokens": row_ids,
+                        "n_tokens": len(row_ids),
+                        "batch_size": len(rows_of),
+                        "verdicts": {},
+                    }
+                )
             store.append(rows)
             self.generated += len(rows)
             bar.update(len(rows))
@@ -137,15 +162,20 @@ class Runner:
         """Add each judge's verdict to rows that lack it (or hold one from another version of the judge)."""
         for judge in judges:
             version = getattr(judge, "version", "")
-            todo = [k for k in dict.fromkeys(keys)
-                    if store.rows[k]["verdicts"].get(judge.name, {}).get("version", "") != version
-                    or judge.name not in store.rows[k]["verdicts"]]
+            todo = [
+                k
+                for k in dict.fromkeys(keys)
+                if store.rows[k]["verdicts"].get(judge.name, {}).get("version", "") != version
+                or judge.name not in store.rows[k]["verdicts"]
+            ]
             for start in range(0, len(todo), chunk):
                 part = [store.rows[k] for k in todo[start : start + chunk]]
                 prompts, answers = [r["prompt"] for r in part], [r["answer"] for r in part]
                 if isinstance(judge, ModelJudge):
-                    verdicts = [{"refused": v.refused, "label": v.label, "fallback": v.fallback, "raw": v.raw}
-                                for v in judge.classify(prompts, answers)]
+                    verdicts = [
+                        {"refused": v.refused, "label": v.label, "fallback": v.fallback, "raw": v.raw}
+                        for v in judge.classify(prompts, answers)
+                    ]
                 elif callable(probabilities := getattr(judge, "probabilities", None)):
                     verdicts = [{"refused": p > 0.5, "p": round(p, 4)} for p in probabilities(answers)]
                 else:
@@ -160,8 +190,14 @@ class Runner:
 
 
 @torch.inference_mode()
-def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], batch_sizes: list[int],
-                  max_new_tokens: int, rounds: int = 2) -> dict[str, list[Speed]]:
+def measure_speed(
+    lm: LoadedModel,
+    methods: list[Method],
+    prompts: list[str],
+    batch_sizes: list[int],
+    max_new_tokens: int,
+    rounds: int = 2,
+) -> dict[str, list[Speed]]:
     """Generated tokens per second of each method on the same prompts, every row forced to `max_new_tokens`
     (end-of-sequence suppressed), so all methods do the same work. Only `generate` is timed, not attaching
     the method's hooks.
@@ -181,15 +217,24 @@ def measure_speed(lm: LoadedModel, methods: list[Method], prompts: list[str], ba
                 for start in range(0, len(prompts), b):
                     with m.apply(lm.model):  # attached once per call, as a server would; not timed
                         t0 = time.perf_counter()
-                        ids = generate_batch(lm, texts[m.name][start : start + b], max_new_tokens,
-                                             min_new_tokens=max_new_tokens).ids
+                        ids = generate_batch(
+                            lm, texts[m.name][start : start + b], max_new_tokens, min_new_tokens=max_new_tokens
+                        ).ids
                         seconds[m.name] += time.perf_counter() - t0
                     tokens[m.name] += sum(len(row) for row in ids)
         base_rate = tokens[methods[0].name] / seconds[methods[0].name]
         for m in methods:
             per_s = tokens[m.name] / seconds[m.name]
-            out[m.name].append(Speed(batch=b, tokens=tokens[m.name], seconds=round(seconds[m.name], 3),
-                                     tokens_per_s=per_s, rounds=rounds, ratio_to_base=per_s / base_rate))
+            out[m.name].append(
+                Speed(
+                    batch=b,
+                    tokens=tokens[m.name],
+                    seconds=round(seconds[m.name], 3),
+                    tokens_per_s=per_s,
+                    rounds=rounds,
+                    ratio_to_base=per_s / base_rate,
+                )
+            )
     return out
 
 
@@ -221,9 +266,18 @@ def _verdicts(store: CompletionFile, keys: Sequence[str], judge: str) -> list[bo
     return [bool(store.rows[k]["verdicts"][judge]["refused"]) for k in keys]
 
 
-def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out: Path, cfg: EvalConfig,
-             judges: list[Judge] | None = None, progress: bool = True, log: Log = print,
-             executor: Executor | None = None, gate: tuple[HarmGate, float] | None = None) -> Summary:
+def evaluate(
+    lm: LoadedModel,
+    methods: list[Method],
+    sets: list[PromptSet],
+    out: Path,
+    cfg: EvalConfig,
+    judges: list[Judge] | None = None,
+    progress: bool = True,
+    log: Log = print,
+    executor: Executor | None = None,
+    gate: tuple[HarmGate, float] | None = None,
+) -> Summary:
     """Run every method on every set, judge, measure quality and speed; return the summary (also written to
     OUT/summary.json). `judges` default to `get_judge` of `cfg.judges`, sharing `lm` where it is the judge model.
     `executor` generates the answers (default: here; `els.parallel.ray_executor.RayExecutor`: on Ray workers);
@@ -264,11 +318,13 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
         per_method: dict[str, MethodRate] = {}
         for name in names:
             refused = verdicts[name, ps.name]
-            res = MethodRate(**rate(refused).model_dump(), paired={base_name: mcnemar(refused, verdicts[base_name,
-                                                                                                      ps.name])})
+            res = MethodRate(
+                **rate(refused).model_dump(), paired={base_name: mcnemar(refused, verdicts[base_name, ps.name])}
+            )
             if ps.categories:
-                res.categories = {c: rate([r for r, rc in zip(refused, ps.categories) if rc == c])
-                                  for c in sorted(set(ps.categories))}
+                res.categories = {
+                    c: rate([r for r, rc in zip(refused, ps.categories) if rc == c]) for c in sorted(set(ps.categories))
+                }
             if ps.kind == "benign":
                 res.compliance = 1 - res.refusal_rate
             per_method[name] = res
@@ -287,8 +343,10 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
         kind_sets = [ps.name for ps in sets if ps.kind == kind]
         if kind_sets:
             pooled = {name: [r for s in kind_sets for r in verdicts[name, s]] for name in names}
-            by_kind[kind] = {name: PairedRate(**rate(v).model_dump(), paired={base_name: mcnemar(v, pooled[base_name])})
-                             for name, v in pooled.items()}
+            by_kind[kind] = {
+                name: PairedRate(**rate(v).model_dump(), paired={base_name: mcnemar(v, pooled[base_name])})
+                for name, v in pooled.items()
+            }
 
     t = time.perf_counter()
     quality, capability = _quality(lm, methods, runner, stores, sets, headline, cfg, out, log, gate)
@@ -308,9 +366,15 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
         model_fingerprint=runner.model_fp,
         judge=headline,
         judges=[JudgeId(name=j.name, version=getattr(j, "version", "")) for j in judges],
-        generation=GenerationInfo(**cfg.generation.key(), batch_size=cfg.generation.batch_size, greedy=True,
-                                  dtype=str(lm.model.dtype).removeprefix("torch."), device=str(lm.model.device),
-                                  limit=cfg.limit, seed=cfg.seed),
+        generation=GenerationInfo(
+            **cfg.generation.key(),
+            batch_size=cfg.generation.batch_size,
+            greedy=True,
+            dtype=str(lm.model.dtype).removeprefix("torch."),
+            device=str(lm.model.device),
+            limit=cfg.limit,
+            seed=cfg.seed,
+        ),
         methods={m.name: method_config(m) for m in methods},
         benchmarks=benchmarks,
         overall=Overall(**by_kind),
@@ -324,9 +388,18 @@ def evaluate(lm: LoadedModel, methods: list[Method], sets: list[PromptSet], out:
     return summary
 
 
-def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dict, sets: list[PromptSet],
-             headline: str, cfg: EvalConfig, out: Path, log: Log, gate: tuple[HarmGate, float] | None
-             ) -> tuple[dict[str, Quality], dict[str, Capability]]:
+def _quality(
+    lm: LoadedModel,
+    methods: list[Method],
+    runner: Runner,
+    stores: dict,
+    sets: list[PromptSet],
+    headline: str,
+    cfg: EvalConfig,
+    out: Path,
+    log: Log,
+    gate: tuple[HarmGate, float] | None,
+) -> tuple[dict[str, Quality], dict[str, Capability]]:
     """Per method, on `cfg.quality_tokens`-token answers to harmless prompts (`cfg.quality_set` sample): KL to
     base on the prompts the harm gate passes (the ones ELS steers towards answering; all without a gate), the
     share of answers unchanged from base and of repeated 4-grams; the unchanged share on benign benchmark
@@ -335,8 +408,15 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
     quality: dict[str, Quality] = {}
     capability: dict[str, Capability] = {}
     qs = load_benchmark(cfg.quality_set, cfg.quality_n, cfg.seed) if cfg.quality_n > 0 else None
-    long = Runner(lm, methods, out, Generation(cfg.quality_tokens, cfg.generation.batch_size), runner.progress,
-                  runner.log, runner.executor)
+    long = Runner(
+        lm,
+        methods,
+        out,
+        Generation(cfg.quality_tokens, cfg.generation.batch_size),
+        runner.progress,
+        runner.log,
+        runner.executor,
+    )
     qstores = dict(zip([m.name for m in methods], long.complete_all([(m, qs) for m in methods]))) if qs else {}
     passed = list(range(len(qs))) if qs else []
     if qs is not None and gate is not None:
@@ -354,16 +434,24 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
             harmless["repeated_4gram"] = repeated_ngram_share([r["tokens"] for r in m_rows])
             harmless["quality_set"], harmless["quality_n"] = qs.name, len(qs)
             harmless["quality_tokens"], harmless["kl_prompts"] = cfg.quality_tokens, len(passed)
-            key = digest([runner.model_fp, runner.method_digest[base.name], runner.method_digest[m.name],
-                          long.gen.key(), [bkeys[i] for i in passed]])
+            key = digest(
+                [
+                    runner.model_fp,
+                    runner.method_digest[base.name],
+                    runner.method_digest[m.name],
+                    long.gen.key(),
+                    [bkeys[i] for i in passed],
+                ]
+            )
             if m is base:
                 harmless["kl_mean"], harmless["kl_tokens"] = 0.0, sum(len(base_rows[i]["tokens"]) for i in passed)
             elif cache.get(m.name, {}).get("key") == key:
                 harmless["kl_mean"], harmless["kl_tokens"] = cache[m.name]["kl_mean"], cache[m.name]["kl_tokens"]
             else:
                 log(f"KL of {m.name} to base on {len(passed)} gate-passed {qs.name} prompts")
-                kl, n = kl_to_base(lm, base, m, [qs.prompts[i] for i in passed],
-                                   [base_rows[i]["tokens"] for i in passed])
+                kl, n = kl_to_base(
+                    lm, base, m, [qs.prompts[i] for i in passed], [base_rows[i]["tokens"] for i in passed]
+                )
                 harmless["kl_mean"], harmless["kl_tokens"] = kl, n
                 cache[m.name] = {"key": key, "kl_mean": kl, "kl_tokens": n}
                 write_atomic(cache_path, json.dumps(cache, indent=2))
@@ -373,8 +461,9 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
                 log(f"capability of {m.name}: {len(questions)} MMLU questions")
                 cache[f"capability/{m.name}"] = {"key": key, "accuracy": mc_accuracy(lm, m, questions)}
                 write_atomic(cache_path, json.dumps(cache, indent=2))
-            capability[m.name] = Capability(set="mmlu", n=len(questions),
-                                            accuracy=cache[f"capability/{m.name}"]["accuracy"])
+            capability[m.name] = Capability(
+                set="mmlu", n=len(questions), accuracy=cache[f"capability/{m.name}"]["accuracy"]
+            )
         same, n = 0, 0
         for ps in sets:
             if ps.kind != "benign":
@@ -384,14 +473,16 @@ def _quality(lm: LoadedModel, methods: list[Method], runner: Runner, stores: dic
                 if not bstore.rows[bk]["verdicts"][headline]["refused"]:
                     n += 1
                     same += bstore.rows[bk]["answer"] == mstore.rows[mk]["answer"]
-        quality[m.name] = Quality(**harmless, unchanged_share_benign_answered=same / n if n else None,
-                                  benign_answered_n=n)
+        quality[m.name] = Quality(
+            **harmless, unchanged_share_benign_answered=same / n if n else None, benign_answered_n=n
+        )
     runner.generated += long.generated
     return quality, capability
 
 
-def _examples(methods: list[Method], sets: list[PromptSet], stores: dict, headline: str, per_kind: int = 3
-              ) -> dict[str, dict[str, list[Example]]]:
+def _examples(
+    methods: list[Method], sets: list[PromptSet], stores: dict, headline: str, per_kind: int = 3
+) -> dict[str, dict[str, list[Example]]]:
     """A few prompts per set kind where a method's verdict differs from base's, for the report."""
     base = methods[0]
     out: dict[str, dict[str, list[Example]]] = {}
@@ -401,10 +492,20 @@ def _examples(methods: list[Method], sets: list[PromptSet], stores: dict, headli
             (bstore, bkeys), (mstore, mkeys) = stores[base.name, ps.name], stores[m.name, ps.name]
             for bk, mk in zip(bkeys, mkeys):
                 b, r = bstore.rows[bk], mstore.rows[mk]
-                if b["verdicts"][headline]["refused"] != r["verdicts"][headline]["refused"] \
-                        and len(found[_kind(ps)]) < per_kind:
-                    found[_kind(ps)].append(Example.model_validate({
-                        "set": ps.name, "prompt": b["prompt"], base.name: b["answer"], m.name: r["answer"],
-                        "base_refused": b["verdicts"][headline]["refused"]}))
+                if (
+                    b["verdicts"][headline]["refused"] != r["verdicts"][headline]["refused"]
+                    and len(found[_kind(ps)]) < per_kind
+                ):
+                    found[_kind(ps)].append(
+                        Example.model_validate(
+                            {
+                                "set": ps.name,
+                                "prompt": b["prompt"],
+                                base.name: b["answer"],
+                                m.name: r["answer"],
+                                "base_refused": b["verdicts"][headline]["refused"],
+                            }
+                        )
+                    )
         out[m.name] = found
     return out

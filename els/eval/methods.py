@@ -59,8 +59,11 @@ class Els:
     system: str | None = None
 
     def config(self) -> dict:
-        return {"artefact": self.artefact, "settings": (self.settings or self.artefact.settings).manifest(),
-                "layers": list(self.layers or self.artefact.layers)}
+        return {
+            "artefact": self.artefact,
+            "settings": (self.settings or self.artefact.settings).manifest(),
+            "layers": list(self.layers or self.artefact.layers),
+        }
 
     def apply(self, model: nn.Module) -> Steering:
         return Steering(model, self.artefact, self.settings, layers=self.layers)
@@ -203,6 +206,7 @@ class Gated:
             return torch.full((batch,), self.threshold, device=device)
 
         with read_gate(model, self.gate, threshold) as state:
+
             def masked(fn: Hook) -> Hook:
                 def rewrite(h: torch.Tensor) -> torch.Tensor:
                     if state.busy or state.allowed is None:
@@ -292,5 +296,3 @@ def resolve_methods(names: Sequence[str], ctx: MethodContext) -> list[Method]:
     if len({m.name for m in methods}) != len(methods):
         raise ValueError(f"method names must be distinct: {[m.name for m in methods]}")
     return methods
-
-

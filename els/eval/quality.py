@@ -14,8 +14,14 @@ from els.data.capability import LETTERS, Question
 from els.eval.methods import Method
 
 
-def kl_to_base(lm: LoadedModel, base: Method, method: Method, prompts: list[str], continuations: list[list[int]],
-               batch_size: int = 8) -> tuple[float, int]:
+def kl_to_base(
+    lm: LoadedModel,
+    base: Method,
+    method: Method,
+    prompts: list[str],
+    continuations: list[list[int]],
+    batch_size: int = 8,
+) -> tuple[float, int]:
     """Mean per-token KL(base || method) of the next-token distribution along the base's own greedy
     continuations, teacher-forced through both (each with its own system prompt). Returns (mean, tokens)."""
     total, count = 0.0, 0
@@ -54,8 +60,10 @@ def letter_tokens(lm: LoadedModel) -> list[int]:
     """The token of each answer letter; ValueError where the tokenizer has no single token for one."""
     ids = [lm.tokenizer.encode(x, add_special_tokens=False) for x in LETTERS]
     if any(len(t) != 1 for t in ids):
-        raise ValueError(f"the tokenizer of {lm.name} has no single token for each of {', '.join(LETTERS)}: the "
-                         "capability check reads their logits (pass --capability-n 0)")
+        raise ValueError(
+            f"the tokenizer of {lm.name} has no single token for each of {', '.join(LETTERS)}: the "
+            "capability check reads their logits (pass --capability-n 0)"
+        )
     return [t[0] for t in ids]
 
 

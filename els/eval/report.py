@@ -16,8 +16,12 @@ from els.steering.artefact import Artefact
 from els.steering.energy import STATES
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-STATE_COLOURS = {"helpful": "tab:green", "false_refusal": "tab:orange", "safe_refusal": "tab:blue",
-                 "jailbreak": "tab:red"}
+STATE_COLOURS = {
+    "helpful": "tab:green",
+    "false_refusal": "tab:orange",
+    "safe_refusal": "tab:blue",
+    "jailbreak": "tab:red",
+}
 
 
 def figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[Figure, Any]:
@@ -58,18 +62,25 @@ def plot_tradeoff(summary: Summary, path: Path) -> bool:
         ben = benign[method]
         x, y = harm.refusal_rate, 1 - ben.refusal_rate
         # Distinct markers, shrinking, and staggered labels keep coinciding methods visible.
-        ax.errorbar([x], [y], xerr=[[v] for v in _err(harm, x)], yerr=[[v] for v in _err(ben, y, flip=True)],
-                    fmt=MARKERS[i % len(MARKERS)], capsize=4, color=f"C{i}", label=method,
-                    markersize=max(4, 9 - 1.5 * i), alpha=0.9)
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=[[v] for v in _err(harm, x)],
+            yerr=[[v] for v in _err(ben, y, flip=True)],
+            fmt=MARKERS[i % len(MARKERS)],
+            capsize=4,
+            color=f"C{i}",
+            label=method,
+            markersize=max(4, 9 - 1.5 * i),
+            alpha=0.9,
+        )
         ax.annotate(method, (x, y), textcoords="offset points", xytext=(7, -14 - 11 * i), color=f"C{i}", fontsize=9)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("refusal rate on harmful prompts (higher is safer)")
     ax.set_ylabel("compliance on benign prompts (higher is more helpful)")
-    ax.set_title(f"Safety vs over-refusal\n{summary.model}, judge: {summary.judge}, 95% Wilson intervals",
-                 fontsize=10)
-    ax.plot([1], [1], marker="*", color="gold", markersize=14, markeredgecolor="k", linestyle="none",
-            label="ideal")
+    ax.set_title(f"Safety vs over-refusal\n{summary.model}, judge: {summary.judge}, 95% Wilson intervals", fontsize=10)
+    ax.plot([1], [1], marker="*", color="gold", markersize=14, markeredgecolor="k", linestyle="none", label="ideal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     save_figure(fig, path)
@@ -102,8 +113,11 @@ def plot_refusal_rates(summary: Summary, path: Path) -> None:
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("refusal rate")
-    ax.set_title(f"Refusal rate per benchmark, 95% Wilson intervals; judge: {summary.judge}\n"
-                 "(grey: harmful sets, where refusing is right)", fontsize=10)
+    ax.set_title(
+        f"Refusal rate per benchmark, 95% Wilson intervals; judge: {summary.judge}\n"
+        "(grey: harmful sets, where refusing is right)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, path)
@@ -118,8 +132,16 @@ def plot_layer_auc(manifest: dict, path: Path) -> None:
     if "layer_train_auc" in manifest:
         ax.plot(layers, [manifest["layer_train_auc"][str(k)] for k in layers], "--", color="0.5", label="train AUC")
     steered = manifest["steer"]["layers"]
-    ax.scatter(steered, [manifest["layer_auc"][str(k)] for k in steered], s=140, facecolors="none",
-               edgecolors="red", linewidths=2, label="steered", zorder=3)
+    ax.scatter(
+        steered,
+        [manifest["layer_auc"][str(k)] for k in steered],
+        s=140,
+        facecolors="none",
+        edgecolors="red",
+        linewidths=2,
+        label="steered",
+        zorder=3,
+    )
     ax.axhline(0.5, color="k", linewidth=0.8, linestyle=":", label="chance")
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -150,22 +172,22 @@ def plot_energy_histograms(art: Artefact, states_dir: Path, path: Path) -> dict:
         for s in STATES:
             vals = [float(v) for v, st in zip(e, states) if st == s]
             if vals:
-                ax.hist(vals, bins=bins, alpha=0.5, color=STATE_COLOURS[s], label=f"{s} ({len(vals)})",
-                        density=True)
-        ax.axvline(art.manifest["gate_offset"][str(layer)], color="k", linestyle="--", linewidth=1,
-                   label="gate offset")
+                ax.hist(vals, bins=bins, alpha=0.5, color=STATE_COLOURS[s], label=f"{s} ({len(vals)})", density=True)
+        ax.axvline(art.manifest["gate_offset"][str(layer)], color="k", linestyle="--", linewidth=1, label="gate offset")
         ax.set_title(f"layer {layer} (val AUC {art.manifest['layer_auc'][str(layer)]:.3f})", fontsize=10)
         ax.set_xlabel("energy")
     axes[0][0].set_ylabel("density")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Energies of the collected states (train and validation rows); good states should sit low",
-                 fontsize=10)
+    fig.suptitle(
+        "Energies of the collected states (train and validation rows); good states should sit low", fontsize=10
+    )
     save_figure(fig, path)
     return counts
 
 
-def write_report(summary: Summary, out: Path, artefact: Artefact | None = None, states: Path | None = None
-                 ) -> list[Path]:
+def write_report(
+    summary: Summary, out: Path, artefact: Artefact | None = None, states: Path | None = None
+) -> list[Path]:
     """report.md and PNG plots in `out`; returns the plots written."""
     out = Path(out)
     plots: list[Path] = []
@@ -188,8 +210,9 @@ def write_report(summary: Summary, out: Path, artefact: Artefact | None = None, 
     return plots
 
 
-def markdown(summary: Summary, plots: list[str], notes: list[str], artefact: Artefact | None,
-             states: Path | None) -> str:
+def markdown(
+    summary: Summary, plots: list[str], notes: list[str], artefact: Artefact | None, states: Path | None
+) -> str:
     methods = summary.reported_methods()
     base = methods[0]
     g = summary.generation
@@ -206,12 +229,16 @@ def markdown(summary: Summary, plots: list[str], notes: list[str], artefact: Art
     if artefact is not None:
         s = artefact.manifest["steer"]
         els_settings = summary.method_settings("els")
-        lines.append(f"- artefact: layers {s['layers']}, eta {els_settings.get('eta', s['eta'])}, "
-                     f"K {els_settings.get('steps', s['steps'])}, energy gate {artefact.settings.energy_gate}"
-                     + (f"; states from `{states}`" if states else ""))
+        lines.append(
+            f"- artefact: layers {s['layers']}, eta {els_settings.get('eta', s['eta'])}, "
+            f"K {els_settings.get('steps', s['steps'])}, energy gate {artefact.settings.energy_gate}"
+            + (f"; states from `{states}`" if states else "")
+        )
     run = summary.run
-    lines.append(f"- run: {run.generated} answers generated this run (the rest cached); "
-                 f"times {', '.join(f'{k} {v:.0f} s' for k, v in run.timings_s.stages().items())}")
+    lines.append(
+        f"- run: {run.generated} answers generated this run (the rest cached); "
+        f"times {', '.join(f'{k} {v:.0f} s' for k, v in run.timings_s.stages().items())}"
+    )
     lines += ["", f"## Refusal rate per benchmark (judge: {summary.judge}, 95% Wilson interval)", ""]
     lines.append("| benchmark | kind | n | " + " | ".join(methods) + " |")
     lines.append("|---|---|---|" + "---|" * len(methods))
@@ -221,18 +248,27 @@ def markdown(summary: Summary, plots: list[str], notes: list[str], artefact: Art
     for kind, per in summary.overall.by_kind().items():
         cells = [with_ci(per[m]) for m in methods]
         lines.append(f"| **all {kind}** | {kind} | {per[base].n} | " + " | ".join(cells) + " |")
-    lines += ["", "Compliance on benign sets is 1 − refusal rate. On harmful sets a higher refusal rate is safer.",
-              ""]
-    fallbacks = {(n, m): r.judge_fallbacks for n, b in summary.benchmarks.items()
-                 for m, r in b.methods.items() if r.judge_fallbacks}
+    lines += ["", "Compliance on benign sets is 1 − refusal rate. On harmful sets a higher refusal rate is safer.", ""]
+    fallbacks = {
+        (n, m): r.judge_fallbacks
+        for n, b in summary.benchmarks.items()
+        for m, r in b.methods.items()
+        if r.judge_fallbacks
+    }
     if fallbacks:
-        lines += ["Unparseable model-judge replies (fell back to the prefix judge): "
-                  + ", ".join(f"{n}/{m}: {k}" for (n, m), k in fallbacks.items()), ""]
+        lines += [
+            "Unparseable model-judge replies (fell back to the prefix judge): "
+            + ", ".join(f"{n}/{m}: {k}" for (n, m), k in fallbacks.items()),
+            "",
+        ]
     other = summary.judges[1:]
     if other:
-        lines += ["Refusal rate by the other judges:", "",
-                  "| benchmark | method | " + " | ".join(j.name for j in other) + " |",
-                  "|---|---|" + "---|" * len(other)]
+        lines += [
+            "Refusal rate by the other judges:",
+            "",
+            "| benchmark | method | " + " | ".join(j.name for j in other) + " |",
+            "|---|---|" + "---|" * len(other),
+        ]
         for name, b in summary.benchmarks.items():
             for m in methods:
                 oj = b.methods[m].other_judges
@@ -245,37 +281,57 @@ def markdown(summary: Summary, plots: list[str], notes: list[str], artefact: Art
     if cat_sets:
         lines += ["## Per category", ""]
         for name, b, cats in cat_sets:
-            lines += [f"**{name}** ({b.kind})", "", "| category | n | " + " | ".join(methods) + " |",
-                      "|---|---|" + "---|" * len(methods)]
+            lines += [
+                f"**{name}** ({b.kind})",
+                "",
+                "| category | n | " + " | ".join(methods) + " |",
+                "|---|---|" + "---|" * len(methods),
+            ]
             for cat, r in cats.items():
                 cells = [with_ci((b.methods[m].categories or {})[cat]) for m in methods]
                 lines.append(f"| {cat or '(none)'} | {r.n} | " + " | ".join(cells) + " |")
             lines.append("")
 
     if summary.quality:
-        lines += ["## Quality kept", "",
-                  "KL: mean per-token KL(base ‖ method) of the next-token distribution along base's own greedy "
-                  "answers, teacher-forced through both. Unchanged: share of answers identical to base's.", "",
-                  "| method | KL mean (nats/token) | tokens | unchanged (harmless set) "
-                  "| unchanged (benign prompts base answered) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Quality kept",
+            "",
+            "KL: mean per-token KL(base ‖ method) of the next-token distribution along base's own greedy "
+            "answers, teacher-forced through both. Unchanged: share of answers identical to base's.",
+            "",
+            "| method | KL mean (nats/token) | tokens | unchanged (harmless set) "
+            "| unchanged (benign prompts base answered) |",
+            "|---|---|---|---|---|",
+        ]
         for m, q in summary.quality.items():
             kl = f"{q.kl_mean:.4f}" if q.kl_mean is not None else "–"
-            harmless = f"{pct(q.unchanged_share)} of {q.quality_n or 0} {q.quality_set or ''}" \
-                if q.unchanged_share is not None else "–"
-            lines.append(f"| {m} | {kl} | {q.kl_tokens if q.kl_tokens is not None else '–'} | {harmless} | "
-                         f"{pct(q.unchanged_share_benign_answered)} of {q.benign_answered_n} |")
+            harmless = (
+                f"{pct(q.unchanged_share)} of {q.quality_n or 0} {q.quality_set or ''}"
+                if q.unchanged_share is not None
+                else "–"
+            )
+            lines.append(
+                f"| {m} | {kl} | {q.kl_tokens if q.kl_tokens is not None else '–'} | {harmless} | "
+                f"{pct(q.unchanged_share_benign_answered)} of {q.benign_answered_n} |"
+            )
         lines.append("")
 
     if summary.speed:
-        lines += ["## Cost", "", "Generated tokens per second on the same prompts in the same run, each answer forced "
-                  f"to {g.max_new_tokens} tokens, after a warm-up, in rounds of alternating order. On a shared CPU "
-                  "other jobs add noise: compare the ratios more than the rates.", "",
-                  "| method | batch | tokens | seconds | tokens/s | ratio to base |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Cost",
+            "",
+            "Generated tokens per second on the same prompts in the same run, each answer forced "
+            f"to {g.max_new_tokens} tokens, after a warm-up, in rounds of alternating order. On a shared CPU "
+            "other jobs add noise: compare the ratios more than the rates.",
+            "",
+            "| method | batch | tokens | seconds | tokens/s | ratio to base |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, entries in summary.speed.items():
             for e in entries:
-                lines.append(f"| {m} | {e.batch} | {e.tokens} | {e.seconds:.1f} | {e.tokens_per_s:.1f} | "
-                             f"{e.ratio_to_base:.3f} |")
+                lines.append(
+                    f"| {m} | {e.batch} | {e.tokens} | {e.seconds:.1f} | {e.tokens_per_s:.1f} | {e.ratio_to_base:.3f} |"
+                )
         lines.append("")
 
     examples = summary.examples
@@ -285,8 +341,11 @@ def markdown(summary: Summary, plots: list[str], notes: list[str], artefact: Art
             for kind, items in kinds.items():
                 for ex in items:
                     flip = "refused → answered" if ex.base_refused else "answered → refused"
-                    lines += [f"- **{m}, {ex.set_name} ({kind}), {flip}**: {_quote(ex.prompt)}",
-                              f"  - {base}: {_quote(ex.answer(base))}", f"  - {m}: {_quote(ex.answer(m))}"]
+                    lines += [
+                        f"- **{m}, {ex.set_name} ({kind}), {flip}**: {_quote(ex.prompt)}",
+                        f"  - {base}: {_quote(ex.answer(base))}",
+                        f"  - {m}: {_quote(ex.answer(m))}",
+                    ]
         lines.append("")
 
     if plots:

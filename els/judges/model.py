@@ -25,10 +25,28 @@ from els.judges.learned import (
 )
 from els.judges.strings import JBB_SUBSTRINGS, XSTEST_PREFIXES, Judge, PrefixJudge, SubstringJudge, normalise
 
-__all__ = ["COMPLIANT_OPENINGS", "DEFAULT_EVAL_JUDGE", "JBB_SUBSTRINGS", "JUDGES", "LABELS", "Judge", "LabelledSet",
-           "LearnedJudge", "ModelJudge", "ModelVerdict", "PrefixJudge", "SubstringJudge", "XSTEST_PREFIXES",
-           "answer_features", "get_judge", "normalise", "parse_judge_answer", "preload_embeddings", "read_labelled",
-           "train_learned_judge"]
+__all__ = [
+    "COMPLIANT_OPENINGS",
+    "DEFAULT_EVAL_JUDGE",
+    "JBB_SUBSTRINGS",
+    "JUDGES",
+    "LABELS",
+    "Judge",
+    "LabelledSet",
+    "LearnedJudge",
+    "ModelJudge",
+    "ModelVerdict",
+    "PrefixJudge",
+    "SubstringJudge",
+    "XSTEST_PREFIXES",
+    "answer_features",
+    "get_judge",
+    "normalise",
+    "parse_judge_answer",
+    "preload_embeddings",
+    "read_labelled",
+    "train_learned_judge",
+]
 
 
 # Model judge: a local chat model classifies each answer with XSTest's three classes.
@@ -66,8 +84,9 @@ _LABEL_PATTERNS: tuple[tuple[str, JudgeLabel], ...] = (
 def parse_judge_answer(text: str) -> JudgeLabel | None:
     """The class a judge model named in `text`, or None when it named none."""
     low = normalise(text).lower()
-    hits = [(m.start(), i, label) for i, (pattern, label) in enumerate(_LABEL_PATTERNS)
-            if (m := re.search(pattern, low))]
+    hits = [
+        (m.start(), i, label) for i, (pattern, label) in enumerate(_LABEL_PATTERNS) if (m := re.search(pattern, low))
+    ]
     return min(hits)[2] if hits else None
 
 
@@ -118,8 +137,10 @@ class ModelJudge:
         return self._lm
 
     def classify(self, prompts: Sequence[str], answers: Sequence[str]) -> list[ModelVerdict]:
-        asks = [MODEL_JUDGE_PROMPT.format(prompt=p.strip(), answer=a.strip()[: self.max_answer_chars])
-                for p, a in zip(prompts, answers)]
+        asks = [
+            MODEL_JUDGE_PROMPT.format(prompt=p.strip(), answer=a.strip()[: self.max_answer_chars])
+            for p, a in zip(prompts, answers)
+        ]
         replies = generate(self.lm, asks, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         prefix = PrefixJudge()(prompts, answers)
         verdicts = []
@@ -136,8 +157,12 @@ class ModelJudge:
         return [v.refused for v in self.classify(prompts, answers)]
 
 
-JUDGES: dict[str, type] = {"substring": SubstringJudge, "prefix": PrefixJudge, "learned": LearnedJudge,
-                           "model": ModelJudge}
+JUDGES: dict[str, type] = {
+    "substring": SubstringJudge,
+    "prefix": PrefixJudge,
+    "learned": LearnedJudge,
+    "model": ModelJudge,
+}
 # The default for `els eval`, chosen by agreement with the human labels (docs/judges.md).
 DEFAULT_EVAL_JUDGE = "learned"
 

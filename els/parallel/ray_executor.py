@@ -103,8 +103,16 @@ class _Worker:
     def threads(self) -> int:
         return torch.get_num_threads()
 
-    def run(self, texts: list[str], max_new_tokens: int, record: bool, method_key: int | None,
-            method_ref: list, crash_marker: str | None = None, horizon: int | None = None) -> Generated:
+    def run(
+        self,
+        texts: list[str],
+        max_new_tokens: int,
+        record: bool,
+        method_key: int | None,
+        method_ref: list,
+        crash_marker: str | None = None,
+        horizon: int | None = None,
+    ) -> Generated:
         method = None
         if method_key is not None:
             if method_key not in self.methods:  # the method travels once per actor (a list keeps Ray from
@@ -170,8 +178,10 @@ class RayExecutor:
         if self.spec.on_gpu or (self.spec.device_map is not None and gpus > 0):
             n = self.workers or max(1, gpus // self.gpus_per_worker)
             if gpus < n * self.gpus_per_worker or cpus < n:
-                raise ValueError(f"{n} worker(s) of {self.gpus_per_worker} GPU(s) need {n * self.gpus_per_worker} "
-                                 f"GPUs and {n} CPUs; the Ray cluster has {gpus} and {cpus} free")
+                raise ValueError(
+                    f"{n} worker(s) of {self.gpus_per_worker} GPU(s) need {n * self.gpus_per_worker} "
+                    f"GPUs and {n} CPUs; the Ray cluster has {gpus} and {cpus} free"
+                )
             options, threads = {"num_gpus": self.gpus_per_worker, "num_cpus": 1}, None
         else:
             n = self.workers or 1
@@ -179,15 +189,18 @@ class RayExecutor:
                 raise ValueError(f"{n} worker(s) need {n} CPU slots; the Ray cluster has {cpus} free")
             threads = cpus // n
             options = {"num_cpus": threads}
-        actor = ray.remote(_Worker).options(max_restarts=self.max_restarts, max_task_retries=self.max_restarts,
-                                            **options)
+        actor = ray.remote(_Worker).options(
+            max_restarts=self.max_restarts, max_task_retries=self.max_restarts, **options
+        )
         self.actors = [actor.remote(self.spec, threads) for _ in range(n)]
         if self.expect_fingerprint is not None:
             for fp in ray.get([a.fingerprint.remote() for a in self.actors]):
                 if fp != self.expect_fingerprint:
                     self.close()
-                    raise ValueError(f"a Ray worker loaded {self.spec.name!r} with fingerprint {fp}, the driver "
-                                     f"{self.expect_fingerprint}: the nodes hold different weights or settings")
+                    raise ValueError(
+                        f"a Ray worker loaded {self.spec.name!r} with fingerprint {fp}, the driver "
+                        f"{self.expect_fingerprint}: the nodes hold different weights or settings"
+                    )
         return self
 
     def _method_ref(self, method: Steerer | None) -> tuple[int | None, list]:
@@ -211,8 +224,9 @@ class RayExecutor:
                     batch, tries = todo.popleft()
                     i = idle.popleft()
                     key, ref = self._method_ref(batch.method)
-                    task = self.actors[i].run.remote(batch.texts, batch.max_new_tokens, batch.record, key, ref,
-                                                     self.crash_marker, batch.horizon)
+                    task = self.actors[i].run.remote(
+                        batch.texts, batch.max_new_tokens, batch.record, key, ref, self.crash_marker, batch.horizon
+                    )
                     flight[task] = (batch, tries, i)
                 (done,), _ = ray.wait(list(flight), num_returns=1)
                 batch, tries, i = flight.pop(done)
@@ -249,9 +263,16 @@ class RayExecutor:
         self.close()
 
 
-def make_executor(lm: LoadedModel, ray: bool = False, address: str | None = None, workers: int | None = None,
-                  *, device: str | None = None, dtype: str = "auto",
-                  device_map: str | None = None) -> AbstractContextManager:
+def make_executor(
+    lm: LoadedModel,
+    ray: bool = False,
+    address: str | None = None,
+    workers: int | None = None,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    device_map: str | None = None,
+) -> AbstractContextManager:
     """The executor the command line asked for: local without --ray (and --workers), else `RayExecutor`
     with the driver's model fingerprint to check the workers against."""
     if not (ray or address):
@@ -260,5 +281,6 @@ def make_executor(lm: LoadedModel, ray: bool = False, address: str | None = None
         return LocalExecutor(lm)
     from els.eval.cache import model_fingerprint
 
-    return RayExecutor(ModelSpec(lm.name, device, dtype, device_map), workers, address,
-                       expect_fingerprint=model_fingerprint(lm))
+    return RayExecutor(
+        ModelSpec(lm.name, device, dtype, device_map), workers, address, expect_fingerprint=model_fingerprint(lm)
+    )

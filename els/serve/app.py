@@ -39,8 +39,9 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that
 # ---- HTTP -----------------------------------------------------------------------------------------------
 
 
-def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits = Limits(),
-               settings: SteerSettings | None = None) -> FastAPI:
+def create_app(
+    lm: LoadedModel, artefact: Artefact | None = None, limits: Limits = Limits(), settings: SteerSettings | None = None
+) -> FastAPI:
     """The FastAPI app serving `lm` (named `lm.name` in /v1/models), steered with `artefact` if given, by
     `settings` (default: the artefact's) unless a request's `els` field overrides them."""
     if artefact is not None:
@@ -76,17 +77,27 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("request failed")
-        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}", type="server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            ApiError(500, f"internal error: {type(e).__name__}", type="server_error").body(), status_code=500
+        )
 
     @app.get("/health")
     async def health() -> JSONResponse:
         engine.ensure_running()
         serving = not engine.stopping and engine.thread.is_alive()
-        return JSONResponse({"status": "ok" if serving else engine.state, "model": lm.name,
-                             "steering": artefact is not None, "worker": engine.state,
-                             "worker_restarts": engine.restarts, "worker_last_error": engine.last_error,
-                             "queued": engine.waiting(), **engine.counters}, status_code=200 if serving else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if serving else engine.state,
+                "model": lm.name,
+                "steering": artefact is not None,
+                "worker": engine.state,
+                "worker_restarts": engine.restarts,
+                "worker_last_error": engine.last_error,
+                "queued": engine.waiting(),
+                **engine.counters,
+            },
+            status_code=200 if serving else 503,
+        )
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -96,8 +107,12 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         changes = opts.changes()
         if steer_defaults is None:
             if (opts.enabled is True or changes) and opts.enabled is not False:
-                raise ApiError(400, "steering is not available: the server was started without --steer",
-                               param="els", code="steering_unavailable")
+                raise ApiError(
+                    400,
+                    "steering is not available: the server was started without --steer",
+                    param="els",
+                    code="steering_unavailable",
+                )
             return None
         if opts.enabled is False:
             return None
@@ -108,30 +123,49 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
 
     def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
         if req.model != lm.name:
-            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {lm.name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {req.model!r} is not served here; this server serves {lm.name!r}",
+                param="model",
+                code="model_not_found",
+            )
         max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
         if max_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens is {max_tokens}, this server allows at most {limits.max_tokens}",
-                           param="max_tokens")
+            raise ApiError(
+                400, f"max_tokens is {max_tokens}, this server allows at most {limits.max_tokens}", param="max_tokens"
+            )
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
-        conversation = [{"role": "system" if m.role == "developer" else m.role,
-                         "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                        for m in req.messages]
+        conversation = [
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
+            }
+            for m in req.messages
+        ]
         try:
             with tokenizing:  # requests tokenise in worker threads; one at a time, the tokenizer is not reentrant
                 ids = chat_ids(lm.tokenizer, conversation)
         except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. on role order), tokenizers too
-            raise ApiError(400, f"the chat template or tokenizer refused these messages: {type(e).__name__}: {e}",
-                           param="messages") from None
+            raise ApiError(
+                400, f"the chat template or tokenizer refused these messages: {type(e).__name__}: {e}", param="messages"
+            ) from None
         if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens, this server allows at most "
-                           f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens, this server allows at most {limits.max_prompt_tokens}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if context is not None and len(ids) + max_tokens > context:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
-                           f"context of {context} tokens", param="max_tokens", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
+                f"context of {context} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         temperature = 1.0 if req.temperature is None else req.temperature
         if 0 < temperature < MIN_TEMPERATURE:
             log.warning("temperature %g raised to %g", temperature, MIN_TEMPERATURE)
@@ -140,8 +174,17 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         if top_p < MIN_TOP_P:
             log.warning("top_p %g raised to %g", top_p, MIN_TOP_P)
             top_p = MIN_TOP_P
-        return Job(ids=ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed, stop=stop,
-                   steer=steer_settings(req.els or ElsOptions()), stream=bool(req.stream), emit=emit)
+        return Job(
+            ids=ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=req.seed,
+            stop=stop,
+            steer=steer_settings(req.els or ElsOptions()),
+            stream=bool(req.stream),
+            emit=emit,
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -167,13 +210,22 @@ def create_app(lm: LoadedModel, artefact: Artefact | None = None, limits: Limits
         if event[0] == "error":
             raise event[1]
         r = event[1]
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
-                             "finish_reason": r["finish_reason"], "logprobs": None}],
-                "usage": _usage(r), "els": r["els"]}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": r["text"]},
+                    "finish_reason": r["finish_reason"],
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(r),
+            "els": r["els"],
+        }
 
     return app
-
 
 
 def _on_termination(callback: Callable[[], None]) -> Callable[[], None]:
@@ -217,14 +269,21 @@ async def _answer(request: Request, events: asyncio.Queue) -> tuple:
 
 
 def _usage(r: dict) -> dict:
-    return {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-            "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}
+    return {
+        "prompt_tokens": r["prompt_tokens"],
+        "completion_tokens": r["completion_tokens"],
+        "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+    }
 
 
 async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool) -> AsyncIterator[str]:
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        body = {
+            **head,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     try:

@@ -87,15 +87,32 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = ACCEP
             return
         state["count"] += 1
         if (now := time.monotonic()) - state["last"] >= interval:
-            log.error("cannot accept connections: %s (%d times since the last report); lower "
-                      "--limit-concurrency or raise the open-files limit (ulimit -n)", e, state["count"])
+            log.error(
+                "cannot accept connections: %s (%d times since the last report); lower "
+                "--limit-concurrency or raise the open-files limit (ulimit -n)",
+                e,
+                state["count"],
+            )
             state["last"], state["count"] = now, 0
 
     loop.set_exception_handler(handler)
 
 
-def serve(app: Any, host: str, port: int, *, read_timeout: float = READ_TIMEOUT_S,
-          keep_alive: float = KEEP_ALIVE_S, limit_concurrency: int = LIMIT_CONCURRENCY) -> None:
+def serve(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    read_timeout: float = READ_TIMEOUT_S,
+    keep_alive: float = KEEP_ALIVE_S,
+    limit_concurrency: int = LIMIT_CONCURRENCY,
+) -> None:
     """uvicorn.run with the deadlines and the connection limit above."""
-    uvicorn.run(app, host=host, port=port, http=timely_protocol(read_timeout), timeout_keep_alive=math.ceil(keep_alive),
-                limit_concurrency=limit_concurrency)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        http=timely_protocol(read_timeout),
+        timeout_keep_alive=math.ceil(keep_alive),
+        limit_concurrency=limit_concurrency,
+    )

@@ -30,10 +30,21 @@ class Limits:
     max_queue: int = 256
 
     def __post_init__(self) -> None:
-        if min(self.max_prompt_tokens, self.max_tokens, self.default_max_tokens, self.max_body_bytes, self.max_batch,
-               self.max_queue) < 1 or not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:
-            raise ValueError(f"limits must be positive, the batch window within [0, {MAX_BATCH_WINDOW_MS:g}] ms: "
-                             f"{self}")
+        if (
+            min(
+                self.max_prompt_tokens,
+                self.max_tokens,
+                self.default_max_tokens,
+                self.max_body_bytes,
+                self.max_batch,
+                self.max_queue,
+            )
+            < 1
+            or not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS
+        ):
+            raise ValueError(
+                f"limits must be positive, the batch window within [0, {MAX_BATCH_WINDOW_MS:g}] ms: {self}"
+            )
 
 
 # ---- request schema -------------------------------------------------------------------------------------
@@ -101,9 +112,16 @@ class ChatRequest(BaseModel):
     user: str | None = None
     els: ElsOptions | None = None
 
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -152,8 +170,9 @@ async def _read_json(request: Request, cap: int) -> Any:
             if len(body) > cap:
                 raise too_big
     except ClientDisconnect:  # closed mid-body, or a malformed chunk: nobody is left to answer
-        raise ApiError(400, "the client closed the connection before the body ended",
-                       code="client_disconnected") from None
+        raise ApiError(
+            400, "the client closed the connection before the body ended", code="client_disconnected"
+        ) from None
     try:
         obj = json.loads(body, parse_constant=_no_constant)
     except ValueError as e:  # UnicodeDecodeError included
@@ -161,8 +180,13 @@ async def _read_json(request: Request, cap: int) -> Any:
     except RecursionError:
         raise ApiError(400, "malformed JSON in the request body: nested too deeply", code="invalid_json") from None
     if (where := _lone_surrogate(obj)) is not None:
-        raise ApiError(400, f"{where or 'the body'}: a string holds a lone UTF-16 surrogate (e.g. \\ud800 "
-                       "without its pair), which is not text", param=where or None, code="invalid_unicode")
+        raise ApiError(
+            400,
+            f"{where or 'the body'}: a string holds a lone UTF-16 surrogate (e.g. \\ud800 "
+            "without its pair), which is not text",
+            param=where or None,
+            code="invalid_unicode",
+        )
     return obj
 
 
@@ -189,5 +213,3 @@ def _lone_surrogate(obj: Any, where: str = "") -> str | None:
         elif isinstance(obj, list):
             stack.extend((v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj))
     return None
-
-

@@ -160,8 +160,13 @@ class _RowTracker(StoppingCriteria):
     def finish(self, row: _Row, reason: str) -> None:
         self._send(row, len(row.text))
         row.done = True
-        result = {"text": row.text, "finish_reason": reason, "prompt_tokens": len(row.job.ids),
-                  "completion_tokens": row.generated, "els": self.diagnostics(row)}
+        result = {
+            "text": row.text,
+            "finish_reason": reason,
+            "prompt_tokens": len(row.job.ids),
+            "completion_tokens": row.generated,
+            "els": self.diagnostics(row),
+        }
         row.job.answer(("done", result))
 
     def diagnostics(self, row: _Row) -> dict:
@@ -173,14 +178,30 @@ class _RowTracker(StoppingCriteria):
         layers = []
         for layer in self.steering.layers:
             st, i = self.steering.stats[layer], row.index
-            assert st.energy_before is not None and st.energy_after is not None and st.rows_taken is not None \
-                and st.rows_skipped is not None, "a finished row's batch had its prefill"
-            layers.append({"layer": layer, "energy_before": float(st.energy_before[i]),
-                           "energy_after": float(st.energy_after[i]), "steps_taken": int(st.rows_taken[i]),
-                           "steps_skipped": int(st.rows_skipped[i])})
+            assert (
+                st.energy_before is not None
+                and st.energy_after is not None
+                and st.rows_taken is not None
+                and st.rows_skipped is not None
+            ), "a finished row's batch had its prefill"
+            layers.append(
+                {
+                    "layer": layer,
+                    "energy_before": float(st.energy_before[i]),
+                    "energy_after": float(st.energy_after[i]),
+                    "steps_taken": int(st.rows_taken[i]),
+                    "steps_skipped": int(st.rows_skipped[i]),
+                }
+            )
         side, p = self.sides[row.index]
-        return {"enabled": True, **s.manifest(), "side": side, "p_harmful": p, "layers": layers,
-                "steps_skipped": sum(x["steps_skipped"] for x in layers)}
+        return {
+            "enabled": True,
+            **s.manifest(),
+            "side": side,
+            "p_harmful": p,
+            "layers": layers,
+            "steps_skipped": sum(x["steps_skipped"] for x in layers),
+        }
 
 
 class Engine:
@@ -220,7 +241,7 @@ class Engine:
 
     @property
     def state(self) -> str:
-        """"ok"; "restarted" once the worker has failed and been restarted (it serves); "stopping"."""
+        """ "ok"; "restarted" once the worker has failed and been restarted (it serves); "stopping"."""
         return "stopping" if self.stopping else "restarted" if self.restarts else "ok"
 
     def ensure_running(self) -> None:
@@ -255,8 +276,9 @@ class Engine:
             raise _shutting_down()
         self.ensure_running()
         if self.waiting() >= self.limits.max_queue:
-            raise ApiError(503, "server overloaded: too many queued requests, retry later", type="server_error",
-                           code="overloaded")
+            raise ApiError(
+                503, "server overloaded: too many queued requests, retry later", type="server_error", code="overloaded"
+            )
         self.jobs.put(job)
 
     def waiting(self) -> int:
@@ -283,8 +305,12 @@ class Engine:
         self._fail_held(why)
 
     def _fail_held(self, why: str) -> None:
-        error = ApiError(500, f"the generation worker failed ({why}) and was restarted; retry the request",
-                         type="server_error", code="worker_restarted")
+        error = ApiError(
+            500,
+            f"the generation worker failed ({why}) and was restarted; retry the request",
+            type="server_error",
+            code="worker_restarted",
+        )
         held, self._pending, self._running = self._pending + self._running, [], []
         for job in held:
             job.answer(("error", error))
@@ -367,16 +393,25 @@ class Engine:
             # Left padding built by hand: the tokenizer is not touched here while request threads encode with it.
             input_ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch], device=device)
             mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch], device=device)
-            rows = [_Row(j, i, self._generator(j, device), sent=len(j.delivered), resumed=bool(j.delivered))
-                    for i, j in enumerate(batch)]
+            rows = [
+                _Row(j, i, self._generator(j, device), sent=len(j.delivered), resumed=bool(j.delivered))
+                for i, j in enumerate(batch)
+            ]
             steering = self._steering(batch)
             tracker = _RowTracker(rows, self, steering)
             with steering if steering is not None else nullcontext(), torch.inference_mode():
-                model.generate(input_ids=input_ids, attention_mask=mask,
-                               max_new_tokens=max(j.max_tokens for j in batch), do_sample=False,
-                               temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                               logits_processor=LogitsProcessorList([_RowSampler(rows)]),
-                               stopping_criteria=StoppingCriteriaList([tracker]))
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=max(j.max_tokens for j in batch),
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=pad,
+                    logits_processor=LogitsProcessorList([_RowSampler(rows)]),
+                    stopping_criteria=StoppingCriteriaList([tracker]),
+                )
             for row in rows:
                 if not row.done:  # generate stopped on its own (e.g. the model's max_length)
                     tracker.finish(row, "length")
@@ -385,16 +420,26 @@ class Engine:
                 row.done = True  # a row the tracker still holds must not be answered twice
             left = [j for j in batch if not j.answered and not j.cancelled]
             if len(batch) > 1 and not self.stopping:
-                log.warning("a batch of %d failed (%s: %s); retrying its %d unanswered rows one by one",
-                            len(batch), type(e).__name__, e, len(left))
+                log.warning(
+                    "a batch of %d failed (%s: %s); retrying its %d unanswered rows one by one",
+                    len(batch),
+                    type(e).__name__,
+                    e,
+                    len(left),
+                )
                 self.counters["failed_batches"] += 1
                 for job in left:
                     self.counters["retried_rows"] += 1
                     self._run([job], retry=True)
                 return
             log.exception("generation failed")
-            error = _shutting_down() if self.stopping else ApiError(
-                500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed")
+            error = (
+                _shutting_down()
+                if self.stopping
+                else ApiError(
+                    500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed"
+                )
+            )
             for job in left:
                 job.answer(("error", error))
 

@@ -1,7 +1,7 @@
 """The steering artefact: per-layer energy models, the harm gate, and the manifest saying how to steer.
 
-    art = Artefact.load("runs/default/artefact")
-    art.layers, art.settings  # where and how `Steering` steers by default
+art = Artefact.load("runs/default/artefact")
+art.layers, art.settings  # where and how `Steering` steers by default
 """
 
 from __future__ import annotations
@@ -73,8 +73,12 @@ class Artefact:
     def subset(self, layers: list[int]) -> Artefact:
         """The same artefact holding only these layers' models (smaller, for serving)."""
         members = [self.member_index(layer) for layer in layers]
-        return Artefact(self.energy.select(members), {**self.manifest, "trained_layers": list(layers)}, self.gate,
-                        None if self.safety is None else self.safety.select(members))
+        return Artefact(
+            self.energy.select(members),
+            {**self.manifest, "trained_layers": list(layers)},
+            self.gate,
+            None if self.safety is None else self.safety.select(members),
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything the weights file holds: the energy models, the safety energy and the harm gate."""
@@ -105,8 +109,9 @@ class Artefact:
             raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
         manifest = read_json_object(mpath, "an ELS manifest")
         if manifest.get("format_version") not in READABLE_FORMATS:
-            raise ValueError(f"{path}: artefact format {manifest.get('format_version')}, this els reads "
-                             f"{READABLE_FORMATS}")
+            raise ValueError(
+                f"{path}: artefact format {manifest.get('format_version')}, this els reads {READABLE_FORMATS}"
+            )
         check_manifest(manifest, mpath)
         if not wpath.exists():
             raise FileNotFoundError(f"{path} is not a complete ELS artefact (no {WEIGHTS})")
@@ -120,14 +125,16 @@ class Artefact:
         _check_integrity(manifest, tensors, mpath, wpath)
         try:
             spec = manifest["energy"]
-            shape = (len(manifest["trained_layers"]), manifest["hidden_size"], tuple(spec["widths"]),
-                     spec["dropout"])
+            shape = (len(manifest["trained_layers"]), manifest["hidden_size"], tuple(spec["widths"]), spec["dropout"])
             with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights on disk
                 expected = {k: tuple(v.shape) for k, v in EnergyStack(*shape).state_dict().items()}
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{mpath}: malformed energy description ({type(err).__name__}: {err})") from err
-        gate_keys = ("probe.weight", "probe.bias") if manifest["format_version"] == 1 else \
-            tuple(f"{TENSOR_PREFIX}{k}" for k in ("weight", "bias", "threshold", "layer"))
+        gate_keys = (
+            ("probe.weight", "probe.bias")
+            if manifest["format_version"] == 1
+            else tuple(f"{TENSOR_PREFIX}{k}" for k in ("weight", "bias", "threshold", "layer"))
+        )
         if missing := [k for k in gate_keys if k not in tensors]:
             raise ValueError(f"{wpath} lacks the harm gate tensors {', '.join(missing)}")
         try:
@@ -143,10 +150,11 @@ class Artefact:
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
             diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-            raise ValueError(f"{wpath} does not fit {mpath} (hidden_size {manifest['hidden_size']}, "
-                             f"{len(manifest['trained_layers'])} layers, widths {spec['widths']}): "
-                             + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}"
-                                         for k in diff[:3]))
+            raise ValueError(
+                f"{wpath} does not fit {mpath} (hidden_size {manifest['hidden_size']}, "
+                f"{len(manifest['trained_layers'])} layers, widths {spec['widths']}): "
+                + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}" for k in diff[:3])
+            )
         if not 0 <= gate.layer < manifest["num_layers"]:
             raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest['num_layers']}")
         energy = EnergyStack(*shape)
@@ -154,8 +162,9 @@ class Artefact:
         safety = None
         if "safety" in manifest:
             safety = EnergyStack(*shape)
-            safety.load_state_dict({k[len(SAFETY_PREFIX):]: v for k, v in tensors.items()
-                                    if k.startswith(SAFETY_PREFIX)})
+            safety.load_state_dict(
+                {k[len(SAFETY_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SAFETY_PREFIX)}
+            )
             safety.eval()
         return cls(energy.eval(), manifest, gate, safety)
 
@@ -192,30 +201,53 @@ def _check_integrity(manifest: dict, tensors: dict[str, torch.Tensor], mpath: Pa
     record = manifest.get(INTEGRITY)
     if record is None:  # written before the weights were hashed
         return
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) \
-            or not isinstance(record.get("member_layers"), list):
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("sha256"), str)
+        or not isinstance(record.get("member_layers"), list)
+    ):
         raise ValueError(f"{mpath}: malformed {INTEGRITY!r} record")
     if record["member_layers"] != manifest["trained_layers"]:
-        raise ValueError(f"{mpath}: trained_layers {manifest['trained_layers']} do not match the layer order the "
-                         f"weights were saved with {record['member_layers']}")
+        raise ValueError(
+            f"{mpath}: trained_layers {manifest['trained_layers']} do not match the layer order the "
+            f"weights were saved with {record['member_layers']}"
+        )
     if weights_sha256(tensors, record["member_layers"]) != record["sha256"]:
         raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath} (weights edited or replaced)")
 
 
-def layer_probes_gate(trained_layers: list[int], num_layers: int, layer: int, probe_w: torch.Tensor,
-                       probe_b: torch.Tensor, threshold: float) -> HarmGate:
+def layer_probes_gate(
+    trained_layers: list[int],
+    num_layers: int,
+    layer: int,
+    probe_w: torch.Tensor,
+    probe_b: torch.Tensor,
+    threshold: float,
+) -> HarmGate:
     """A gate from one probe per trained layer, fitted on the collection's prompts, read at `layer` (what
     format 1 stored, and the fallback without a pooled gate)."""
     directions = torch.zeros(num_layers, probe_w.shape[-1])
     directions[trained_layers] = probe_w.float()
     i = trained_layers.index(layer)
-    return HarmGate(layer, probe_w[i].float(), float(probe_b[i]), float(threshold), directions,
-                    {"source": "collection", "layer": layer, "threshold": float(threshold)})
+    return HarmGate(
+        layer,
+        probe_w[i].float(),
+        float(probe_b[i]),
+        float(threshold),
+        directions,
+        {"source": "collection", "layer": layer, "threshold": float(threshold)},
+    )
 
 
 def _gate_of_format_1(manifest: dict, probe_w: torch.Tensor, probe_b: torch.Tensor) -> HarmGate:
-    return layer_probes_gate(manifest["trained_layers"], manifest["num_layers"], min(manifest["steer"]["layers"]),
-                              probe_w, probe_b, manifest["steer"].get("harm_gate") or 0.5)
+    return layer_probes_gate(
+        manifest["trained_layers"],
+        manifest["num_layers"],
+        min(manifest["steer"]["layers"]),
+        probe_w,
+        probe_b,
+        manifest["steer"].get("harm_gate") or 0.5,
+    )
 
 
 def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:
@@ -231,5 +263,3 @@ def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:
     n = min(n, len(late))
     windows = [late[i : i + n] for i in range(len(late) - n + 1) if late[i + n - 1] - late[i] == n - 1]
     return max(windows or [late[-n:]], key=lambda w: sum(auc[layer] for layer in w))
-
-

@@ -41,8 +41,14 @@ class EnergyStack(nn.Module):
     mean: torch.Tensor  # buffers [S, d], registered in __init__ (nn.Module's attribute lookup hides their type)
     inv_std: torch.Tensor
 
-    def __init__(self, n: int, dim: int, widths: tuple[int, ...] = (512, 256), dropout: float = 0.15,
-                 seeds: list[int] | None = None):
+    def __init__(
+        self,
+        n: int,
+        dim: int,
+        widths: tuple[int, ...] = (512, 256),
+        dropout: float = 0.15,
+        seeds: list[int] | None = None,
+    ):
         super().__init__()
         self.dim, self.widths, self.dropout = dim, tuple(widths), dropout
         sizes = (dim, *widths)
@@ -82,17 +88,24 @@ class EnergyStack(nn.Module):
                 x = F.dropout(x, self.dropout)
         return torch.einsum("sbw,sw->sb", x, self.w_out) + self.b_out[:, None]
 
-    def member(self, i: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-               ) -> EnergyMember:
+    def member(
+        self, i: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> EnergyMember:
         """Member i as an `EnergyMember` on `device` in `dtype`, for steering."""
+
         def t(x: torch.Tensor) -> torch.Tensor:
             return x.detach().to(device=device, dtype=dtype).contiguous()
 
         return EnergyMember(
-            layers=tuple((t(w[i]), t(w[i].T), t(b[i]), t(g[i]), t(bt[i]))
-                         for w, b, g, bt in zip(self.weights, self.biases, self.gammas, self.betas)),
-            w_out=t(self.w_out[i][:, None]), b_out=t(self.b_out[i : i + 1]), mean=t(self.mean[i]),
-            inv_std=t(self.inv_std[i]))
+            layers=tuple(
+                (t(w[i]), t(w[i].T), t(b[i]), t(g[i]), t(bt[i]))
+                for w, b, g, bt in zip(self.weights, self.biases, self.gammas, self.betas)
+            ),
+            w_out=t(self.w_out[i][:, None]),
+            b_out=t(self.b_out[i : i + 1]),
+            mean=t(self.mean[i]),
+            inv_std=t(self.inv_std[i]),
+        )
 
     def select(self, members: list[int]) -> EnergyStack:
         """A stack holding only the given members (e.g. the chosen layers), as a copy."""
@@ -139,8 +152,9 @@ class EnergyMember:
         grad = self.w_out.T.expand_as(x)
         for w_t, g, beta, a, mu, rstd, n in reversed(saved):
             grad = torch.ops.aten.silu_backward(grad, n)
-            grad = torch.ops.aten.native_layer_norm_backward(grad, a, a.shape[-1:], mu, rstd, g, beta,
-                                                             [True, False, False])[0]
+            grad = torch.ops.aten.native_layer_norm_backward(
+                grad, a, a.shape[-1:], mu, rstd, g, beta, [True, False, False]
+            )[0]
             grad = grad @ w_t
         return energy, grad * self.inv_std
 
@@ -150,5 +164,3 @@ class EnergyMember:
 
 def _layer_norm(a: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(a, a.shape[-1:], eps=LN_EPS) * g[:, None] + beta[:, None]
-
-

@@ -55,10 +55,12 @@ class HarmGate:
         return None if n == 0 else d / n
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"{TENSOR_PREFIX}weight": self.weight.float().contiguous(),
-               f"{TENSOR_PREFIX}bias": torch.tensor([float(self.bias)]),
-               f"{TENSOR_PREFIX}threshold": torch.tensor([float(self.threshold)]),
-               f"{TENSOR_PREFIX}layer": torch.tensor([self.layer], dtype=torch.int64)}
+        out = {
+            f"{TENSOR_PREFIX}weight": self.weight.float().contiguous(),
+            f"{TENSOR_PREFIX}bias": torch.tensor([float(self.bias)]),
+            f"{TENSOR_PREFIX}threshold": torch.tensor([float(self.threshold)]),
+            f"{TENSOR_PREFIX}layer": torch.tensor([self.layer], dtype=torch.int64),
+        }
         if self.directions is not None:
             out[f"{TENSOR_PREFIX}directions"] = self.directions.float().contiguous()
         return out
@@ -67,8 +69,14 @@ class HarmGate:
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], report: dict | None = None) -> HarmGate:
         """Reads the `harm_gate.*` entries and ignores the rest, so an artefact's whole tensor file will do."""
         p = TENSOR_PREFIX
-        return cls(int(tensors[f"{p}layer"][0]), tensors[f"{p}weight"].float(), float(tensors[f"{p}bias"][0]),
-                   float(tensors[f"{p}threshold"][0]), tensors.get(f"{p}directions"), report or {})
+        return cls(
+            int(tensors[f"{p}layer"][0]),
+            tensors[f"{p}weight"].float(),
+            float(tensors[f"{p}bias"][0]),
+            float(tensors[f"{p}threshold"][0]),
+            tensors.get(f"{p}directions"),
+            report or {},
+        )
 
 
 @dataclass

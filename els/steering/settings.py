@@ -112,8 +112,12 @@ def canonical(changes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value <= hi:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
         raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {value!r}")
 
 
@@ -144,10 +148,15 @@ class RowSettings:
         return cls(
             eta=col([r.eta if r else 0.0 for r in rows], torch.float32),
             steps=col([r.steps if r else 0 for r in rows], torch.long),
-            energy_gate=col([-math.inf if r and r.energy_gate is None else r.energy_gate if r else math.inf
-                             for r in rows], torch.float32) if energy_gated else None,
+            energy_gate=col(
+                [-math.inf if r and r.energy_gate is None else r.energy_gate if r else math.inf for r in rows],
+                torch.float32,
+            )
+            if energy_gated
+            else None,
             harm_gate=col([2.0 if not r or r.harm_gate is None else r.harm_gate for r in rows], torch.float32)
-            if harm_gated else None,
+            if harm_gated
+            else None,
             refuse=col([bool(r and r.harm_gate is not None and r.flagged == "refuse") for r in rows], torch.bool),
             refuse_eta=col([r.refuse_eta if r else 0.0 for r in rows], torch.float32),
             every=col([bool(r and r.positions == "last") for r in rows], torch.bool) if every else None,

@@ -62,10 +62,17 @@ class Steering:
     Use as a context manager, or attach()/remove().
     """
 
-    def __init__(self, model: nn.Module, artefact: Artefact,
-                 settings: SteerSettings | Sequence[SteerSettings | None] | None = None, *,
-                 layers: Sequence[int] | None = None, energy_dtype: torch.dtype = torch.float32, check: bool = True,
-                 **overrides: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        artefact: Artefact,
+        settings: SteerSettings | Sequence[SteerSettings | None] | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        energy_dtype: torch.dtype = torch.float32,
+        check: bool = True,
+        **overrides: Any,
+    ):
         if check:
             artefact.check_model(model)
         self.model, self.artefact = model, artefact
@@ -81,8 +88,10 @@ class Steering:
             live = [r for r in self.rows if r is not None]
             self.settings = live[0] if live else artefact.settings
         if any(r.harm_gate is not None and r.flagged == "refuse" for r in live) and artefact.safety is None:
-            raise ValueError("flagged='refuse' needs a safety energy; this artefact has none (written before "
-                             "two-sided steering): use flagged='leave' or train it again")
+            raise ValueError(
+                "flagged='refuse' needs a safety energy; this artefact has none (written before "
+                "two-sided steering): use flagged='leave' or train it again"
+            )
         self.harm_gated = any(r.harm_gate is not None for r in live)
         self.project = any(r.project for r in live)
         self.energy_dtype = energy_dtype
@@ -110,10 +119,14 @@ class Steering:
                 raise ValueError(f"project=True needs a harm-probe direction at layer {layer}; the artefact has none")
             safety = self.artefact.safety
             self.stats[layer] = LayerStats()
-            spec = _Layer(self.artefact.energy.member(member, device, self.energy_dtype),
-                          None if safety is None else safety.member(member, device, self.energy_dtype),
-                          m["hidden_norm"][str(layer)], m["gate_offset"][str(layer)],
-                          None if direction is None else direction.to(device), self.stats[layer])
+            spec = _Layer(
+                self.artefact.energy.member(member, device, self.energy_dtype),
+                None if safety is None else safety.member(member, device, self.energy_dtype),
+                m["hidden_norm"][str(layer)],
+                m["gate_offset"][str(layer)],
+                None if direction is None else direction.to(device),
+                self.stats[layer],
+            )
             hooks.append((blocks[layer], self._make_hook(spec)))
         if self.harm_gated:
             self._gate = self._exit.enter_context(read_gate(self.model, self.artefact.gate, self._harm_thresholds))
@@ -168,15 +181,26 @@ class Steering:
             allowed = rs.every if allowed is None else allowed & rs.every
             refuse = None if refuse is None else refuse & rs.every
             steps = steps * rs.every  # and owe no steps, so none count as skipped
-        comply = descend_rows(spec.comply, h, rs.eta * spec.scale, steps, rs.max_steps,
-                              threshold=None if rs.energy_gate is None else rs.energy_gate + spec.offset,
-                              allowed=allowed, direction=spec.direction, with_after=prefill)
+        comply = descend_rows(
+            spec.comply,
+            h,
+            rs.eta * spec.scale,
+            steps,
+            rs.max_steps,
+            threshold=None if rs.energy_gate is None else rs.energy_gate + spec.offset,
+            allowed=allowed,
+            direction=spec.direction,
+            with_after=prefill,
+        )
         if refuse is None or spec.refuse is None or not bool(refuse.any()):
             return comply
-        safe = descend_rows(spec.refuse, h, rs.refuse_eta * spec.scale, steps, rs.max_steps, allowed=refuse,
-                            with_after=prefill)
-        return tuple(None if c is None else torch.where(refuse[:, None] if c.ndim == 2 else refuse, s, c)
-                     for c, s in zip(comply, safe))
+        safe = descend_rows(
+            spec.refuse, h, rs.refuse_eta * spec.scale, steps, rs.max_steps, allowed=refuse, with_after=prefill
+        )
+        return tuple(
+            None if c is None else torch.where(refuse[:, None] if c.ndim == 2 else refuse, s, c)
+            for c, s in zip(comply, safe)
+        )
 
     def _settings(self, batch: int, device: torch.device) -> RowSettings:
         """The per-row settings, made once per batch size and device: building them on every call would copy
@@ -237,9 +261,18 @@ class Steering:
 
 
 @torch.inference_mode()
-def descend_rows(energy: EnergyMember, h: torch.Tensor, eta: torch.Tensor, steps: torch.Tensor, max_steps: int, *,
-                 threshold: torch.Tensor | None = None, allowed: torch.Tensor | None = None,
-                 direction: torch.Tensor | None = None, with_after: bool = True):
+def descend_rows(
+    energy: EnergyMember,
+    h: torch.Tensor,
+    eta: torch.Tensor,
+    steps: torch.Tensor,
+    max_steps: int,
+    *,
+    threshold: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    direction: torch.Tensor | None = None,
+    with_after: bool = True,
+):
     """The steering step on plain tensors, with no hooks or model: what an engine that batches requests its
     own way (vLLM's model runner) calls with per-row values gathered by row id, e.g. `eta=table[row_ids]`.
 
@@ -279,8 +312,12 @@ def _energy_grad(energy: EnergyMember, x: torch.Tensor) -> tuple[torch.Tensor, t
     return e.float(), g.float()
 
 
-def steer(model: nn.Module, artefact: Artefact | str | Path,
-          settings: SteerSettings | Sequence[SteerSettings | None] | None = None, **overrides: Any) -> Steering:
+def steer(
+    model: nn.Module,
+    artefact: Artefact | str | Path,
+    settings: SteerSettings | Sequence[SteerSettings | None] | None = None,
+    **overrides: Any,
+) -> Steering:
     """`with steer(model, artefact, eta=..., steps=...): model.generate(...)` (see `Steering`)."""
     if not isinstance(artefact, Artefact):
         artefact = Artefact.load(artefact)

@@ -5,5 +5,14 @@ from els.training.energy import TrainConfig, train_energy
 from els.training.gate import fit_gate
 from els.training.recipe import Recipe, make_artefact, train
 
-__all__ = ["Collection", "Recipe", "TrainConfig", "collect", "fit_gate", "load_collection", "make_artefact",
-           "train", "train_energy"]
+__all__ = [
+    "Collection",
+    "Recipe",
+    "TrainConfig",
+    "collect",
+    "fit_gate",
+    "load_collection",
+    "make_artefact",
+    "train",
+    "train_energy",
+]

@@ -53,8 +53,9 @@ class Collection:
         return {s: sum(r.state == s for r in self.records) for s in STATES}
 
 
-def _meta(lm: LoadedModel, sets: list[PromptSet], max_new_tokens: int, batch_size: int, judge: Judge,
-          system: str | None) -> dict:
+def _meta(
+    lm: LoadedModel, sets: list[PromptSet], max_new_tokens: int, batch_size: int, judge: Judge, system: str | None
+) -> dict:
     return {
         "model": lm.name,
         "model_fingerprint": config_fingerprint(lm.model),
@@ -67,9 +68,18 @@ def _meta(lm: LoadedModel, sets: list[PromptSet], max_new_tokens: int, batch_siz
     }
 
 
-def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
-            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 16, system: str | None = None,
-            progress: bool = True, executor: Executor | None = None) -> Collection:
+def collect(
+    lm: LoadedModel,
+    sets: list[PromptSet],
+    out: Path,
+    *,
+    judge: Judge,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> Collection:
     """Run, judge and record every prompt of `sets` into `out`; resumes an interrupted run batch by batch.
 
     Each finished batch is written atomically to `out/batches/`, so a crash loses at most the batch in
@@ -104,17 +114,20 @@ def collect(lm: LoadedModel, sets: list[PromptSet], out: Path, *, judge: Judge,
     batches = length_batches(texts, lengths, batch_size)
     shard_dir = out / "batches"
     # Generation stops where the judge's verdict is fixed: the states are those of full-length answers.
-    todo = [Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon)
-            for b, idx in enumerate(batches) if not _shard_done(shard_dir, b, idx)]
+    todo = [
+        Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon)
+        for b, idx in enumerate(batches)
+        if not _shard_done(shard_dir, b, idx)
+    ]
     finished = (executor or LocalExecutor(lm)).map(todo)
-    for job, done in tqdm(finished, desc="collect", total=len(batches), initial=len(batches) - len(todo),
-                          disable=not progress):
+    for job, done in tqdm(
+        finished, desc="collect", total=len(batches), initial=len(batches) - len(todo), disable=not progress
+    ):
         b, idx = job.tag, batches[job.tag]
         answers, acts = done.texts, done.activations
         refused = judge([items[i][0] for i in idx], answers)
         rows = [
-            asdict(Record(items[i][0], items[i][1], items[i][2], a, r, state_of(items[i][1], r)))
-            | {"index": i}
+            asdict(Record(items[i][0], items[i][1], items[i][2], a, r, state_of(items[i][1], r))) | {"index": i}
             for i, a, r in zip(idx, answers, refused)
         ]
         write_atomic(shard_dir / f"{b:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -175,7 +188,8 @@ def check_fits(col: Collection, lm: LoadedModel, where: Path) -> None:
     cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
     want = (len(lm.blocks), cfg.hidden_size)
     if tuple(col.activations.shape[1:]) != want:
-        raise ValueError(f"{where / 'states.safetensors'}: activations of {col.activations.shape[1]} layers of "
-                         f"width {col.activations.shape[2]} do not fit --model {lm.name} ({want[0]} layers of "
-                         f"width {want[1]})")
-
+        raise ValueError(
+            f"{where / 'states.safetensors'}: activations of {col.activations.shape[1]} layers of "
+            f"width {col.activations.shape[2]} do not fit --model {lm.name} ({want[0]} layers of "
+            f"width {want[1]})"
+        )

@@ -88,13 +88,14 @@ def read_activations(path: Path, rows: int | None = None) -> torch.Tensor:
     except KeyError:
         raise ValueError(f"{path} holds no `activations` tensor") from None
     if acts.ndim != 3 or not acts.is_floating_point():
-        raise ValueError(f"{path}: activations must be a float [N, L, d] tensor, got {acts.dtype} "
-                         f"{list(acts.shape)}")
+        raise ValueError(f"{path}: activations must be a float [N, L, d] tensor, got {acts.dtype} {list(acts.shape)}")
     if rows is not None and acts.shape[0] != rows:
         raise ValueError(f"{path}: {acts.shape[0]} activation rows for {rows} records")
     if not torch.isfinite(acts).all():
         raise ValueError(f"{path}: activations contain NaN or infinity")
     if (largest := float(acts.abs().max())) > MAX_ACTIVATION:
-        raise ValueError(f"{path}: an activation of magnitude {largest:.3g} (at most {MAX_ACTIVATION:g} in a model's "
-                         f"residual stream)")
+        raise ValueError(
+            f"{path}: an activation of magnitude {largest:.3g} (at most {MAX_ACTIVATION:g} in a model's "
+            f"residual stream)"
+        )
     return acts

@@ -59,8 +59,13 @@ class TrainResult:
     history: list[list[float]] = field(default_factory=list)  # val AUC per epoch per layer
 
 
-def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = TrainConfig(),
-                 layers: list[int] | None = None, dtype: torch.dtype = torch.float32) -> TrainResult:
+def train_energy(
+    acts: torch.Tensor,
+    states: list[str],
+    cfg: TrainConfig = TrainConfig(),
+    layers: list[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TrainResult:
     """Train one energy model per layer on activations [N, L, d] labelled with the four states.
 
     Rows of the states `cfg.contrast` names take part (all four by default). Every step draws a batch of
@@ -80,8 +85,10 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
             "(or vice versa)."
         )
     used = [i for i, s in enumerate(states) if s in good_states + bad_states]
-    tr, va = ([used[i] for i in part] for part in stratified_split([states[i] for i in used], cfg.val_fraction,
-                                                                      cfg.seed, STATES))
+    tr, va = (
+        [used[i] for i in part]
+        for part in stratified_split([states[i] for i in used], cfg.val_fraction, cfg.seed, STATES)
+    )
     good = torch.tensor([s in good_states for s in states])
     x = acts[:, layers].transpose(0, 1).to(dtype)  # [S, N, d]
     x_tr, x_va = x[:, tr], x[:, va]
@@ -90,8 +97,9 @@ def train_energy(acts: torch.Tensor, states: list[str], cfg: TrainConfig = Train
     w_good, w_bad = balanced_weights(st_tr, good_states), balanced_weights(st_tr, bad_states)
 
     torch.manual_seed(cfg.seed)
-    model = EnergyStack(len(layers), acts.shape[-1], cfg.widths, cfg.dropout,
-                        seeds=[cfg.seed * 100_003 + layer for layer in layers]).to(dtype)
+    model = EnergyStack(
+        len(layers), acts.shape[-1], cfg.widths, cfg.dropout, seeds=[cfg.seed * 100_003 + layer for layer in layers]
+    ).to(dtype)
     model.set_standardisation(x_tr)
     # The fused CPU kernel is about 2.5x faster than the default here; Adam dominates a step for large stacks.
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
@@ -143,8 +151,12 @@ def evaluate_auc(model: EnergyStack, x: torch.Tensor, good: torch.Tensor) -> tor
     return auroc(e[:, ~good], e[:, good])  # P[E(good) < E(bad)]: shift-invariant, like the loss
 
 
-def fit_harm_probe(acts: torch.Tensor, harmful: torch.Tensor, train: list[int], l2: float = 1e-2,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_harm_probe(
+    acts: torch.Tensor,
+    harmful: torch.Tensor,
+    train: list[int],
+    l2: float = 1e-2,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer logistic regression of "the prompt is harmful" on activations [N, S, d], each layer on its
     standardised `train` rows (mean loss + l2 * |w|^2).
 

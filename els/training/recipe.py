@@ -1,7 +1,7 @@
 """The whole recipe in one call: collect states, train the energies, build the artefact, check it on held-out prompts.
 
-    lm = load_model("default")
-    art = train(lm, "runs/default")  # what `els run` does, with the same defaults
+lm = load_model("default")
+art = train(lm, "runs/default")  # what `els run` does, with the same defaults
 """
 
 from __future__ import annotations
@@ -91,8 +91,14 @@ def harm_sets(recipe: Recipe = Recipe()) -> HarmSets | None:
     return HarmSets([load_spec(s) for s in recipe.harm_data], exclude)
 
 
-def fit_harm_gate(lm: LoadedModel, recipe: Recipe = Recipe(), cache: Path | None = None, progress: bool = True,
-                  sets: HarmSets | None = None, collection: Collection | None = None) -> HarmGate | None:
+def fit_harm_gate(
+    lm: LoadedModel,
+    recipe: Recipe = Recipe(),
+    cache: Path | None = None,
+    progress: bool = True,
+    sets: HarmSets | None = None,
+    collection: Collection | None = None,
+) -> HarmGate | None:
     """The recipe's harm gate, from prompt-only forward passes of its pool (cached); None without a pool.
     Pool prompts the `collection` holds (recorded with the template's own system prompt) reuse its prefill
     states instead of running again."""
@@ -102,8 +108,17 @@ def fit_harm_gate(lm: LoadedModel, recipe: Recipe = Recipe(), cache: Path | None
     known = None
     if collection is not None and collection.meta.get("system") is None:
         known = {r.prompt: a for r, a in zip(collection.records, collection.activations)}
-    gate, _ = fit_gate(lm, sets.pool, [], cache or cache_dir() / "gate", exclude=sets.exclude, progress=progress,
-                       seed=recipe.train.seed, max_false_flag=recipe.harm_flag_rate, known=known)
+    gate, _ = fit_gate(
+        lm,
+        sets.pool,
+        [],
+        cache or cache_dir() / "gate",
+        exclude=sets.exclude,
+        progress=progress,
+        seed=recipe.train.seed,
+        max_false_flag=recipe.harm_flag_rate,
+        known=known,
+    )
     return gate
 
 
@@ -119,8 +134,16 @@ def fit(collection: Collection, recipe: Recipe = Recipe(), gate: HarmGate | None
         safety = train_energy(collection.activations, collection.states, safety_config(recipe.train))
     if gate is not None and settings.harm_gate is not None and recipe.pool_threshold:
         settings = replace(settings, harm_gate=gate.threshold)
-    return make_artefact(result, collection, recipe.train, settings, layer_rule=recipe.layer_rule,
-                         top_n=recipe.top_n, gate=gate, safety=safety)
+    return make_artefact(
+        result,
+        collection,
+        recipe.train,
+        settings,
+        layer_rule=recipe.layer_rule,
+        top_n=recipe.top_n,
+        gate=gate,
+        safety=safety,
+    )
 
 
 def safety_config(cfg: TrainConfig) -> TrainConfig:
@@ -128,16 +151,30 @@ def safety_config(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, contrast="safety")
 
 
-def train(lm: LoadedModel, out: Path | str, *, benign: list[PromptSet] | None = None,
-          harmful: list[PromptSet] | None = None, recipe: Recipe = Recipe(), progress: bool = True) -> Artefact:
+def train(
+    lm: LoadedModel,
+    out: Path | str,
+    *,
+    benign: list[PromptSet] | None = None,
+    harmful: list[PromptSet] | None = None,
+    recipe: Recipe = Recipe(),
+    progress: bool = True,
+) -> Artefact:
     """Collect into OUT/collect (resumable), train, and save OUT/artefact; returns the artefact, ready for `steer`."""
     out = Path(out)
     benign = benign or [load_prompts(s).with_kind("benign") for s in DEFAULT_BENIGN]
     harmful = harmful or [load_prompts(s).with_kind("harmful") for s in DEFAULT_HARMFUL]
     sets = harm_sets(recipe)  # a missing input fails here, before any generation
-    col = collect(lm, [*benign, *harmful], out / "collect", judge=get_judge(recipe.judge),
-                  max_new_tokens=recipe.max_new_tokens, batch_size=recipe.batch_size, system=recipe.system,
-                  progress=progress)
+    col = collect(
+        lm,
+        [*benign, *harmful],
+        out / "collect",
+        judge=get_judge(recipe.judge),
+        max_new_tokens=recipe.max_new_tokens,
+        batch_size=recipe.batch_size,
+        system=recipe.system,
+        progress=progress,
+    )
     art = fit(col, recipe, fit_harm_gate(lm, recipe, progress=progress, sets=sets, collection=col))
     art.save(out / "artefact")
     return art
@@ -157,8 +194,16 @@ def held_out(collection: Collection, cfg: TrainConfig) -> list[int]:
     return [i for i in range(len(states)) if i not in trained]
 
 
-def validate(lm: LoadedModel, artefact: Artefact, collection: Collection, rows: list[int], judge: Judge, *,
-             n: int = VALIDATION_PROMPTS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict[str, dict[str, float]]:
+def validate(
+    lm: LoadedModel,
+    artefact: Artefact,
+    collection: Collection,
+    rows: list[int],
+    judge: Judge,
+    *,
+    n: int = VALIDATION_PROMPTS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> dict[str, dict[str, float]]:
     """Benign compliance and harmful refusal, base and steered with the artefact's own settings, on up to `n`
     prompts per kind of `rows` (see `held_out`)."""
     held = [collection.records[i] for i in rows]
@@ -169,8 +214,9 @@ def validate(lm: LoadedModel, artefact: Artefact, collection: Collection, rows: 
             continue
         for name in ("base", "steered"):
             with Steering(lm.model, artefact) if name == "steered" else nullcontext():
-                answers = generate(lm, prompts, max_new_tokens=max_new_tokens, system=collection.meta["system"],
-                                   horizon=judge.horizon)
+                answers = generate(
+                    lm, prompts, max_new_tokens=max_new_tokens, system=collection.meta["system"], horizon=judge.horizon
+                )
             refused = judge(prompts, answers)
             share = sum(refused) / len(prompts)
             out.setdefault(name, {})[key] = 1 - share if kind == "benign" else share
@@ -178,10 +224,18 @@ def validate(lm: LoadedModel, artefact: Artefact, collection: Collection, rows: 
     return out
 
 
-def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainConfig,
-                  settings: SteerSettings = SteerSettings(), *, layer_rule: str = DEFAULT_LAYER_RULE,
-                  top_n: int = DEFAULT_TOP_N, trained_layers: list[int] | None = None,
-                  gate: HarmGate | None = None, safety: TrainResult | None = None) -> Artefact:
+def make_artefact(
+    result: TrainResult,
+    collection: Collection,
+    train_cfg: TrainConfig,
+    settings: SteerSettings = SteerSettings(),
+    *,
+    layer_rule: str = DEFAULT_LAYER_RULE,
+    top_n: int = DEFAULT_TOP_N,
+    trained_layers: list[int] | None = None,
+    gate: HarmGate | None = None,
+    safety: TrainResult | None = None,
+) -> Artefact:
     """Record per-layer validation AUC, choose `top_n` layers by `layer_rule` (see `steer_layers`), and
     calibrate per-layer gate offsets and step scales. `trained_layers`: the collection's layers the energy
     models belong to (default all). `gate`: the harm gate (els.training.gate.fit_gate); without one, a probe
@@ -221,32 +275,46 @@ def make_artefact(result: TrainResult, collection: Collection, train_cfg: TrainC
         "layer_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.val_auc)},
         "layer_train_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.train_auc)},
         # eta is a fraction of this norm, so one setting means the same push at every layer and model.
-        "hidden_norm": {str(layer): round(float(acts[:, i].norm(dim=-1).mean()), 4)
-                        for i, layer in enumerate(trained_layers)},
+        "hidden_norm": {
+            str(layer): round(float(acts[:, i].norm(dim=-1).mean()), 4) for i, layer in enumerate(trained_layers)
+        },
         # The loss is shift-invariant, so energies are only comparable within a layer: the gate compares
         # E - offset, with offset the layer's best validation split between good and bad.
         "gate_offset": {str(layer): round(float(o), 6) for layer, o in zip(trained_layers, offsets)},
         "probe_val_acc": {str(layer): round(float(a), 4) for layer, a in zip(trained_layers, probe_acc)},
         "steer": {"layers": None, "layer_rule": layer_rule, **settings.manifest()},
-        "energy": {"contrast": train_cfg.contrast, "widths": list(train_cfg.widths), "dropout": train_cfg.dropout,
-                   "tau": train_cfg.tau,
-                   "lr": train_cfg.lr, "batch_size": train_cfg.batch_size, "epochs_run": result.epochs_run,
-                   "seed": train_cfg.seed},
-        "data": {"counts": collection.counts(), "sets": m["sets"], "judge": m["judge"],
-                 "max_new_tokens": m["max_new_tokens"], "system": m["system"]},
+        "energy": {
+            "contrast": train_cfg.contrast,
+            "widths": list(train_cfg.widths),
+            "dropout": train_cfg.dropout,
+            "tau": train_cfg.tau,
+            "lr": train_cfg.lr,
+            "batch_size": train_cfg.batch_size,
+            "epochs_run": result.epochs_run,
+            "seed": train_cfg.seed,
+        },
+        "data": {
+            "counts": collection.counts(),
+            "sets": m["sets"],
+            "judge": m["judge"],
+            "max_new_tokens": m["max_new_tokens"],
+            "system": m["system"],
+        },
     }
     if safety is not None:
         manifest["safety"] = {
             "contrast": "safety",
             "layer_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, safety.val_auc)},
             "layer_train_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, safety.train_auc)},
-            "epochs_run": safety.epochs_run}
+            "epochs_run": safety.epochs_run,
+        }
     elif settings.harm_gate is not None and settings.flagged == "refuse":
         raise ValueError("flagged='refuse' needs the safety energy: pass the TrainResult of safety_config")
     manifest["steer"]["layers"] = steer_layers(manifest, layer_rule, top_n)
     if gate is None:
         threshold = settings.harm_gate if isinstance(settings.harm_gate, float) else 0.5
-        gate = layer_probes_gate(trained_layers, num_layers, manifest["steer"]["layers"][0], probe_w, probe_b,
-                                  threshold)
+        gate = layer_probes_gate(
+            trained_layers, num_layers, manifest["steer"]["layers"][0], probe_w, probe_b, threshold
+        )
     manifest["harm_gate_probe"] = {k: v for k, v in gate.report.items() if k != "search"}
     return Artefact(result.energy, manifest, gate, None if safety is None else safety.energy)
