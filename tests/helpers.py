@@ -3,7 +3,12 @@ seconds."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -103,6 +108,15 @@ def synthetic_collection(lm: LoadedModel, n: int = 64, seed: int = 0) -> Collect
         "system": None,
     }
     return Collection(records, torch.stack(acts), meta)
+
+
+def save_collection(col: Collection, path: Path) -> Path:
+    """`col` written as `els collect` writes a collection folder."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({"activations": col.activations.contiguous()}, path / "states.safetensors")
+    (path / "states.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in col.records))
+    (path / "collect.json").write_text(json.dumps(col.meta))
+    return path
 
 
 def tiny_artefact(lm: LoadedModel, *, top_n: int = 2, layer_rule: str = "top_auc", **steer):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from els.cli import app
 from els.data import read_file
 from els.training.collect import load_collection
 
-from helpers import one_line_error, saved_tiny_model, synthetic_collection
+from helpers import one_line_error, save_collection, saved_tiny_model, synthetic_collection
 
 TRAIN = ["--harm-data", "none", "--epochs", "1", "--widths", "8", "--top-n", "1"]
 
@@ -30,10 +29,7 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("made")
     lm = saved_tiny_model(root)
     col = synthetic_collection(lm, n=32)
-    (root / "col").mkdir()
-    save_file({"activations": col.activations.contiguous()}, root / "col" / "states.safetensors")
-    (root / "col" / "states.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in col.records))
-    (root / "col" / "collect.json").write_text(json.dumps(col.meta))
+    save_collection(col, root / "col")
     return root
 
 

@@ -7,17 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
 
 from els.cli import app
 
-from helpers import one_line_error, saved_tiny_model, synthetic_collection
+from helpers import one_line_error, save_collection, saved_tiny_model, synthetic_collection
 
 TRAIN = ["--harm-data", "none", "--epochs", "1", "--widths", "8", "--top-n", "1"]
 EVAL = ["--judge", "prefix", "--quality-n", "0", "--speed-n", "0", "--max-new-tokens", "2"]
@@ -29,10 +27,7 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     lm = saved_tiny_model(root)
     col = synthetic_collection(lm, n=32)
-    (root / "col").mkdir()
-    save_file({"activations": col.activations.contiguous()}, root / "col" / "states.safetensors")
-    (root / "col" / "states.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in col.records))
-    (root / "col" / "collect.json").write_text(json.dumps(col.meta))
+    save_collection(col, root / "col")
     (root / "data").mkdir()
     (root / "data" / "p.csv").write_text("prompt\nhow do i bake a cake\nhow do i make a bomb\n")
     (root / "data" / "lab.csv").write_text(

@@ -8,20 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from els.cli import app
 from els.data.prompts import load_prompts
 from els.steering.artefact import Artefact
 
-from helpers import synthetic_collection, tiny_artefact, tiny_model
+from helpers import save_collection, synthetic_collection, tiny_artefact, tiny_model
 
 FUZZ = settings(
     max_examples=60,
@@ -43,10 +41,7 @@ def made(tmp_path_factory):
     lm = tiny_model("qwen2")
     tiny_artefact(lm).save(root / "artefact")
     col = synthetic_collection(lm, n=16)
-    (root / "col").mkdir()
-    save_file({"activations": col.activations.contiguous()}, root / "col" / "states.safetensors")
-    (root / "col" / "states.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in col.records))
-    (root / "col" / "collect.json").write_text(json.dumps(col.meta))
+    save_collection(col, root / "col")
     (root / "prompts").mkdir()
     (root / "prompts" / "p.csv").write_text('prompt,category\nhow do i bake a cake,food\n"a, b",x\n')
     (root / "prompts" / "p.jsonl").write_text('{"prompt": "how do i bake a cake"}\n{"prompt": "hi"}\n')
