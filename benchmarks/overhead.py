@@ -92,7 +92,7 @@ def gate_skips(lm, art: Artefact, threshold: float, new_tokens: int) -> dict[str
     shares = {}
     for name, prompts in sets.items():
         texts = chat_texts(lm.tokenizer, user_conversations(prompts))
-        with Steering(lm.model, art, threshold=threshold) as s:
+        with Steering(lm.model, art, energy_gate=threshold) as s:
             generate_batch(lm, texts, new_tokens)
         rep = s.report().values()
         taken, skipped = sum(r["steps_taken"] for r in rep), sum(r["steps_skipped"] for r in rep)

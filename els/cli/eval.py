@@ -330,7 +330,18 @@ def eval_cmd(
     with ray_executor(lm, ray, ray_address, workers, device, dtype, None) as ex:
         # the gate-composed methods are read at the threshold ELS itself runs at
         gate = (art.gate, gate_threshold(art, settings)) if art is not None else None
-        summary = evaluate(lm, chosen, sets, out, cfg, judges, log=console.print, executor=ex, gate=gate)
+        summary = evaluate(
+            lm,
+            chosen,
+            sets,
+            out,
+            cfg,
+            judges,
+            log=console.print,
+            executor=ex,
+            gate=gate,
+            kl_gated=settings is not None and settings.harm_gate is not None,
+        )
     plots = write_report(summary, out, art, states)
     table = Table("benchmark", "kind", "n", *[m.name for m in chosen], title=f"refusal rate (judge {summary.judge})")
     for name, b in summary.benchmarks.items():

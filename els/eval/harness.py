@@ -277,13 +277,15 @@ def evaluate(
     log: Log = print,
     executor: Executor | None = None,
     gate: tuple[HarmGate, float] | None = None,
+    kl_gated: bool = True,
 ) -> Summary:
     """Run every method on every set, judge, measure quality and speed; return the summary (also written to
     OUT/summary.json). `judges` default to `get_judge` of `cfg.judges`, sharing `lm` where it is the judge model.
     `executor` generates the answers (default: here; `els.parallel.ray_executor.RayExecutor`: on Ray workers);
     judging, KL and speed run here on `lm`. With `gate` (a harm gate and its threshold), each method of
-    `COMPOSED` whose two parts are among the methods is reported too (els.eval.comparison); every method
-    gets exact McNemar tests against base per set and pooled (`paired`)."""
+    `COMPOSED` whose two parts are among the methods is reported too (els.eval.comparison), and KL to base is
+    measured on the harmless prompts it passes (`kl_gated`: ELS runs behind that gate; else on all of them);
+    every method gets exact McNemar tests against base per set and pooled (`paired`)."""
     out = Path(out)
     t_start = time.perf_counter()
     judges = judges or [get_judge(name, lm) for name in cfg.judges]
@@ -349,7 +351,9 @@ def evaluate(
             }
 
     t = time.perf_counter()
-    quality, capability = _quality(lm, methods, runner, stores, sets, headline, cfg, out, log, gate)
+    quality, capability = _quality(
+        lm, methods, runner, stores, sets, headline, cfg, out, log, gate if kl_gated else None
+    )
     timings["quality_s"] = time.perf_counter() - t
     t = time.perf_counter()
     speed: dict[str, list[Speed]] = {}
