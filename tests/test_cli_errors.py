@@ -374,7 +374,7 @@ def test_fuzzed_manifests_load_or_fail_on_one_line(made, tmp_path):
     def one(edits):
         m = json.loads(json.dumps(original))
         for path, key, value, remove in edits:
-            node = m if not path else m[path[0]]
+            node = m if not path else m.get(path[0])  # an earlier edit may have removed it
             if not isinstance(node, dict):
                 continue
             if remove:
