@@ -15,8 +15,9 @@ from els.core.executor import LocalExecutor
 from els.core.models import load_model
 from els.data.promptset import PromptSet
 from els.eval.cache import model_fingerprint
-from els.eval.harness import EvalConfig, Generation, evaluate
+from els.eval.harness import EvalConfig, evaluate
 from els.eval.methods import MethodContext, resolve_methods
+from els.eval.runner import Generation
 from els.parallel import ray_executor as distributed
 from els.parallel.ray_executor import INSTALL_HINT, ModelSpec, RayExecutor
 from els.training.collect import collect

@@ -14,14 +14,16 @@ from els.cli.main import app
 from els.core.stats import wilson
 from els.data.prompts import data_dir, load_benchmark
 from els.eval import cache as store
-from els.eval import harness as ev
 from els.eval import methods as registry
+from els.eval import runner
 from els.eval.agreement import agreement, cohen_kappa, judge_check
 from els.eval.cache import CompletionFile
 from els.eval.comparison import gated_verdicts, mcnemar
-from els.eval.harness import EvalConfig, Generation, evaluate, kl_to_base
+from els.eval.harness import EvalConfig, evaluate
 from els.eval.methods import Base, Els, MethodContext, resolve_methods
+from els.eval.quality import kl_to_base
 from els.eval.report import write_report
+from els.eval.runner import Generation
 from els.eval.summary import Summary
 from els.judges.model import (
     LearnedJudge,
@@ -252,7 +254,7 @@ def test_interrupted_run_resumes(tmp_path, files, monkeypatch):
     lm = tiny_model("llama")
     methods = resolve_methods(["base"], MethodContext())
     out = tmp_path / "eval"
-    real = ev.generate_batch
+    real = runner.generate_batch
     calls = {"n": 0}
 
     def dies_in_the_third_batch(*args, **kwargs):
@@ -261,10 +263,10 @@ def test_interrupted_run_resumes(tmp_path, files, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "generate_batch", dies_in_the_third_batch)
+    monkeypatch.setattr(runner, "generate_batch", dies_in_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run_eval(lm, methods, files, out, quality_n=0, speed_n=0)
-    monkeypatch.setattr(ev, "generate_batch", real)
+    monkeypatch.setattr(runner, "generate_batch", real)
     path = out / "completions" / "base" / f"{store.slug(str(files['benign']) + ':prompt')}.jsonl"
     assert len(path.read_text().splitlines()) == 5  # the benign set's two batches (3 + 2) survived
     with path.open("a") as f:

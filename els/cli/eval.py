@@ -256,10 +256,11 @@ def eval_cmd(
     from els.data.capability import mmlu_path
     from els.data.prompts import load_benchmark
     from els.eval.baselines import gate_threshold
-    from els.eval.harness import EvalConfig, Generation, evaluate
+    from els.eval.harness import EvalConfig, evaluate
     from els.eval.methods import MethodContext, resolve_methods
     from els.eval.quality import letter_tokens
     from els.eval.report import write_report
+    from els.eval.runner import Generation
     from els.judges.model import DEFAULT_EVAL_JUDGE
     from els.training.collect import load_collection
 
