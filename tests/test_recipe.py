@@ -64,7 +64,7 @@ def test_held_out_rows_are_disjoint_from_every_training_row():
         assert kinds == {"benign", "harmful"}, contrast
 
 
-def test_validate_reports_both_kinds_and_base_equals_a_direct_generate_and_judge():
+def test_validate_reports_both_kinds_base_from_the_collection_and_steered_from_a_direct_generate():
     lm = tiny_model("qwen2")
     col = synthetic_collection(lm)
     art = fit(col, TINY)
@@ -75,10 +75,11 @@ def test_validate_reports_both_kinds_and_base_equals_a_direct_generate_and_judge
     for name in out:
         assert out[name]["benign_n"] == out[name]["harmful_n"] == 5
     for kind, key in (("benign", "benign_compliance"), ("harmful", "harmful_refusal")):
-        prompts = [r.prompt for r in col.records if r.kind == kind][:5]
-        for name in ("base", "steered"):
-            with steer(lm.model, art) if name == "steered" else torch.no_grad():
-                refused = judge(prompts, generate(lm, prompts, max_new_tokens=4))
+        records = [r for r in col.records if r.kind == kind][:5]
+        prompts = [r.prompt for r in records]
+        with steer(lm.model, art):
+            steered = judge(prompts, generate(lm, prompts, max_new_tokens=4))
+        for name, refused in (("base", [r.refused for r in records]), ("steered", steered)):
             share = sum(refused) / len(prompts)
             assert out[name][key] == (1 - share if kind == "benign" else share)
 

@@ -6,7 +6,6 @@ art = train(lm, "runs/default")  # what `els run` does, with the same defaults
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -205,19 +204,20 @@ def validate(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> dict[str, dict[str, float]]:
     """Benign compliance and harmful refusal, base and steered with the artefact's own settings, on up to `n`
-    prompts per kind of `rows` (see `held_out`)."""
+    prompts per kind of `rows` (see `held_out`). Base is the collection's own verdict on those rows: the same
+    model answered them there, so only the steered answers are generated."""
     held = [collection.records[i] for i in rows]
     out: dict[str, dict[str, float]] = {}
     for kind, key in (("benign", "benign_compliance"), ("harmful", "harmful_refusal")):
-        prompts = [r.prompt for r in held if r.kind == kind][:n]
-        if not prompts:
+        records = [r for r in held if r.kind == kind][:n]
+        if not records:
             continue
-        for name in ("base", "steered"):
-            with Steering(lm.model, artefact) if name == "steered" else nullcontext():
-                answers = generate(
-                    lm, prompts, max_new_tokens=max_new_tokens, system=collection.meta["system"], horizon=judge.horizon
-                )
-            refused = judge(prompts, answers)
+        prompts = [r.prompt for r in records]
+        with Steering(lm.model, artefact):
+            answers = generate(
+                lm, prompts, max_new_tokens=max_new_tokens, system=collection.meta["system"], horizon=judge.horizon
+            )
+        for name, refused in (("base", [r.refused for r in records]), ("steered", judge(prompts, answers))):
             share = sum(refused) / len(prompts)
             out.setdefault(name, {})[key] = 1 - share if kind == "benign" else share
             out[name][f"{kind}_n"] = len(prompts)
