@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from els.core.hooks import record_last_token
+from els.core.hooks import prompt_states, record_last_token
 from els.core.models import chat_texts, user_conversations
 from els.eval.baselines import fit_baselines
 from els.eval.cache import method_config
@@ -52,6 +52,17 @@ def test_pre_pass_reads_the_unsteered_prefill_and_changes_nothing(family):
     torch.testing.assert_close(state.p_harm, gate.probability(captured[2]), rtol=1e-5, atol=1e-6)
     assert torch.equal(state.allowed, state.p_harm < 0.5)
     assert torch.equal(out, expected)  # the pre-pass leaves the cache and the answers alone
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_states_share_the_template_prefix_and_read_what_generation_reads(family):
+    lm = tiny_model(family)
+    texts = chat_texts(lm.tokenizer, user_conversations(PROMPTS))
+    with record_last_token(lm.blocks) as captured:
+        _generate(lm, _inputs(lm))  # the prefill generate runs, left padding and all
+    states = prompt_states(lm, texts)
+    torch.testing.assert_close(states, torch.stack(captured, dim=1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(prompt_states(lm, texts[1:2])[0], states[1], rtol=1e-4, atol=1e-5)  # alone = in a batch
 
 
 def _split_gate(lm, enc, layer: int) -> HarmGate:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from els.core.models import LoadedModel, block_input
 
@@ -58,21 +60,58 @@ class StopForward(Exception):
 def prompt_states(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     """[B, L, d]: each block's input at the last prompt token (the prefill, no generation), with generate's
     position ids under left padding: a row reads the same alone or in a padded batch, and what it will read
-    at generation time. The one recorder of prompt activations (gate training, gate calibration, tuning)."""
-    enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.model.device)
+    at generation time. The one recorder of prompt activations (gate training, gate calibration, tuning).
+
+    The token prefix every row shares (the chat template's system turn and user header: about half of a short
+    prompt) runs once and its keys and values serve the whole batch; the rows run only their own tokens."""
+    ids = lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    shared = _shared_prefix(ids)
+    device = lm.model.device
     blocks = lm.blocks
 
-    def stop(module, args, kwargs):
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
         raise StopForward
 
-    # generate's position ids under left padding, so the gate reads what it will read at generation time
-    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    with record_last_token(blocks) as captured:
-        handle = blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)  # after the recorder's hook
+    def run(**inputs: object) -> None:
+        handle = blocks[-1].register_forward_pre_hook(stop, with_kwargs=True)  # after any recorder's hook
         try:
-            lm.model(**enc, position_ids=positions, use_cache=False)
+            lm.model(**inputs)
         except StopForward:
-            pass  # skips the last block and the vocabulary projection, which the gate never reads
+            pass  # skips the last block and the vocabulary projection, which nothing here reads
         finally:
             handle.remove()
+
+    # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40); 4.x knows only the old one
+    cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    past = None
+    if shared:
+        past = DynamicCache()
+        run(input_ids=torch.tensor([shared], device=device), use_cache=True, **{cache_arg: past})
+        past.batch_repeat_interleave(len(texts))
+    rest = [row[len(shared) :] for row in ids]
+    width = max(map(len, rest))
+    pad = lm.tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=device)
+    own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=device)
+    mask = torch.cat([torch.ones(len(rest), len(shared), dtype=own.dtype, device=device), own], dim=1)
+    # generate's position ids under left padding (count of real tokens before each one), so the gate reads
+    # what it will read at generation time
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, len(shared) :]
+    with record_last_token(blocks) as captured:
+        run(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{cache_arg: past},
+            use_cache=past is not None,
+        )
     return torch.stack(captured, dim=1)  # type: ignore[arg-type]
+
+
+def _shared_prefix(rows: list[list[int]]) -> list[int]:
+    """The longest token prefix of every row that still leaves each row at least its last token."""
+    n = min(len(r) for r in rows) - 1
+    for i in range(max(n, 0)):
+        if any(r[i] != rows[0][i] for r in rows):
+            return rows[0][:i]
+    return rows[0][: max(n, 0)]
