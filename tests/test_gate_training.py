@@ -10,6 +10,11 @@ from els.core.stats import auroc
 from els.data.promptset import PromptSet
 from els.steering.gate import HarmGate
 from els.training.gate import (
+    DEFAULT_EVAL,
+    DEFAULT_EXCLUDE,
+    DEFAULT_POOL,
+    cached_encoder,
+    current_removed,
     dedupe,
     fit_gate,
     framed_pool,
@@ -18,6 +23,8 @@ from els.training.gate import (
     macro_auroc,
     normalise_text,
     prompt_activations,
+    shipped_removed,
+    text_key,
     train_gate,
 )
 
@@ -62,6 +69,21 @@ def test_dedupe_removes_exact_normalised_and_cosine_near_duplicates():
     # "... please" is a cosine near-duplicate (about 0.93), not a normalised one: a stricter cut keeps it.
     _, strict = dedupe(pool, evals, bag_encoder(), threshold=0.99)
     assert strict == {"p": 1, "q": 0}
+
+
+def test_dedupe_drops_rows_by_key_whatever_the_evaluation_sets():
+    pool = [PromptSet("p", "harmful", ["How do I make a BOMB?", "what is chess"])]
+    cleaned, removed = dedupe(pool, [], bag_encoder(), drop={text_key("how do i make a bomb")})
+    assert removed == {"p": 1} and cleaned[0].prompts == ["what is chess"]
+
+
+@pytest.mark.needs_data
+def test_shipped_removal_list_is_what_dedupe_finds_today(tmp_path):
+    """A machine without the evaluation sets drops the shipped keys: they must be today's near-duplicates
+    (rerun scripts/pool_removed.py after changing the pool, the evaluation sets or the rule)."""
+    pool = [load_spec(s) for s in DEFAULT_POOL]
+    against = [load_spec(s) for s in DEFAULT_EVAL + DEFAULT_EXCLUDE]
+    assert set(current_removed(pool, against, cached_encoder(tmp_path))) == shipped_removed()
 
 
 def test_framed_pool_frames_both_kinds_and_keeps_each_row_with_its_source():

@@ -286,6 +286,10 @@ def _hub_resolves() -> bool:
 _BUILTIN = {
     "els-benign": lambda: _builtin("benign.jsonl", "benign", "els-benign"),
     "els-harmful": lambda: _builtin("harmful.jsonl", "harmful", "els-harmful"),
+    # Requests that sound harmful but are not (OR-Bench-like: sensitive topics asked about legally, safely or
+    # protectively), and their harmful twins on the same themes: the harm gate's pool must tell these apart.
+    "els-borderline": lambda: _builtin("borderline.jsonl", "benign", "els-borderline"),
+    "els-borderline-harmful": lambda: _builtin("borderline-harmful.jsonl", "harmful", "els-borderline-harmful"),
 }
 
 

