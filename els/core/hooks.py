@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def record_last_token(blocks: nn.ModuleList) -> Iterator[list[torch.Tensor | Non
     captured: list[torch.Tensor | None] = [None] * len(blocks)
 
     def make_hook(i: int) -> PreHook:
-        def hook(module, args, kwargs):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if captured[i] is None:
                 captured[i] = block_input(args, kwargs)[:, -1].float().cpu()
 
@@ -62,7 +62,7 @@ def prompt_states(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     enc = lm.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.model.device)
     blocks = lm.blocks
 
-    def stop(module, args, kwargs):
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> NoReturn:
         raise StopForward
 
     # generate's position ids under left padding, so the gate reads what it will read at generation time

@@ -24,7 +24,7 @@ STATE_COLOURS = {
 }
 
 
-def figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[Figure, Any]:
+def figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
     """A figure drawn by the Agg backend whatever backend the caller's matplotlib uses (no GUI, no global state)."""
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from els.eval.methods import Base, Els, Method
 from els.judges.model import Judge
 from els.steering.artefact import LAYER_RULES, Artefact, steer_layers
 from els.steering.settings import POSITIONS, SteerSettings
+
+if TYPE_CHECKING:
+    import optuna
 
 OBJECTIVES = ("benign_compliance", "harmful_refusal")
 DEFAULT_BENIGN = ["orbench-hard@val", "oktest@val"]  # XSTest is a test set in the protocol: never tuned on
@@ -289,7 +293,7 @@ def tune(
     return result
 
 
-def report(study, manifest: dict, out: Path, tolerance: float, max_nll_increase: float) -> dict:
+def report(study: optuna.Study, manifest: dict, out: Path, tolerance: float, max_nll_increase: float) -> dict:
     """The trials, Pareto front and chosen point as a dict; writes pareto.md and pareto.png."""
     import optuna
 
