@@ -202,15 +202,11 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     art.save(out)
-    m = art.manifest
+    auc, train_auc = art.manifest.auc(), art.manifest.train_auc()
+    assert train_auc is not None, "make_artefact records the training AUC"
     table = Table("layer", "val AUC", "train AUC", "steered", title="energy models")
-    for layer in m["trained_layers"]:
-        table.add_row(
-            str(layer),
-            f"{m['layer_auc'][str(layer)]:.3f}",
-            f"{m['layer_train_auc'][str(layer)]:.3f}",
-            "*" if layer in art.layers else "",
-        )
+    for layer in art.manifest.trained_layers:
+        table.add_row(str(layer), f"{auc[layer]:.3f}", f"{train_auc[layer]:.3f}", "*" if layer in art.layers else "")
     console.print(table)
     st = art.settings
     g = art.gate.report.get("gate", art.gate.report)

@@ -124,8 +124,8 @@ class Steering:
             spec = _Layer(
                 self.artefact.energy.member(member, device, self.energy_dtype),
                 None if safety is None else safety.member(member, device, self.energy_dtype),
-                m["hidden_norm"][str(layer)],
-                m["gate_offset"][str(layer)],
+                m.hidden_norm_of(layer),
+                m.gate_offset_of(layer),
                 None if direction is None else direction.to(device),
                 self.stats[layer],
             )
