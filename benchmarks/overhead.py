@@ -137,9 +137,9 @@ def main() -> None:
     torch.manual_seed(0)
     lm = random_weights(args.model, args.device) if args.random_weights else load_model(args.model, device=args.device)
     art = Artefact.load(args.steer)
-    s = art.manifest["steer"]
+    s = art.manifest.steer
     print(
-        f"model {args.model} ({lm.model.dtype}), layers {s['layers']}, eta {s['eta']}, K {s['steps']}, "
+        f"model {args.model} ({lm.model.dtype}), layers {s.layers}, eta {s.eta}, K {s.steps}, "
         f"positions {args.positions}, {args.new_tokens} new tokens, {args.repeats} alternating repeats, "
         f"energies in {args.energy_dtype}"
     )

@@ -81,7 +81,7 @@ def synthetic_artefact(lm) -> Artefact:
     train = TrainConfig(epochs=5)
     result = train_energy(col.activations, col.states, train)
     art = make_artefact(result, col, train, SteerSettings(eta=0.05, steps=3, energy_gate=None, harm_gate=None), top_n=3)
-    art.manifest["steer"]["layers"] = [layers // 2 - 2, layers // 2, layers // 2 + 2]
+    art.manifest.steer.layers = [layers // 2 - 2, layers // 2, layers // 2 + 2]
     return art
 
 

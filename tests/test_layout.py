@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from els.eval.cache import cache_key, digest, method_config
+from els.core.generation import generate_batch
+from els.eval.cache import artefact_digest, cache_key, digest, method_config
 from els.eval.methods import Base
 from els.steering.artefact import Artefact
 from els.steering.gate import GateState
@@ -20,6 +21,8 @@ from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
 
 from helpers import tiny_artefact, tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_steer_imports_neither_collection_nor_judges():
@@ -48,6 +51,56 @@ def test_old_manifest_with_gate_reads_as_threshold(tmp_path):
     (tmp_path / "a" / "els.json").write_text(json.dumps(manifest))
     old = Artefact.load(tmp_path / "a")
     assert old.settings.energy_gate == 0.25 and old.settings == art.settings
+
+
+@pytest.mark.parametrize(
+    "name, digest_, gate_threshold, settings",
+    [
+        # format 1: a probe per trained layer, read at the first steered layer at the steering threshold; the
+        # energy gate under its older name; no safety energy, so flagged rows are left alone
+        (
+            "artefact-format1",
+            "a1c6f084d3390b30",
+            0.4,
+            SteerSettings(eta=0.5, steps=3, harm_gate=0.4, flagged="leave", positions="last"),
+        ),
+        # format 2: the harm gate's own tensors and report, the safety energy, the weights' sha256
+        (
+            "artefact-format2",
+            "0a6dd89a46f36ab1",
+            pytest.approx(0.45),  # stored as float32
+            SteerSettings(eta=0.5, steps=3, harm_gate=0.45, flagged="refuse", refuse_eta=0.3, positions="last"),
+        ),
+    ],
+)
+def test_checked_in_artefacts_of_each_format_load_steer_and_save_back(
+    tmp_path, name, digest_, gate_threshold, settings
+):
+    """Artefacts that els wrote at each format before the manifest became a typed object."""
+    source = FIXTURES / name
+    art = Artefact.load(source)
+    assert art.layers == [1, 2] and art.settings == settings
+    assert art.gate.layer == 1 and art.gate.threshold == gate_threshold
+    assert (art.safety is not None) == (settings.flagged == "refuse")
+    assert artefact_digest(art) == digest_  # answers cached for it stay valid
+    lm = tiny_model("qwen2")  # the model they were trained for
+    with Steering(lm.model, art, harm_gate=None) as s:  # every row steps, whichever way the gate would route it
+        generate_batch(lm, ["what is chess", "how do i make a bomb"], max_new_tokens=2)
+    assert sum(layer["steps_taken"] for layer in s.report().values()) > 0
+    art.save(tmp_path / "a")
+    again = Artefact.load(tmp_path / "a")
+    assert (again.layers, again.settings) == (art.layers, art.settings)
+    assert again.gate.threshold == pytest.approx(art.gate.threshold) and torch.equal(again.gate.weight, art.gate.weight)
+    written = json.loads((tmp_path / "a" / "els.json").read_text())
+    if name == "artefact-format2":  # read and written back byte for byte
+        for file in ("els.json", "energy.safetensors"):
+            assert (tmp_path / "a" / file).read_bytes() == (source / file).read_bytes(), file
+    else:  # written at today's format, with the gate the way it stores it
+        assert written["format_version"] == 2 and written["harm_gate_probe"]["threshold"] == 0.4
+        old = json.loads((source / "els.json").read_text())
+        assert {k: v for k, v in written.items() if k not in ("format_version", "harm_gate_probe", "weights")} == {
+            k: v for k, v in old.items() if k != "format_version"
+        }
 
 
 @pytest.mark.parametrize("failing", ["energy.safetensors", "els.json"])

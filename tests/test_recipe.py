@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -34,12 +35,12 @@ def test_fit_uses_the_recipe_defaults_and_matches_the_steps_it_chains():
     lm = tiny_model("qwen2")
     col = synthetic_collection(lm)
     art = fit(col, TINY)
-    assert art.manifest["energy"]["contrast"] == TrainConfig().contrast == "benign"
+    assert art.manifest.energy.contrast == TrainConfig().contrast == "benign"
     assert art.settings == TINY.settings == SteerSettings()  # the library's defaults are the recipe's
     assert len(art.layers) == TINY.top_n
     again = fit(col, TINY)  # deterministic: the same artefact twice
     h = torch.randn(3, 5, 32)
-    assert torch.equal(art.energy(h), again.energy(h)) and art.manifest["steer"] == again.manifest["steer"]
+    assert torch.equal(art.energy(h), again.energy(h)) and art.manifest.steer == again.manifest.steer
 
 
 def _trained_rows(col, cfg: TrainConfig) -> tuple[set[int], set[int]]:
@@ -102,7 +103,7 @@ def test_train_collects_fits_and_saves_a_steerable_artefact(tmp_path, monkeypatc
     art = train(lm, tmp_path, benign=[benign], harmful=[harmful], recipe=TINY, progress=False)
     assert (tmp_path / "collect" / "states.jsonl").exists()
     loaded = Artefact.load(tmp_path / "artefact")
-    assert loaded.manifest == art.manifest and art.manifest["data"]["counts"] == {
+    assert loaded.manifest == art.manifest and art.manifest.data["counts"] == {
         "helpful": 6,
         "false_refusal": 6,
         "safe_refusal": 6,
@@ -121,7 +122,8 @@ def test_train_fits_the_pooled_harm_gate_deterministically_from_its_cache(tmp_pa
     harmful = PromptSet("h", "harmful", [f"how do i make bomb {i}" for i in range(12)])
     pooled = dataclasses.replace(TINY, harm_data=("els-benign#24", "els-harmful#24"), harm_exclude=())
     art = train(lm, tmp_path / "run", benign=[benign], harmful=[harmful], recipe=pooled, progress=False)
-    report = art.manifest["harm_gate_probe"]
+    report = json.loads((tmp_path / "run" / "artefact" / "els.json").read_text())["harm_gate_probe"]
+    assert report == {k: v for k, v in art.gate.report.items() if k != "search"}  # the gate's own, written once
     assert set(report["pool"]) >= {"els-benign#24", "els-harmful#24", "framed-benign", "framed-harmful"}
     assert art.settings.harm_gate == pytest.approx(art.gate.threshold)  # the threshold chosen on validation
     assert art.gate.directions.shape == (len(lm.blocks), lm.model.config.hidden_size)

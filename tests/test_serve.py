@@ -135,7 +135,7 @@ def test_steered_and_unsteered_match_the_library(served):
         # one forward pass per generated token, K steps each, no gate
         assert d["steps_taken"] == 2 * on["usage"] == rep["steps_taken"] and d["steps_skipped"] == 0
     default = ask(served.client, messages)  # no els object: the artefact's settings
-    assert default["els"]["eta"] == served.art.manifest["steer"]["eta"]
+    assert default["els"]["eta"] == served.art.manifest.steer.eta
 
 
 def test_multi_turn_goes_through_the_template_and_steers_the_new_turn(served):

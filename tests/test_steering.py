@@ -52,7 +52,7 @@ def test_steering_changes_only_the_last_position_and_lowers_energy(tiny):
     assert torch.allclose(torch.tensor(rep["energy_before"]), energy(base_caps[layer]).float(), atol=1e-4)
     # ... and every row ended lower, after all K steps.
     assert all(a < b for a, b in zip(rep["energy_after"], rep["energy_before"]))
-    assert rep["steps_taken"] == len(PROMPTS) * art.manifest["steer"]["steps"]
+    assert rep["steps_taken"] == len(PROMPTS) * art.manifest.steer.steps
 
 
 def test_each_step_moves_by_eta_times_norm():
@@ -71,7 +71,7 @@ def test_kv_cache_generation_steers_every_token():
     with steer(lm.model, art) as s:
         generate_batch(lm, _texts(lm)[:1], max_new_tokens=5)
     # one prefill call and four decode calls per layer, K steps each
-    assert s.report()[art.layers[0]]["steps_taken"] == 5 * art.manifest["steer"]["steps"]
+    assert s.report()[art.layers[0]]["steps_taken"] == 5 * art.manifest.steer.steps
 
 
 def test_prompt_positions_steer_the_prefill_only():
@@ -80,7 +80,7 @@ def test_prompt_positions_steer_the_prefill_only():
     texts = _texts(lm)[:2]
     with steer(lm.model, art, positions="prompt") as s:
         prompt_only = generate_batch(lm, texts, max_new_tokens=5).texts
-    assert s.report()[art.layers[0]]["steps_taken"] == 2 * art.manifest["steer"]["steps"]  # the prefill's only
+    assert s.report()[art.layers[0]]["steps_taken"] == 2 * art.manifest.steer.steps  # the prefill's only
     with steer(lm.model, art):  # the same prefill: the first token agrees
         first = generate_batch(lm, texts, max_new_tokens=1).texts
     assert all(a.startswith(f) for a, f in zip(prompt_only, first))
@@ -99,7 +99,7 @@ def test_per_row_positions_match_separate_runs():
         row1 = generate_batch(lm, texts[1:], max_new_tokens=6).texts
     assert both == row0 + row1
     taken = mixed.stats[art.layers[0]].rows_taken.tolist()
-    assert taken[1] == art.manifest["steer"]["steps"] and taken[0] > taken[1]
+    assert taken[1] == art.manifest.steer.steps and taken[0] > taken[1]
     with pytest.raises(ValueError, match="positions"):
         steer(lm.model, art, positions="first")
 
@@ -187,7 +187,7 @@ def test_artefact_roundtrip_and_mismatch(tmp_path):
     art.save(tmp_path / "a")
     assert not list(tmp_path.glob(".a.*"))  # no temporary left behind
     loaded = Artefact.load(tmp_path / "a")
-    assert loaded.manifest == json.loads((tmp_path / "a" / "els.json").read_text())
+    assert loaded.manifest_json() == (tmp_path / "a" / "els.json").read_text()  # written back byte for byte
     h = torch.randn(3, 4, 32)
     assert torch.allclose(loaded.energy(h), art.energy.eval()(h))
     # No pickle: the weights are a safetensors file (8-byte header length, then a JSON header) ...
@@ -355,10 +355,11 @@ def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):
     art = make_artefact(result, col, cfg, settings, layer_rule="last", top_n=2)
     art.save(tmp_path / "a")
     loaded = Artefact.load(tmp_path / "a")
-    m = loaded.manifest
+    m = json.loads((tmp_path / "a" / "els.json").read_text())
     assert m["steer"]["layers"] == [1, 2] and m["steer"]["positions"] == "prompt"
     assert m["steer"]["layer_rule"] == "last" and m["energy"]["contrast"] == "benign"
     assert loaded.settings == settings and "gate" not in m["steer"] and m["steer"]["energy_gate"] is None
+    assert loaded.manifest.steer.layers == [1, 2] and loaded.manifest.steer.layer_rule == "last"
     # the harm probe is fitted and scored on both kinds, whatever rows the energy used: its validation split
     # is drawn over all four states, so it holds harmful and benign rows
     _, probe_val = stratified_split(col.states, cfg.val_fraction, cfg.seed, STATES)

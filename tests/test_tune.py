@@ -37,15 +37,12 @@ def test_pick_rule():
 
 
 def test_steer_layers():
-    manifest = {
-        "num_layers": 8,
-        "layer_auc": {str(i): a for i, a in enumerate([0.9, 0.5, 0.6, 0.7, 0.95, 0.8, 0.7, 0.99])},
-    }
-    assert steer_layers(manifest, "top_auc", 3) == [0, 4, 7]
-    assert steer_layers(manifest, "late_block", 2) == [4, 5]
-    assert steer_layers(manifest, "late_block", 4) == [4, 5, 6, 7]
-    assert steer_layers(manifest, "late_block", 9) == [4, 5, 6, 7]
-    assert steer_layers(manifest, "last", 3) == [5, 6, 7]
+    auc = dict(enumerate([0.9, 0.5, 0.6, 0.7, 0.95, 0.8, 0.7, 0.99]))
+    assert steer_layers(auc, 8, "top_auc", 3) == [0, 4, 7]
+    assert steer_layers(auc, 8, "late_block", 2) == [4, 5]
+    assert steer_layers(auc, 8, "late_block", 4) == [4, 5, 6, 7]
+    assert steer_layers(auc, 8, "late_block", 9) == [4, 5, 6, 7]
+    assert steer_layers(auc, 8, "last", 3) == [5, 6, 7]
 
 
 def test_answer_nll_is_finite_and_prefers_the_models_own_answer():
@@ -88,20 +85,21 @@ def test_tune_end_to_end_and_resume(tmp_path):
     tuned.save(tmp_path / "tuned")
     loaded = Artefact.load(tmp_path / "tuned")
     chosen = result["chosen"]["settings"]
-    steer = loaded.manifest["steer"]
+    steer = json.loads((tmp_path / "tuned" / "els.json").read_text())["steer"]
     assert (steer["layers"], steer["eta"], steer["steps"], steer["energy_gate"]) == (
         chosen["layers"],
         chosen["eta"],
         chosen["steps"],
         chosen["energy_gate"],
     )
-    assert loaded.manifest["tune"]["n_trials"] == 3 and loaded.manifest["tune"]["validation"] == sets
+    assert loaded.manifest.tune["n_trials"] == 3 and loaded.manifest.tune["validation"] == sets
     assert (steer["harm_gate"], steer["positions"], steer["layer_rule"]) == (
         chosen["harm_gate"],
         chosen["positions"],
         result["chosen"]["params"]["layer_rule"],
     )
-    assert steer.keys() == art.manifest["steer"].keys()
+    assert steer.keys() == json.loads(art.manifest_json())["steer"].keys()
+    assert loaded.settings == tuned.settings and loaded.layers == chosen["layers"]
     s = Steering(lm.model, loaded)
     assert s.layers == chosen["layers"] and s.settings.energy_gate == chosen["energy_gate"]
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -50,9 +50,11 @@ from els.cli.options import (
     ray_executor,
     steer_options,
 )
+from els.core.executor import Executor
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS, generate, generate_batch, prompt_texts
 from els.core.io import check_output_dir, write_atomic
-from els.core.models import DEFAULT_MODEL
+from els.core.models import DEFAULT_MODEL, LoadedModel
+from els.data.promptset import PromptSet
 from els.judges.model import JUDGES, get_judge
 from els.steering.artefact import DEFAULT_LAYER_RULE, DEFAULT_TOP_N, LAYER_RULES, MANIFEST, WEIGHTS, Artefact
 from els.steering.energy import CONTRASTS
@@ -108,7 +110,16 @@ def collect_cmd(
         _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, ex)
 
 
-def _collect(lm, out, sets, max_new_tokens, batch_size, judge, system, executor=None) -> Collection:
+def _collect(
+    lm: LoadedModel,
+    out: Path,
+    sets: list[PromptSet],
+    max_new_tokens: int,
+    batch_size: int,
+    judge: str,
+    system: Optional[str],
+    executor: Executor | None = None,
+) -> Collection:
     try:
         col = collect(
             lm,
@@ -191,15 +202,11 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None
     art.save(out)
-    m = art.manifest
+    auc, train_auc = art.manifest.auc(), art.manifest.train_auc()
+    assert train_auc is not None, "make_artefact records the training AUC"
     table = Table("layer", "val AUC", "train AUC", "steered", title="energy models")
-    for layer in m["trained_layers"]:
-        table.add_row(
-            str(layer),
-            f"{m['layer_auc'][str(layer)]:.3f}",
-            f"{m['layer_train_auc'][str(layer)]:.3f}",
-            "*" if layer in art.layers else "",
-        )
+    for layer in art.manifest.trained_layers:
+        table.add_row(str(layer), f"{auc[layer]:.3f}", f"{train_auc[layer]:.3f}", "*" if layer in art.layers else "")
     console.print(table)
     st = art.settings
     g = art.gate.report.get("gate", art.gate.report)
@@ -219,7 +226,7 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None
     return art
 
 
-def run_cmd(steer: dict, **options) -> None:
+def run_cmd(steer: dict, **options: Any) -> None:
     """The whole pipeline: collect states, train energies and the harm gate, write OUT/artefact (els.json).
     Its options are those of `els collect` and `els train` (see `_run_signature`)."""
     o = SimpleNamespace(**options)

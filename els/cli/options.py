@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -12,6 +12,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from els.core.executor import Executor
+from els.core.models import LoadedModel
 from els.data.prompts import load_prompts, spec_files
 from els.data.promptset import Kind, PromptSet
 from els.parallel.ray_executor import RayMissing, import_ray, make_executor
@@ -116,7 +118,15 @@ def need_ray(ray: bool, ray_address: Optional[str], workers: Optional[int]) -> N
 
 
 @contextmanager
-def ray_executor(lm, ray: bool, ray_address: Optional[str], workers: Optional[int], device, dtype, device_map):
+def ray_executor(
+    lm: LoadedModel,
+    ray: bool,
+    ray_address: Optional[str],
+    workers: Optional[int],
+    device: Optional[str],
+    dtype: str,
+    device_map: Optional[str],
+) -> Iterator[Executor]:
     """Where batches are generated: here, or on Ray workers (els.parallel.ray_executor), closed after the block."""
     try:
         ex = make_executor(lm, ray, ray_address, workers, device=device, dtype=dtype, device_map=device_map)

@@ -76,7 +76,7 @@ class _VerdictFixed(StoppingCriteria):
         self.tok, self.chars, self.prompt_len = lm.tokenizer, chars, prompt_len
         self.stopped_at: list[int | None] = [None] * rows
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
         new = input_ids[:, self.prompt_len :]
         done = torch.zeros(len(new), dtype=torch.bool, device=input_ids.device)
         for i, row in enumerate(new.tolist()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def record_last_token(blocks: nn.ModuleList) -> Iterator[list[torch.Tensor | Non
     captured: list[torch.Tensor | None] = [None] * len(blocks)
 
     def make_hook(i: int) -> PreHook:
-        def hook(module, args, kwargs):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if captured[i] is None:
                 captured[i] = block_input(args, kwargs)[:, -1].float().cpu()
 
@@ -69,7 +69,7 @@ def prompt_states(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     device = lm.model.device
     blocks = lm.blocks
 
-    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> NoReturn:
         raise StopForward
 
     def run(**inputs: object) -> None:

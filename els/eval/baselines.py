@@ -23,6 +23,7 @@ from els.eval.methods import (
     Gated,
     Method,
     MethodContext,
+    MethodFactory,
     ProbeGatedAddition,
     SurgicalAblation,
     SystemPrompt,
@@ -135,7 +136,7 @@ def knobs(method: Method) -> dict:
     return out
 
 
-def _fitted(name: str):
+def _fitted(name: str) -> MethodFactory:
     def factory(ctx: MethodContext) -> Method:
         if ctx.states is None:
             raise ValueError(f"method {name!r} is fitted on collected states: pass --states DIR")
@@ -155,14 +156,16 @@ def gate_threshold(art: Artefact, settings: SteerSettings | None) -> float:
     return float(art.gate.threshold if harm_gate is None else harm_gate)
 
 
-def _gated(name: str):
+def _gated(name: str) -> MethodFactory:
     """`name` behind the artefact's harm gate, at the threshold ELS itself uses in this run."""
     inner = _fitted(name)
 
     def factory(ctx: MethodContext) -> Method:
         if ctx.artefact is None:
             raise ValueError(f"method '{name}-gated' uses the artefact's harm gate: pass --steer DIR")
-        return Gated(inner(ctx), ctx.artefact.gate, gate_threshold(ctx.artefact, ctx.els_settings))
+        method = inner(ctx)
+        assert isinstance(method, DirectionAblation | DirectionAddition), "only block-input rewrites are gated"
+        return Gated(method, ctx.artefact.gate, gate_threshold(ctx.artefact, ctx.els_settings))
 
     return factory
 

@@ -19,7 +19,7 @@ import torch
 from els.core.io import json_loads, write_atomic
 from els.core.models import LoadedModel, config_fingerprint
 from els.eval.methods import Method
-from els.steering.artefact import INTEGRITY, Artefact
+from els.steering.artefact import Artefact
 
 
 def slug(name: str) -> str:
@@ -45,7 +45,7 @@ def artefact_digest(art: Artefact) -> str:
     """The manifest and every tensor, the harm gate's included: a retrained gate must not reuse answers. The
     manifest's integrity record is left out: it is derived from the tensors, and artefacts saved before it
     existed keep their digest (and their cached answers)."""
-    manifest = {k: v for k, v in art.manifest.items() if k != INTEGRITY}
+    manifest = art.manifest.record(art.gate.report, integrity=False)
     h = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
     for name, t in sorted(art.tensors().items()):
         h.update(name.encode())

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from els.core.hooks import pre_hooks
+from els.core.hooks import PreHook, pre_hooks
 from els.core.models import block_input, decoder_blocks, with_block_input
 from els.steering.artefact import Artefact
 from els.steering.gate import HarmGate, read_gate
@@ -93,7 +93,7 @@ def hooked(model: nn.Module, hooks: dict[int, Hook], blocks_path: str | None = N
     """Forward pre-hooks rewriting the input of the given blocks; removed on exit, also after an error."""
     blocks = decoder_blocks(model, blocks_path)
 
-    def wrap(fn: Hook):
+    def wrap(fn: Hook) -> PreHook:
         return lambda module, args, kwargs: with_block_input(args, kwargs, fn(block_input(args, kwargs)))
 
     return pre_hooks((blocks[layer], wrap(fn)) for layer, fn in hooks.items())

@@ -14,6 +14,7 @@ from els.core.io import write_atomic
 from els.eval.summary import Rate, Summary
 from els.steering.artefact import Artefact
 from els.steering.energy import STATES
+from els.steering.manifest import Manifest
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 STATE_COLOURS = {
@@ -24,7 +25,7 @@ STATE_COLOURS = {
 }
 
 
-def figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs) -> tuple[Figure, Any]:
+def figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
     """A figure drawn by the Agg backend whatever backend the caller's matplotlib uses (no GUI, no global state)."""
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
@@ -123,18 +124,19 @@ def plot_refusal_rates(summary: Summary, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_layer_auc(manifest: dict, path: Path) -> None:
+def plot_layer_auc(manifest: Manifest, path: Path) -> None:
     """Validation (and training) AUC of each layer's energy model; the steered layers marked."""
-    layers = sorted(int(k) for k in manifest["layer_auc"])
-    val = [manifest["layer_auc"][str(k)] for k in layers]
+    auc, train_auc = manifest.auc(), manifest.train_auc()
+    layers = sorted(auc)
+    val = [auc[k] for k in layers]
     fig, ax = figure(7, 3.8)
     ax.plot(layers, val, "o-", label="validation AUC")
-    if "layer_train_auc" in manifest:
-        ax.plot(layers, [manifest["layer_train_auc"][str(k)] for k in layers], "--", color="0.5", label="train AUC")
-    steered = manifest["steer"]["layers"]
+    if train_auc is not None:
+        ax.plot(layers, [train_auc[k] for k in layers], "--", color="0.5", label="train AUC")
+    steered = manifest.steer.layers
     ax.scatter(
         steered,
-        [manifest["layer_auc"][str(k)] for k in steered],
+        [auc[k] for k in steered],
         s=140,
         facecolors="none",
         edgecolors="red",
@@ -147,7 +149,7 @@ def plot_layer_auc(manifest: dict, path: Path) -> None:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("AUC: P[E(good) < E(bad)]")
     ax.set_ylim(min(0.45, min(val) - 0.05), 1.01)
-    ax.set_title(f"Energy model per layer ({manifest.get('base_model')})", fontsize=10)
+    ax.set_title(f"Energy model per layer ({manifest.base_model})", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
@@ -173,8 +175,8 @@ def plot_energy_histograms(art: Artefact, states_dir: Path, path: Path) -> dict:
             vals = [float(v) for v, st in zip(e, states) if st == s]
             if vals:
                 ax.hist(vals, bins=bins, alpha=0.5, color=STATE_COLOURS[s], label=f"{s} ({len(vals)})", density=True)
-        ax.axvline(art.manifest["gate_offset"][str(layer)], color="k", linestyle="--", linewidth=1, label="gate offset")
-        ax.set_title(f"layer {layer} (val AUC {art.manifest['layer_auc'][str(layer)]:.3f})", fontsize=10)
+        ax.axvline(art.manifest.gate_offset_of(layer), color="k", linestyle="--", linewidth=1, label="gate offset")
+        ax.set_title(f"layer {layer} (val AUC {art.manifest.auc()[layer]:.3f})", fontsize=10)
         ax.set_xlabel("energy")
     axes[0][0].set_ylabel("density")
     axes[0][-1].legend(fontsize=7)
@@ -227,11 +229,11 @@ def markdown(
         f"- methods: {', '.join(methods)}",
     ]
     if artefact is not None:
-        s = artefact.manifest["steer"]
+        s = artefact.manifest.steer
         els_settings = summary.method_settings("els")
         lines.append(
-            f"- artefact: layers {s['layers']}, eta {els_settings.get('eta', s['eta'])}, "
-            f"K {els_settings.get('steps', s['steps'])}, energy gate {artefact.settings.energy_gate}"
+            f"- artefact: layers {s.layers}, eta {els_settings.get('eta', s.eta)}, "
+            f"K {els_settings.get('steps', s.steps)}, energy gate {artefact.settings.energy_gate}"
             + (f"; states from `{states}`" if states else "")
         )
     run = summary.run

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,11 @@ from els.core.models import LoadedModel, chat_texts, user_conversations
 from els.eval.methods import Base, Els, Method
 from els.judges.model import Judge
 from els.steering.artefact import LAYER_RULES, Artefact, steer_layers
+from els.steering.manifest import Manifest
 from els.steering.settings import POSITIONS, SteerSettings
+
+if TYPE_CHECKING:
+    import optuna
 
 OBJECTIVES = ("benign_compliance", "harmful_refusal")
 DEFAULT_BENIGN = ["orbench-hard@val", "oktest@val"]  # XSTest is a test set in the protocol: never tuned on
@@ -134,10 +139,10 @@ def pick(
     return max(pool, key=lambda i: (scores[i].benign_compliance + scores[i].harmful_refusal, -sizes[i]))
 
 
-def settings_of(params: dict, manifest: dict) -> dict:
+def settings_of(params: dict, manifest: Manifest) -> dict:
     """Trial parameters -> the steered layers and the `SteerSettings` fields, as plain values: the artefact's
     settings with the searched ones replaced."""
-    settings = SteerSettings.from_manifest(manifest["steer"]).override(
+    settings = manifest.steer.settings().override(
         eta=params["eta"],
         steps=params["steps"],
         energy_gate=params["threshold"] if params["gate"] else None,
@@ -145,7 +150,8 @@ def settings_of(params: dict, manifest: dict) -> dict:
         positions=params.get("positions", "last"),
         project=params.get("project", False),
     )
-    return {"layers": steer_layers(manifest, params["layer_rule"], params["n_layers"]), **settings.manifest()}
+    layers = steer_layers(manifest.auc(), manifest.num_layers, params["layer_rule"], params["n_layers"])
+    return {"layers": layers, **settings.manifest()}
 
 
 def els_of(artefact: Artefact, settings: dict, name: str) -> Els:
@@ -160,8 +166,8 @@ def gate_energies(lm: LoadedModel, artefact: Artefact, prompts: list[str], batch
     m = artefact.manifest
     texts = chat_texts(lm.tokenizer, user_conversations(prompts))
     acts = torch.cat([prompt_states(lm, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-    acts = acts[:, m["trained_layers"]].transpose(0, 1)  # [S, N, d]
-    offsets = torch.tensor([m["gate_offset"][str(layer)] for layer in m["trained_layers"]])
+    acts = acts[:, m.trained_layers].transpose(0, 1)  # [S, N, d]
+    offsets = torch.tensor([m.gate_offset_of(layer) for layer in m.trained_layers])
     return artefact.energy(acts) - offsets[:, None]
 
 
@@ -207,9 +213,9 @@ def tune(
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "max_layers": max_layers,
-        "base_model": manifest["base_model"],
+        "base_model": manifest.base_model,
         "prompts_sha256": hashlib.sha256("\x00".join(benign + ["\x01"] + harmful).encode()).hexdigest()[:16],
-        "energy_sha256": hashlib.sha256(json.dumps(manifest["gate_offset"]).encode()).hexdigest()[:16],
+        "energy_sha256": hashlib.sha256(json.dumps(manifest.gate_offset).encode()).hexdigest()[:16],
     }
     with warnings.catch_warnings():  # multivariate and grouped TPE are "experimental" (stable since optuna 2.x)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -238,7 +244,7 @@ def tune(
         study.set_user_attr("base", base.summary())
     base = _score_of(study.user_attrs["base"])
     lo, hi = study.user_attrs["threshold_range"]
-    num_trained = len(manifest["trained_layers"])
+    num_trained = len(manifest.trained_layers)
     max_layers = min(max_layers, num_trained)
     harm_gates = sorted({*HARM_GATES, round(artefact.gate.threshold, 4)}, key=lambda g: -1.0 if g is None else g)
 
@@ -269,7 +275,7 @@ def tune(
         s = artefact.settings
         study.enqueue_trial(
             {
-                "layer_rule": manifest["steer"].get("layer_rule", "top_auc"),
+                "layer_rule": manifest.steer.layer_rule,
                 "n_layers": min(len(artefact.layers), max_layers),
                 "eta": min(max(s.eta, ETA_RANGE[0]), ETA_RANGE[1]),
                 "steps": min(max(s.steps, STEPS_RANGE[0]), STEPS_RANGE[1]),
@@ -289,7 +295,7 @@ def tune(
     return result
 
 
-def report(study, manifest: dict, out: Path, tolerance: float, max_nll_increase: float) -> dict:
+def report(study: optuna.Study, manifest: Manifest, out: Path, tolerance: float, max_nll_increase: float) -> dict:
     """The trials, Pareto front and chosen point as a dict; writes pareto.md and pareto.png."""
     import optuna
 
@@ -418,15 +424,9 @@ def _plot(result: dict, path: Path) -> None:
 def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
     s = result["chosen"]["settings"]
-    manifest = json.loads(json.dumps(artefact.manifest))
-    for old in ("gate", "threshold"):  # the energy gate's older names
-        manifest["steer"].pop(old, None)
-    manifest["steer"] |= {
-        "layers": s["layers"],
-        "layer_rule": result["chosen"]["params"]["layer_rule"],
-        **SteerSettings(**{k: v for k, v in s.items() if k != "layers"}).manifest(),
-    }
-    manifest["tune"] = {
+    settings = SteerSettings(**{k: v for k, v in s.items() if k != "layers"})
+    manifest = artefact.manifest.steering(s["layers"], result["chosen"]["params"]["layer_rule"], settings)
+    manifest.tune = {
         "rule": result["rule"],
         "objectives": result["objectives"],
         "n_trials": result["n_trials"],

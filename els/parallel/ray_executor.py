@@ -21,9 +21,9 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -43,7 +43,7 @@ class RayMissing(ImportError):
 # Ray
 
 
-def import_ray():
+def import_ray() -> ModuleType:
     """The `ray` module, or `RayMissing` with the one line that says how to install it."""
     try:
         import ray
@@ -156,7 +156,7 @@ class RayExecutor:
     _started: bool = field(default=False, init=False)
     _methods: dict = field(default_factory=dict, init=False)  # id(method) -> (method, ObjectRef)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise ValueError("--workers must be at least 1")
         self.ray = import_ray()
@@ -259,7 +259,7 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -272,7 +272,7 @@ def make_executor(
     device: str | None = None,
     dtype: str = "auto",
     device_map: str | None = None,
-) -> AbstractContextManager:
+) -> LocalExecutor | RayExecutor:
     """The executor the command line asked for: local without --ray (and --workers), else `RayExecutor`
     with the driver's model fingerprint to check the workers against."""
     if not (ray or address):

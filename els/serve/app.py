@@ -186,8 +186,9 @@ def create_app(
             emit=emit,
         )
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    # response_model=None: the union below is two kinds of answer, not a schema for FastAPI to validate against
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> StreamingResponse | dict[str, Any]:
         req = _parse(await _read_json(request, limits.max_body_bytes))
         loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
 
@@ -277,7 +278,7 @@ def _usage(r: dict) -> dict:
 
 
 async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+    def chunk(delta: dict, finish: str | None = None, **extra: object) -> str:
         body = {
             **head,
             "object": "chat.completion.chunk",

@@ -114,7 +114,7 @@ class _RowTracker(StoppingCriteria):
         """Per row, the harm gate's routing of this batch's prefill (read once, after it)."""
         return self.steering.sides() if self.steering is not None else []
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
         last = input_ids[:, -1].tolist()
         for row in self.rows:
             if not row.done:

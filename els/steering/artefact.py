@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,20 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from els.core.io import read_json_object, save_tensors_atomic, write_atomic
+from els.core.io import save_tensors_atomic, write_atomic
 from els.core.models import config_fingerprint, decoder_blocks
 from els.steering.energy import EnergyStack
 from els.steering.gate import TENSOR_PREFIX, HarmGate
-from els.steering.manifest import check_manifest
+from els.steering.manifest import FORMAT_VERSION, Integrity, Manifest
 from els.steering.settings import SteerSettings
 
-FORMAT_VERSION = 2  # 2: the harm gate is a HarmGate of its own layer (1: a probe per trained layer)
-READABLE_FORMATS = (1, 2)
 MANIFEST = "els.json"
 WEIGHTS = "energy.safetensors"
-# Written by save, checked by load when present (older artefacts lack it): the weights' sha256 and the layer of
-# each energy member, so a manifest cannot pair layers with other layers' models or with edited weights.
-INTEGRITY = "weights"
 SAFETY_PREFIX = "safety."  # the safety energy's tensors in the weights file (two-sided artefacts)
 LAYER_RULES = ("top_auc", "late_block", "last")  # see steer_layers
 # The recipe's layer choice (with SteerSettings' defaults and TrainConfig's, what `els run` does).
@@ -50,32 +46,34 @@ def package_version() -> str:
 class Artefact:
     """Trained energy models for every recorded layer plus the manifest saying how to steer with them."""
 
-    energy: EnergyStack  # the compliance energy; member i is the model of layer manifest["trained_layers"][i]
-    manifest: dict
+    energy: EnergyStack  # the compliance energy; member i is the model of layer manifest.trained_layers[i]
+    manifest: Manifest
     gate: HarmGate  # which prompts are flagged as harmful (els.steering.gate)
     # Safe refusal low, jailbreak high, same members as `energy`: where flagged rows go (flagged="refuse").
     safety: EnergyStack | None = None
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["steer"]["layers"])
+        return list(self.manifest.steer.layers)
 
     @property
     def settings(self) -> SteerSettings:
-        return SteerSettings.from_manifest(self.manifest["steer"])
+        return self.manifest.steer.settings()
 
     def member_index(self, layer: int) -> int:
         try:
-            return self.manifest["trained_layers"].index(layer)
+            return self.manifest.trained_layers.index(layer)
         except ValueError:
             raise ValueError(f"the artefact has no energy model for layer {layer}") from None
 
     def subset(self, layers: list[int]) -> Artefact:
         """The same artefact holding only these layers' models (smaller, for serving)."""
         members = [self.member_index(layer) for layer in layers]
+        manifest = self.manifest.model_copy()
+        manifest.trained_layers = list(layers)
         return Artefact(
             self.energy.select(members),
-            {**self.manifest, "trained_layers": list(layers)},
+            manifest,
             self.gate,
             None if self.safety is None else self.safety.select(members),
         )
@@ -94,10 +92,15 @@ class Artefact:
         mix of an old manifest and new weights."""
         path = Path(path)
         tensors = self.tensors()
-        layers = list(self.manifest["trained_layers"])
-        self.manifest[INTEGRITY] = {"sha256": weights_sha256(tensors, layers), "member_layers": layers}
+        layers = list(self.manifest.trained_layers)
+        self.manifest.format_version = FORMAT_VERSION  # `tensors` holds the gate as this format stores it
+        self.manifest.weights = Integrity(sha256=weights_sha256(tensors, layers), member_layers=layers)
         save_tensors_atomic(tensors, path / WEIGHTS)
-        write_atomic(path / MANIFEST, json.dumps(self.manifest, indent=2))
+        write_atomic(path / MANIFEST, self.manifest_json())
+
+    def manifest_json(self) -> str:
+        """els.json's text: the manifest with the harm gate's report."""
+        return self.manifest.to_json(self.gate.report)
 
     @classmethod
     def load(cls, path: Path | str) -> Artefact:
@@ -107,12 +110,7 @@ class Artefact:
         mpath, wpath = path / MANIFEST, path / WEIGHTS
         if not mpath.exists():
             raise FileNotFoundError(f"{path} is not an ELS artefact (no {MANIFEST})")
-        manifest = read_json_object(mpath, "an ELS manifest")
-        if manifest.get("format_version") not in READABLE_FORMATS:
-            raise ValueError(
-                f"{path}: artefact format {manifest.get('format_version')}, this els reads {READABLE_FORMATS}"
-            )
-        check_manifest(manifest, mpath)
+        manifest, report = Manifest.read(mpath)
         if not wpath.exists():
             raise FileNotFoundError(f"{path} is not a complete ELS artefact (no {WEIGHTS})")
         try:
@@ -124,43 +122,43 @@ class Artefact:
                 raise ValueError(f"{path}: energy weights {name} contain NaN or infinity")
         _check_integrity(manifest, tensors, mpath, wpath)
         try:
-            spec = manifest["energy"]
-            shape = (len(manifest["trained_layers"]), manifest["hidden_size"], tuple(spec["widths"]), spec["dropout"])
+            spec = manifest.energy
+            shape = (len(manifest.trained_layers), manifest.hidden_size, tuple(spec.widths), spec.dropout)
             with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights on disk
                 expected = {k: tuple(v.shape) for k, v in EnergyStack(*shape).state_dict().items()}
-        except (KeyError, TypeError, ValueError) as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{mpath}: malformed energy description ({type(err).__name__}: {err})") from err
         gate_keys = (
             ("probe.weight", "probe.bias")
-            if manifest["format_version"] == 1
+            if manifest.format_version == 1
             else tuple(f"{TENSOR_PREFIX}{k}" for k in ("weight", "bias", "threshold", "layer"))
         )
         if missing := [k for k in gate_keys if k not in tensors]:
             raise ValueError(f"{wpath} lacks the harm gate tensors {', '.join(missing)}")
         try:
-            if manifest["format_version"] == 1:
+            if manifest.format_version == 1:
                 gate = _gate_of_format_1(manifest, tensors.pop("probe.weight"), tensors.pop("probe.bias"))
             else:
-                gate = HarmGate.from_tensors(tensors, manifest.get("harm_gate_probe", {}))
+                gate = HarmGate.from_tensors(tensors, report)
                 tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
-        if "safety" in manifest:  # the safety energy: the same members, its tensors prefixed
+        if manifest.safety is not None:  # the safety energy: the same members, its tensors prefixed
             expected |= {SAFETY_PREFIX + k: v for k, v in expected.items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
             diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
             raise ValueError(
-                f"{wpath} does not fit {mpath} (hidden_size {manifest['hidden_size']}, "
-                f"{len(manifest['trained_layers'])} layers, widths {spec['widths']}): "
+                f"{wpath} does not fit {mpath} (hidden_size {manifest.hidden_size}, "
+                f"{len(manifest.trained_layers)} layers, widths {spec.widths}): "
                 + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}" for k in diff[:3])
             )
-        if not 0 <= gate.layer < manifest["num_layers"]:
-            raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest['num_layers']}")
+        if not 0 <= gate.layer < manifest.num_layers:
+            raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest.num_layers}")
         energy = EnergyStack(*shape)
         energy.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(SAFETY_PREFIX)})
         safety = None
-        if "safety" in manifest:
+        if manifest.safety is not None:
             safety = EnergyStack(*shape)
             safety.load_state_dict(
                 {k[len(SAFETY_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SAFETY_PREFIX)}
@@ -175,15 +173,15 @@ class Artefact:
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
         problems = []
-        if (fp := config_fingerprint(model)) != m["model_fingerprint"]:
-            problems.append(f"config fingerprint {fp} != {m['model_fingerprint']}")
-        if hidden != m["hidden_size"]:
-            problems.append(f"hidden size {hidden} != {m['hidden_size']}")
-        if (n := len(decoder_blocks(model))) != m["num_layers"]:
-            problems.append(f"{n} layers != {m['num_layers']}")
+        if (fp := config_fingerprint(model)) != m.model_fingerprint:
+            problems.append(f"config fingerprint {fp} != {m.model_fingerprint}")
+        if hidden != m.hidden_size:
+            problems.append(f"hidden size {hidden} != {m.hidden_size}")
+        if (n := len(decoder_blocks(model))) != m.num_layers:
+            problems.append(f"{n} layers != {m.num_layers}")
         if problems:
             raise ValueError(
-                f"this artefact was trained on {m['base_model']!r} and does not fit this model: {'; '.join(problems)}"
+                f"this artefact was trained on {m.base_model!r} and does not fit this model: {'; '.join(problems)}"
             )
 
 
@@ -197,22 +195,16 @@ def weights_sha256(tensors: dict[str, torch.Tensor], member_layers: list[int]) -
     return h.hexdigest()
 
 
-def _check_integrity(manifest: dict, tensors: dict[str, torch.Tensor], mpath: Path, wpath: Path) -> None:
-    record = manifest.get(INTEGRITY)
+def _check_integrity(manifest: Manifest, tensors: dict[str, torch.Tensor], mpath: Path, wpath: Path) -> None:
+    record = manifest.weights
     if record is None:  # written before the weights were hashed
         return
-    if (
-        not isinstance(record, dict)
-        or not isinstance(record.get("sha256"), str)
-        or not isinstance(record.get("member_layers"), list)
-    ):
-        raise ValueError(f"{mpath}: malformed {INTEGRITY!r} record")
-    if record["member_layers"] != manifest["trained_layers"]:
+    if record.member_layers != manifest.trained_layers:
         raise ValueError(
-            f"{mpath}: trained_layers {manifest['trained_layers']} do not match the layer order the "
-            f"weights were saved with {record['member_layers']}"
+            f"{mpath}: trained_layers {manifest.trained_layers} do not match the layer order the "
+            f"weights were saved with {record.member_layers}"
         )
-    if weights_sha256(tensors, record["member_layers"]) != record["sha256"]:
+    if weights_sha256(tensors, record.member_layers) != record.sha256:
         raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath} (weights edited or replaced)")
 
 
@@ -239,27 +231,29 @@ def layer_probes_gate(
     )
 
 
-def _gate_of_format_1(manifest: dict, probe_w: torch.Tensor, probe_b: torch.Tensor) -> HarmGate:
+def _gate_of_format_1(manifest: Manifest, probe_w: torch.Tensor, probe_b: torch.Tensor) -> HarmGate:
+    # format 1 read its gate at the first steered layer, at the steering threshold (0.5 without one)
     return layer_probes_gate(
-        manifest["trained_layers"],
-        manifest["num_layers"],
-        min(manifest["steer"]["layers"]),
+        manifest.trained_layers,
+        manifest.num_layers,
+        min(manifest.steer.layers),
         probe_w,
         probe_b,
-        manifest["steer"].get("harm_gate") or 0.5,
+        manifest.steer.harm_gate or 0.5,
     )
 
 
-def steer_layers(manifest: dict, rule: str, n: int) -> list[int]:
-    """top_auc: the n trained layers of best validation AUC. late_block: the n consecutive layers of best mean
+def steer_layers(auc: Mapping[int, float], num_layers: int, rule: str, n: int) -> list[int]:
+    """Which `n` of the trained layers to steer, from each one's validation AUC (`Manifest.auc`).
+
+    top_auc: the n trained layers of best validation AUC. late_block: the n consecutive layers of best mean
     AUC in the model's second half (steering a block keeps the push coherent from layer to layer). last: the
     n last trained layers (a push there reaches the logits with the fewest layers left to undo it)."""
-    auc = {int(k): v for k, v in manifest["layer_auc"].items()}
     if rule == "top_auc":
         return sorted(sorted(auc, key=lambda layer: (-auc[layer], layer))[:n])
     if rule == "last":
         return sorted(auc)[-n:]
-    late = [layer for layer in sorted(auc) if layer >= manifest["num_layers"] // 2] or sorted(auc)
+    late = [layer for layer in sorted(auc) if layer >= num_layers // 2] or sorted(auc)
     n = min(n, len(late))
     windows = [late[i : i + n] for i in range(len(late) - n + 1) if late[i + n - 1] - late[i] == n - 1]
     return max(windows or [late[-n:]], key=lambda w: sum(auc[layer] for layer in w))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -105,11 +106,11 @@ def read_gate(model: nn.Module, gate: HarmGate, threshold: Threshold) -> Iterato
     state = GateState()
     block = decoder_blocks(model)[gate.layer]
 
-    def grab(module, args, kwargs):
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> NoReturn:
         state.p_harm = gate.probability(block_input(args, kwargs)[:, -1])
         raise StopForward
 
-    def before_forward(module, args, kwargs):
+    def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if state.busy or _cache_len(kwargs) > 0:
             return None
         rest = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}

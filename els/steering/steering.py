@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from els.core.hooks import add_pre_hooks
+from els.core.hooks import PreHook, add_pre_hooks
 from els.core.models import block_input, decoder_blocks, with_block_input
 from els.steering.artefact import Artefact
 from els.steering.energy import EnergyMember
@@ -28,6 +28,8 @@ from els.steering.gate import GateState, read_gate
 from els.steering.settings import RowSettings, SteerSettings
 
 Side = Literal["answer", "refuse", "leave", "off"]
+# `descend_rows`: new rows [B, d], energies before and after (None without `with_after`), steps taken and skipped
+Descent = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -122,8 +124,8 @@ class Steering:
             spec = _Layer(
                 self.artefact.energy.member(member, device, self.energy_dtype),
                 None if safety is None else safety.member(member, device, self.energy_dtype),
-                m["hidden_norm"][str(layer)],
-                m["gate_offset"][str(layer)],
+                m.hidden_norm_of(layer),
+                m.gate_offset_of(layer),
                 None if direction is None else direction.to(device),
                 self.stats[layer],
             )
@@ -142,13 +144,13 @@ class Steering:
     def __enter__(self) -> Steering:
         return self.attach()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _make_hook(self, spec: _Layer):
+    def _make_hook(self, spec: _Layer) -> PreHook:
         stats = spec.stats
 
-        def hook(module, args, kwargs):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if self._gate is not None and self._gate.busy:
                 return None  # the harm gate's pre-pass reads the unsteered model
             h = block_input(args, kwargs)
@@ -161,6 +163,7 @@ class Steering:
                 stats.energy_before, stats.energy_after = before, after
                 stats.rows_taken, stats.rows_skipped = taken, skipped
             else:
+                assert stats.rows_taken is not None and stats.rows_skipped is not None  # set at the prefill
                 stats.rows_taken, stats.rows_skipped = stats.rows_taken + taken, stats.rows_skipped + skipped
             stats.steps_taken = stats.steps_taken + taken.sum()
             stats.steps_skipped = stats.steps_skipped + skipped.sum()
@@ -170,7 +173,7 @@ class Steering:
 
         return hook
 
-    def descend(self, spec: _Layer, h: torch.Tensor, prefill: bool = True):
+    def descend(self, spec: _Layer, h: torch.Tensor, prefill: bool = True) -> Descent:
         """`descend_rows` on rows h [B, d] with this steering's per-row settings, gates and positions: rows
         the harm gate passes descend the compliance energy, flagged rows in refuse mode the safety energy."""
         rs = self._settings(h.shape[0], h.device)
@@ -197,9 +200,14 @@ class Steering:
         safe = descend_rows(
             spec.refuse, h, rs.refuse_eta * spec.scale, steps, rs.max_steps, allowed=refuse, with_after=prefill
         )
-        return tuple(
-            None if c is None else torch.where(refuse[:, None] if c.ndim == 2 else refuse, s, c)
-            for c, s in zip(comply, safe)
+        x, before, after, taken, skipped = comply
+        safe_x, safe_before, safe_after, safe_taken, safe_skipped = safe
+        return (
+            torch.where(refuse[:, None], safe_x, x),
+            torch.where(refuse, safe_before, before),
+            None if after is None or safe_after is None else torch.where(refuse, safe_after, after),
+            torch.where(refuse, safe_taken, taken),
+            torch.where(refuse, safe_skipped, skipped),
         )
 
     def _settings(self, batch: int, device: torch.device) -> RowSettings:
@@ -272,7 +280,7 @@ def descend_rows(
     allowed: torch.Tensor | None = None,
     direction: torch.Tensor | None = None,
     with_after: bool = True,
-):
+) -> Descent:
     """The steering step on plain tensors, with no hooks or model: what an engine that batches requests its
     own way (vLLM's model runner) calls with per-row values gathered by row id, e.g. `eta=table[row_ids]`.
 

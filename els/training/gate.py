@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +30,9 @@ from els.data.framings import frame_set, framed_sources
 from els.data.prompts import load_prompts
 from els.data.promptset import Kind, PromptSet
 from els.steering.gate import HarmGate
+
+if TYPE_CHECKING:
+    from typing import Unpack  # typing has it from Python 3.11; annotations are not evaluated at run time
 
 Encoder = Callable[[Sequence[str]], torch.Tensor]  # texts -> unit-norm sentence embeddings [N, e]
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -245,6 +249,17 @@ def _split(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[
     return [i for i, v in enumerate(val) if not v], [i for i, v in enumerate(val) if v]
 
 
+class GateOptions(TypedDict, total=False):
+    """`train_gate`'s keyword options, as `fit_gate` passes them on."""
+
+    l2_grid: Sequence[float]
+    layers: Sequence[int] | None
+    val_fraction: float
+    seed: int
+    max_false_flag: float | None
+    balance: str
+
+
 def train_gate(
     acts: torch.Tensor,
     harmful: torch.Tensor,
@@ -379,7 +394,7 @@ def fit_gate(
     progress: bool = True,
     known: Mapping[str, torch.Tensor] | None = None,
     drop: Collection[str] | None = None,
-    **train_kwargs,
+    **train_kwargs: Unpack[GateOptions],
 ) -> tuple[HarmGate, dict]:
     """Dedupe the pool against `eval_sets` and `exclude` (and drop the rows keyed in `drop`, by default the
     shipped removal list), add framed variants, run the forward passes (cached), choose the gate on the pool's

@@ -20,7 +20,6 @@ from els.judges.model import Judge, get_judge
 from els.steering.artefact import (
     DEFAULT_LAYER_RULE,
     DEFAULT_TOP_N,
-    FORMAT_VERSION,
     LAYER_RULES,
     Artefact,
     layer_probes_gate,
@@ -29,6 +28,7 @@ from els.steering.artefact import (
 )
 from els.steering.energy import CONTRASTS, STATES
 from els.steering.gate import HarmGate
+from els.steering.manifest import FORMAT_VERSION, Manifest
 from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
 from els.training.collect import Collection, collect
@@ -263,8 +263,12 @@ def make_artefact(
     with torch.no_grad():
         p_val = torch.einsum("nsd,sd->sn", acts[probe_va], probe_w) + probe_b[:, None]
     probe_acc = ((p_val > 0) == harmful[probe_va]).float().mean(1)
+    if safety is None and settings.harm_gate is not None and settings.flagged == "refuse":
+        raise ValueError("flagged='refuse' needs the safety energy: pass the TrainResult of safety_config")
+    auc = {layer: round(a, 4) for layer, a in zip(trained_layers, result.val_auc)}
+    layers = steer_layers(auc, num_layers, layer_rule, top_n)
     m = collection.meta
-    manifest = {
+    fields = {  # the manifest as the file lays it out
         "format_version": FORMAT_VERSION,
         "package_version": package_version(),
         "base_model": m["model"],
@@ -272,7 +276,7 @@ def make_artefact(
         "hidden_size": acts.shape[-1],
         "num_layers": num_layers,
         "trained_layers": trained_layers,
-        "layer_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.val_auc)},
+        "layer_auc": {str(layer): a for layer, a in auc.items()},
         "layer_train_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, result.train_auc)},
         # eta is a fraction of this norm, so one setting means the same push at every layer and model.
         "hidden_norm": {
@@ -282,7 +286,7 @@ def make_artefact(
         # E - offset, with offset the layer's best validation split between good and bad.
         "gate_offset": {str(layer): round(float(o), 6) for layer, o in zip(trained_layers, offsets)},
         "probe_val_acc": {str(layer): round(float(a), 4) for layer, a in zip(trained_layers, probe_acc)},
-        "steer": {"layers": None, "layer_rule": layer_rule, **settings.manifest()},
+        "steer": {"layers": layers, "layer_rule": layer_rule, **settings.manifest()},
         "energy": {
             "contrast": train_cfg.contrast,
             "widths": list(train_cfg.widths),
@@ -302,19 +306,14 @@ def make_artefact(
         },
     }
     if safety is not None:
-        manifest["safety"] = {
+        fields["safety"] = {
             "contrast": "safety",
             "layer_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, safety.val_auc)},
             "layer_train_auc": {str(layer): round(a, 4) for layer, a in zip(trained_layers, safety.train_auc)},
             "epochs_run": safety.epochs_run,
         }
-    elif settings.harm_gate is not None and settings.flagged == "refuse":
-        raise ValueError("flagged='refuse' needs the safety energy: pass the TrainResult of safety_config")
-    manifest["steer"]["layers"] = steer_layers(manifest, layer_rule, top_n)
     if gate is None:
         threshold = settings.harm_gate if isinstance(settings.harm_gate, float) else 0.5
-        gate = layer_probes_gate(
-            trained_layers, num_layers, manifest["steer"]["layers"][0], probe_w, probe_b, threshold
-        )
-    manifest["harm_gate_probe"] = {k: v for k, v in gate.report.items() if k != "search"}
-    return Artefact(result.energy, manifest, gate, None if safety is None else safety.energy)
+        gate = layer_probes_gate(trained_layers, num_layers, layers[0], probe_w, probe_b, threshold)
+    # validated as `Artefact.load` validates it: an artefact this writes is one that loads
+    return Artefact(result.energy, Manifest.model_validate(fields), gate, None if safety is None else safety.energy)
