@@ -9,7 +9,7 @@ from els.core.models import chat_texts, decoder_blocks, user_conversations
 from els.core.stats import stratified_split
 from els.steering.artefact import Artefact
 from els.steering.energy import STATES
-from els.steering.settings import SteerSettings
+from els.steering.settings import FIELDS, SteerSettings
 from els.steering.steering import descend_rows, steer
 from els.training.energy import TrainConfig, train_energy
 from els.training.recipe import make_artefact
@@ -311,6 +311,28 @@ def test_two_sided_flagged_rows_descend_the_safety_energy():
     assert float(stats.energy_before[0]) == pytest.approx(float(safety(h.float())[0]), abs=1e-4)
 
 
+def test_refuse_gate_leaves_flagged_rows_below_it_and_refuses_those_above():
+    """refuse_gate: a flagged row whose p(harmful) is under it generates as base does; at or over it, it
+    descends the safety energy as with no refuse gate."""
+    lm = tiny_model("qwen2")
+    art = tiny_artefact(lm, eta=0.5, steps=2, refuse_eta=0.5)
+    enc = lm.tokenizer(_texts(lm)[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        base = lm.model(**enc).logits[:, -1]
+    flagged = art.settings.override(harm_gate=0.0, flagged="refuse")
+    with steer(lm.model, art, [flagged, flagged]) as plain, torch.no_grad():
+        refused = lm.model(**enc).logits[:, -1]
+    p = [prob for _, prob in plain.sides()]
+    cut = (p[0] + p[1]) / 2  # between the two rows' p(harmful): one row under it, one over
+    low, high = (0, 1) if p[0] < p[1] else (1, 0)
+    with steer(lm.model, art, [flagged.override(refuse_gate=cut)] * 2) as gated, torch.no_grad():
+        out = lm.model(**enc).logits[:, -1]
+    assert torch.allclose(out[low], base[low]) and torch.allclose(out[high], refused[high])
+    assert [side for side, _ in gated.sides()][low] == "leave" and [s for s, _ in gated.sides()][high] == "refuse"
+    stats = gated.stats[art.layers[0]]
+    assert int(stats.rows_taken[low]) == 0 and int(stats.rows_taken[high]) == 2
+
+
 def test_refuse_needs_a_safety_energy():
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm)
@@ -325,6 +347,7 @@ def test_settings_are_one_type_with_one_spelling_of_off():
     s = SteerSettings()
     assert s.override(harm_gate=None).harm_gate is None and s.override(eta=1.0).harm_gate == s.harm_gate
     assert s.override(threshold=0.3).energy_gate == 0.3  # the older name still reads
+    assert s.override(refuse_gate=0.9).override(refuse_gate=None).refuse_gate is None
     with pytest.raises(ValueError, match="unknown steering setting 'bogus'"):
         s.override(bogus=1)
     for bad in (
@@ -336,6 +359,7 @@ def test_settings_are_one_type_with_one_spelling_of_off():
         {"harmful": "ignore"},
         {"positions": "first"},
         {"refuse_eta": -1.0},
+        {"refuse_gate": 1.5},
         {"project": 1},
     ):
         with pytest.raises(ValueError):
@@ -344,6 +368,17 @@ def test_settings_are_one_type_with_one_spelling_of_off():
     assert SteerSettings.from_manifest(old) == SteerSettings(
         eta=0.2, steps=2, energy_gate=0.1, harm_gate=0.5, flagged="leave", refuse_eta=0.2, positions="last"
     )
+
+
+def test_every_setting_has_one_name_on_every_surface():
+    """A SteerSettings field is a CLI flag of every steering command, a request field and a manifest field."""
+    from els.cli.options import STEER_OPTIONS
+    from els.serve.protocol import ElsOptions
+    from els.steering.manifest import SteerFields
+
+    names = set(FIELDS)
+    assert set(STEER_OPTIONS) == names
+    assert names <= set(ElsOptions.model_fields) and names <= set(SteerFields.model_fields)
 
 
 def test_artefact_records_contrast_layer_rule_and_positions(tmp_path):

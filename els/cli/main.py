@@ -221,7 +221,7 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None
     console.print(
         f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
         f"positions {st.positions}, harm gate {st.harm_gate}, flagged prompts: {st.flagged} "
-        f"(eta {st.refuse_eta}), project {st.project})"
+        f"(eta {st.refuse_eta}, from p {st.refuse_gate}), project {st.project})"
     )
     return art
 

@@ -182,6 +182,13 @@ STEER_OPTIONS: dict[str, Any] = {
     "refuse_eta": Annotated[
         Optional[float], typer.Option(help=f"Step size towards refusal for flagged prompts (recipe: {_D.refuse_eta}).")
     ],
+    "refuse_gate": Annotated[
+        Optional[str],
+        typer.Option(
+            help="p(harmful) from which a flagged prompt is steered towards refusal (below it: left alone); "
+            f"off: every flagged prompt (recipe: {_D.refuse_gate})."
+        ),
+    ],
     "positions": Annotated[
         Optional[str],
         typer.Option(
@@ -211,7 +218,7 @@ def steer_options(command: Callable[..., None]) -> Callable[..., None]:
     def wrapper(**kwargs: Any) -> None:
         given = {k: kwargs.pop(k) for k in STEER_OPTIONS}
         steer = {k: v for k, v in given.items() if v is not None}
-        for name in ("energy_gate", "harm_gate"):
+        for name in ("energy_gate", "harm_gate", "refuse_gate"):
             if name in steer:
                 steer[name] = _gate_value(name, steer[name])
         for name, value in steer.items():  # one at a time, so the error names its flag

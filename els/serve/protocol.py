@@ -52,7 +52,7 @@ class Limits:
 
 class ElsOptions(BaseModel):
     """Per-request steering: the fields of `SteerSettings` by the same names (els.steering.settings); unset
-    fields take the server's settings, and null turns a gate off (`"harm_gate": null`)."""
+    fields take the server's settings, and null turns a gate off (`"harm_gate": null`, `"refuse_gate": null`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool | None = None  # default: on when the server has an artefact
@@ -62,7 +62,9 @@ class ElsOptions(BaseModel):
     harm_gate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     flagged: Literal["refuse", "leave"] | None = None  # flagged prompts: steered towards refusal, or left alone
     refuse_eta: float | None = Field(default=None, ge=0, le=MAX_ETA, allow_inf_nan=False)
+    refuse_gate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # null: every flagged prompt
     positions: Literal["last", "prompt"] | None = None  # "prompt": steer the last prompt token only
+    project: bool | None = None  # keep steps orthogonal to the harm probe's direction
     # Older spellings, still read: `threshold` is energy_gate; `gate: false` turns the energy gate off.
     threshold: float | None = Field(default=None, ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE, allow_inf_nan=False)
     gate: bool | None = None

@@ -73,6 +73,7 @@ class SteerFields(_Open):
     harm_gate: Annotated[Number, Field(ge=0, le=1)] | None = None
     flagged: Literal["refuse", "leave"] = "leave"
     refuse_eta: Annotated[Finite, Field(ge=0, le=MAX_ETA)] | None = None
+    refuse_gate: Annotated[Number, Field(ge=0, le=1)] | None = None
     positions: Literal["last", "prompt"] = "last"
     project: StrictBool = False
 

@@ -6,7 +6,8 @@ read, so batching never leaks into the public type.
 
 Spellings shared by every surface: a field's name is the same as a keyword (`steer(..., eta=0.3)`), a CLI
 flag (`--eta 0.3`), a request field (`"els": {"eta": 0.3}`) and a manifest key (`steer.eta`). A gate is off
-when its value is None: `harm_gate=None`, `--harm-gate off`, `"harm_gate": null`, `"energy_gate": null`.
+when its value is None: `harm_gate=None`, `--harm-gate off`, `"harm_gate": null`, `"energy_gate": null`,
+`refuse_gate=None`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class SteerSettings:
       every row descends the compliance energy.
     - `flagged`: what happens to flagged rows. "refuse" descends the safety energy (safe refusal low,
       jailbreak high) with step `refuse_eta`; "leave" generates them unsteered.
+    - `refuse_gate`: with "refuse", a flagged row descends the safety energy only when its p(harmful) is at
+      least this; flagged rows below it are left unsteered. Benign prompts that sound harmful mostly sit
+      just above the harm gate, harmful ones near 1, so pushing only the sure ones towards refusal spares
+      the former. None: every flagged row.
     - `positions`: "prompt" steps only the last prompt token at the prefill, so the answer is decoded by the
       unchanged model from a steered start; "last" steps position -1 of every forward pass (the paper).
     - `project`: keep each step orthogonal to the harm probe's direction at the steered layer.
@@ -57,6 +62,7 @@ class SteerSettings:
     harm_gate: float | None = 0.5
     flagged: Flagged = "refuse"
     refuse_eta: float = 0.5
+    refuse_gate: float | None = None
     positions: Positions = "prompt"
     project: bool = False
 
@@ -67,8 +73,9 @@ class SteerSettings:
             raise ValueError(f"steps must be a whole number in [0, {MAX_STEPS}], got {self.steps!r}")
         if self.energy_gate is not None:
             _number("energy_gate", self.energy_gate, -MAX_ENERGY_GATE, MAX_ENERGY_GATE)
-        if self.harm_gate is not None:
-            _number("harm_gate", self.harm_gate, 0.0, 1.0)
+        for name in ("harm_gate", "refuse_gate"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), 0.0, 1.0)
         if self.flagged not in FLAGGED_MODES:
             raise ValueError(f"flagged must be one of {FLAGGED_MODES}, got {self.flagged!r}")
         if self.positions not in POSITIONS:
@@ -132,6 +139,7 @@ class RowSettings:
     harm_gate: torch.Tensor | None  # [B] float32 (2.0: never flagged), None: no row is harm-gated
     refuse: torch.Tensor  # [B] bool: flagged rows descend the safety energy
     refuse_eta: torch.Tensor  # [B] float32
+    refuse_gate: torch.Tensor  # [B] float32: the p(harmful) from which a flagged row descends it (0: every one)
     every: torch.Tensor | None  # [B] bool: stepped at every new token; None: no row is
     max_steps: int
 
@@ -159,6 +167,7 @@ class RowSettings:
             else None,
             refuse=col([bool(r and r.harm_gate is not None and r.flagged == "refuse") for r in rows], torch.bool),
             refuse_eta=col([r.refuse_eta if r else 0.0 for r in rows], torch.float32),
+            refuse_gate=col([r.refuse_gate or 0.0 if r else 0.0 for r in rows], torch.float32),
             every=col([bool(r and r.positions == "last") for r in rows], torch.bool) if every else None,
             max_steps=max((r.steps for r in live), default=0),
         )

@@ -6,7 +6,8 @@
 
 Two-sided: at each prefill the artefact's harm gate reads every row. A row it passes descends the compliance
 energy (helpful low, false refusal high); a row it flags descends the safety energy (safe refusal low,
-jailbreak high) when the settings say `flagged="refuse"`, or is left alone with `"leave"`.
+jailbreak high) when the settings say `flagged="refuse"` and its p(harmful) reaches `refuse_gate`, or is left
+alone (`"leave"`, or below `refuse_gate`).
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ class Steering:
         self.stats: dict[int, LayerStats] = {}
         self._row_cache: dict[tuple, RowSettings] = {}
         self._gate: GateState | None = None  # set at each prefill by the harm gate's pre-pass
-        # The gate's [B] mask, one copy per device: under a device_map the steered layers may sit on
-        # different devices. Keyed by the mask it copies, so a new prefill's mask replaces the copies.
-        self._allowed: dict[torch.device, torch.Tensor] = {}
-        self._allowed_of: torch.Tensor | None = None
+        # The gate's [B] mask and p(harmful), one copy per device: under a device_map the steered layers may sit
+        # on different devices. Keyed by the mask it copies, so a new prefill's reading replaces the copies.
+        self._read: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._read_of: torch.Tensor | None = None
         self._exit = ExitStack()
         self._handles: list = []
 
@@ -177,8 +178,9 @@ class Steering:
         """`descend_rows` on rows h [B, d] with this steering's per-row settings, gates and positions: rows
         the harm gate passes descend the compliance energy, flagged rows in refuse mode the safety energy."""
         rs = self._settings(h.shape[0], h.device)
-        allowed = self._allowed_on(h.device)
-        refuse = None if allowed is None or spec.refuse is None else ~allowed & rs.refuse.to(allowed.device)
+        read = self._reading_on(h.device)
+        allowed = None if read is None else read[0]
+        refuse = None if read is None or spec.refuse is None else ~read[0] & rs.refuse & (read[1] >= rs.refuse_gate)
         steps = rs.steps
         if not prefill and rs.every is not None:  # a new token: rows steered at the prompt only are left alone,
             allowed = rs.every if allowed is None else allowed & rs.every
@@ -226,21 +228,22 @@ class Steering:
         assert thresholds is not None, "the gate is read only when some row is harm-gated"
         return thresholds
 
-    def _allowed_on(self, device: torch.device) -> torch.Tensor | None:
-        allowed = None if self._gate is None else self._gate.allowed
-        if allowed is None:
+    def _reading_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The latest prefill's (allowed [B], p(harmful) [B]) on `device`; None without a harm gate."""
+        state = self._gate
+        if state is None or state.allowed is None or state.p_harm is None:
             return None
-        if allowed is not self._allowed_of:
-            self._allowed, self._allowed_of = {allowed.device: allowed}, allowed
-        if device not in self._allowed:
-            self._allowed[device] = allowed.to(device)
-        return self._allowed[device]
+        if state.allowed is not self._read_of:
+            self._read, self._read_of = {}, state.allowed
+        if device not in self._read:
+            self._read[device] = (state.allowed.to(device), state.p_harm.to(device))
+        return self._read[device]
 
     def sides(self) -> list[tuple[Side, float | None]]:
         """Per row of the latest prefill, in that batch's order (`generate` sorts prompts into batches by
         length: run one batch in order to read them per prompt): which way it was steered and the harm gate's
         p(harmful) (None without a gate). "answer": the compliance energy; "refuse": the safety energy;
-        "leave": flagged and left alone; "off": a row given no settings."""
+        "leave": flagged and left alone (`flagged="leave"`, or below `refuse_gate`); "off": a row given no settings."""
         p = None if self._gate is None or self._gate.p_harm is None else self._gate.p_harm.tolist()
         n = len(p) if p is not None else len(self.rows) if self.rows is not None else 1
         rows = self.rows if self.rows is not None else (self.settings,) * n
@@ -252,7 +255,8 @@ class Steering:
             elif prob is None or r.harm_gate is None or prob < r.harm_gate:
                 out.append(("answer", prob))
             else:
-                out.append(("refuse" if r.flagged == "refuse" else "leave", prob))
+                refusing = r.flagged == "refuse" and prob >= (r.refuse_gate or 0.0)
+                out.append(("refuse" if refusing else "leave", prob))
         return out
 
     def report(self) -> dict:
