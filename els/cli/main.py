@@ -220,10 +220,14 @@ def _train(col: Collection, out: Path, how: recipe.Recipe, gate: HarmGate | None
     )
     console.print(
         f"artefact written to {out} (layers {art.layers}, eta {st.eta}, K {st.steps}, "
-        f"positions {st.positions}, harm gate {st.harm_gate}, flagged prompts: {st.flagged} "
-        f"(eta {st.refuse_eta}, from p {st.refuse_gate}), project {st.project})"
+        f"positions {st.positions}, harm gate {_p(st.harm_gate)}, flagged prompts: {st.flagged} "
+        f"(eta {st.refuse_eta}, from p(harmful) {_p(st.refuse_gate)}), project {st.project})"
     )
     return art
+
+
+def _p(value: float | None) -> str:
+    return "off" if value is None else f"{value:.3f}"
 
 
 def run_cmd(steer: dict, **options: Any) -> None:
