@@ -62,14 +62,16 @@ def test_old_manifest_with_gate_reads_as_threshold(tmp_path):
             "artefact-format1",
             "a1c6f084d3390b30",
             0.4,
-            SteerSettings(eta=0.5, steps=3, harm_gate=0.4, flagged="leave", positions="last"),
+            SteerSettings(eta=0.5, steps=3, harm_gate=0.4, flagged="leave", refuse_gate=None, positions="last"),
         ),
         # format 2: the harm gate's own tensors and report, the safety energy, the weights' sha256
         (
             "artefact-format2",
             "0a6dd89a46f36ab1",
             pytest.approx(0.45),  # stored as float32
-            SteerSettings(eta=0.5, steps=3, harm_gate=0.45, flagged="refuse", refuse_eta=0.3, positions="last"),
+            SteerSettings(
+                eta=0.5, steps=3, harm_gate=0.45, flagged="refuse", refuse_eta=0.3, refuse_gate=None, positions="last"
+            ),
         ),
     ],
 )
@@ -131,16 +133,18 @@ def test_a_failed_save_keeps_the_old_artefact_or_refuses_the_mix(tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["els.json", "energy.safetensors", "keep.txt"]
 
 
-def test_harm_gate_mask_follows_each_layer_device():
+def test_harm_gate_reading_follows_each_layer_device():
     lm = tiny_model("qwen2")
     art = tiny_artefact(lm, harm_gate=0.5)
     s = Steering(lm.model, art)
-    s._gate = GateState(allowed=torch.tensor([True, False]))  # as the gate's pre-pass sets it at the prefill
-    on_other = s._allowed_on(torch.device("meta"))  # a later layer on another device (meta: no data to copy)
-    assert on_other.device.type == "meta" and on_other.shape == (2,)
-    assert s._allowed_on(torch.device("meta")) is on_other  # copied once per device, not per call
-    s._gate = GateState(allowed=torch.tensor([False, True]))  # the next prefill's mask replaces the copies
-    assert torch.equal(s._allowed_on(torch.device("cpu")), torch.tensor([False, True]))
+    # as the gate's pre-pass sets it at the prefill
+    s._gate = GateState(allowed=torch.tensor([True, False]), p_harm=torch.tensor([0.2, 0.9]))
+    on_other = s._reading_on(torch.device("meta"))  # a later layer on another device (meta: no data to copy)
+    assert on_other is not None and all(t.device.type == "meta" and t.shape == (2,) for t in on_other)
+    assert s._reading_on(torch.device("meta")) is on_other  # copied once per device, not per call
+    s._gate = GateState(allowed=torch.tensor([False, True]), p_harm=torch.tensor([0.9, 0.2]))  # the next prefill
+    allowed, p = s._reading_on(torch.device("cpu"))  # type: ignore[misc]
+    assert torch.equal(allowed, torch.tensor([False, True])) and torch.equal(p, torch.tensor([0.9, 0.2]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to place steered layers on two devices")

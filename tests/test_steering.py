@@ -293,7 +293,10 @@ def test_two_sided_flagged_rows_descend_the_safety_energy():
     with torch.no_grad():
         base = lm.model(**enc).logits[:, -1]
     # row 0 flagged (p >= 0 always), row 1 passed (p < 1 + eps always)
-    refuse = [art.settings.override(harm_gate=0.0, flagged="refuse"), art.settings.override(harm_gate=1.0)]
+    refuse = [
+        art.settings.override(harm_gate=0.0, flagged="refuse", refuse_gate=None),  # every flagged row refuses
+        art.settings.override(harm_gate=1.0),
+    ]
     leave = [art.settings.override(harm_gate=0.0, flagged="leave"), art.settings.override(harm_gate=1.0)]
     with steer(lm.model, art, refuse) as two, torch.no_grad():
         two_sided = lm.model(**enc).logits[:, -1]
@@ -319,7 +322,7 @@ def test_refuse_gate_leaves_flagged_rows_below_it_and_refuses_those_above():
     enc = lm.tokenizer(_texts(lm)[:2], return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         base = lm.model(**enc).logits[:, -1]
-    flagged = art.settings.override(harm_gate=0.0, flagged="refuse")
+    flagged = art.settings.override(harm_gate=0.0, flagged="refuse", refuse_gate=None)
     with steer(lm.model, art, [flagged, flagged]) as plain, torch.no_grad():
         refused = lm.model(**enc).logits[:, -1]
     p = [prob for _, prob in plain.sides()]
@@ -366,7 +369,14 @@ def test_settings_are_one_type_with_one_spelling_of_off():
             s.override(**bad)
     old = {"layers": [1], "eta": 0.2, "steps": 2, "gate": 0.1, "harm_gate": 0.5}  # a format-1 steer section
     assert SteerSettings.from_manifest(old) == SteerSettings(
-        eta=0.2, steps=2, energy_gate=0.1, harm_gate=0.5, flagged="leave", refuse_eta=0.2, positions="last"
+        eta=0.2,
+        steps=2,
+        energy_gate=0.1,
+        harm_gate=0.5,
+        flagged="leave",
+        refuse_eta=0.2,
+        refuse_gate=None,
+        positions="last",
     )
 
 

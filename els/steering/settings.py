@@ -62,7 +62,7 @@ class SteerSettings:
     harm_gate: float | None = 0.5
     flagged: Flagged = "refuse"
     refuse_eta: float = 0.5
-    refuse_gate: float | None = None
+    refuse_gate: float | None = 0.98
     positions: Positions = "prompt"
     project: bool = False
 
@@ -91,13 +91,15 @@ class SteerSettings:
     @classmethod
     def from_manifest(cls, steer: Mapping[str, Any]) -> SteerSettings:
         """The settings an artefact's `steer` section holds. Sections written before two-sided steering have
-        no safety energy, so their flagged rows are left alone (`flagged="leave"`)."""
+        no safety energy, so their flagged rows are left alone (`flagged="leave"`); sections written before
+        `refuse_gate` steered every flagged row towards refusal."""
         known = canonical({k: v for k, v in steer.items() if k in FIELDS or k in ALIASES})
         if "energy_gate" not in known and steer.get("gate") is not None:  # the energy gate's name before format 1.1
             known["energy_gate"] = steer["gate"]
         known.setdefault("flagged", "leave")
         known.setdefault("positions", "last")
         known.setdefault("refuse_eta", known.get("eta", cls.refuse_eta))
+        known.setdefault("refuse_gate", None)  # sections before it steered every flagged row
         return cls(**known)
 
     def manifest(self) -> dict[str, Any]:
