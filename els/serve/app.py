@@ -27,7 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from els.core.models import LoadedModel, chat_ids
 from els.serve.connections import quiet_accept_errors
-from els.serve.protocol import MIN_TEMPERATURE, MIN_TOP_P, ApiError, ChatRequest, ElsOptions, Limits, _parse, _read_json
+from els.serve.protocol import (
+    MIN_TEMPERATURE,
+    MIN_TOP_P,
+    ApiError,
+    ChatRequest,
+    ElsOptions,
+    Limits,
+    parse_request,
+    read_json_body,
+)
 from els.serve.worker import Engine, Job
 from els.steering.artefact import Artefact
 from els.steering.settings import SteerSettings
@@ -189,7 +198,7 @@ def create_app(
     # response_model=None: the union below is two kinds of answer, not a schema for FastAPI to validate against
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> StreamingResponse | dict[str, Any]:
-        req = _parse(await _read_json(request, limits.max_body_bytes))
+        req = parse_request(await read_json_body(request, limits.max_body_bytes))
         loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
 
         def emit(event: tuple) -> None:

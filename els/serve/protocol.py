@@ -148,7 +148,8 @@ def _validation_error(e: ValidationError) -> ApiError:
     return ApiError(400, "; ".join(parts), param=".".join(str(x) for x in first["loc"]) or None, code=first["type"])
 
 
-def _parse(obj: Any) -> ChatRequest:
+def parse_request(obj: Any) -> ChatRequest:
+    """A decoded JSON body as a `ChatRequest`; anything else is an `ApiError` naming the first bad field."""
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -160,7 +161,8 @@ def _parse(obj: Any) -> ChatRequest:
     return req
 
 
-async def _read_json(request: Request, cap: int) -> Any:
+async def read_json_body(request: Request, cap: int) -> Any:
+    """The request's body decoded as standard JSON (no NaN, no lone surrogates), at most `cap` bytes read."""
     length = request.headers.get("content-length")
     too_big = ApiError(413, f"request body exceeds {cap} bytes", code="request_too_large")
     if length is not None and length.isdigit() and int(length) > cap:
