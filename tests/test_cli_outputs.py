@@ -206,3 +206,17 @@ def test_eval_with_an_infinite_eta_fails_before_generating(made, tmp_path, eta):
     )
     one_line_error(result, "eta")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.usefixtures("quiet_loading")
+def test_compare_says_why_a_flagged_prompt_was_left_unsteered(made):
+    """Flagged (every p >= 0) but under refuse_gate 1: left to the base model, and the reading says so."""
+    args = ["generate", "--model", str(made / "model"), "--steer", str(made / "run" / "artefact"), "--compare"]
+    args += ["--max-new-tokens", "2", "--harm-gate", "0", "--flagged", "refuse"]
+    result = CliRunner().invoke(app, [*args, "--refuse-gate", "1", "how do i bake a cake"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "threshold 0.000: flagged, under refuse_gate 1.000: left unsteered" in said
+    result = CliRunner().invoke(app, [*args, "--refuse-gate", "off", "how do i bake a cake"])
+    assert result.exit_code == 0, result.output
+    assert "threshold 0.000: steered towards refusing" in " ".join(result.output.split())

@@ -347,8 +347,12 @@ def generate_cmd(
         if steered is not None:
             if compare:
                 side, p = sides[i]
-                gate = "" if p is None else f"p(harmful) {p:.3f}, threshold {s.settings.harm_gate:.3f}: "
-                console.print(f"[dim]harm gate: {gate}{SIDES[side]}[/dim]", highlight=False)
+                st = s.settings
+                gate = "" if p is None else f"p(harmful) {p:.3f}, threshold {st.harm_gate:.3f}: "
+                what = SIDES[side]
+                if side == "leave" and st.flagged == "refuse" and st.refuse_gate is not None:
+                    what = f"flagged, under refuse_gate {st.refuse_gate:.3f}: left unsteered"
+                console.print(f"[dim]harm gate: {gate}{what}[/dim]", highlight=False)
             console.print(f"[bold]els:[/bold] {steered[i]}" if compare else steered[i], highlight=False)
 
 
