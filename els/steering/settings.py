@@ -139,9 +139,10 @@ class RowSettings:
     steps: torch.Tensor  # [B] long
     energy_gate: torch.Tensor | None  # [B] float32 (+inf: no step), None: no row is energy-gated
     harm_gate: torch.Tensor | None  # [B] float32 (2.0: never flagged), None: no row is harm-gated
-    refuse: torch.Tensor  # [B] bool: flagged rows descend the safety energy
     refuse_eta: torch.Tensor  # [B] float32
-    refuse_gate: torch.Tensor  # [B] float32: the p(harmful) from which a flagged row descends it (0: every one)
+    # [B] float32: the p(harmful) from which a flagged row descends the safety energy (0: every flagged row;
+    # +inf: none, for rows that are not harm-gated or leave flagged rows alone)
+    refuse_gate: torch.Tensor
     every: torch.Tensor | None  # [B] bool: stepped at every new token; None: no row is
     max_steps: int
 
@@ -167,9 +168,14 @@ class RowSettings:
             harm_gate=col([2.0 if not r or r.harm_gate is None else r.harm_gate for r in rows], torch.float32)
             if harm_gated
             else None,
-            refuse=col([bool(r and r.harm_gate is not None and r.flagged == "refuse") for r in rows], torch.bool),
             refuse_eta=col([r.refuse_eta if r else 0.0 for r in rows], torch.float32),
-            refuse_gate=col([r.refuse_gate or 0.0 if r else 0.0 for r in rows], torch.float32),
+            refuse_gate=col(
+                [
+                    r.refuse_gate or 0.0 if r and r.harm_gate is not None and r.flagged == "refuse" else math.inf
+                    for r in rows
+                ],
+                torch.float32,
+            ),
             every=col([bool(r and r.positions == "last") for r in rows], torch.bool) if every else None,
             max_steps=max((r.steps for r in live), default=0),
         )

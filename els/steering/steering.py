@@ -180,7 +180,7 @@ class Steering:
         rs = self._settings(h.shape[0], h.device)
         read = self._reading_on(h.device)
         allowed = None if read is None else read[0]
-        refuse = None if read is None or spec.refuse is None else ~read[0] & rs.refuse & (read[1] >= rs.refuse_gate)
+        refuse = None if read is None or spec.refuse is None else ~read[0] & (read[1] >= rs.refuse_gate)
         steps = rs.steps
         if not prefill and rs.every is not None:  # a new token: rows steered at the prompt only are left alone,
             allowed = rs.every if allowed is None else allowed & rs.every
