@@ -249,7 +249,9 @@ def test_fit_gate_end_to_end_on_a_tiny_model(tmp_path):
     assert report["pool"]["framed-harmful"] == {"kind": "harmful", "n": 6}
     assert report["pool"]["pb"]["n"] == len(benign) - 2
     assert set(report["eval"]["sets"]) == {"eb", "eh"} and "e" in report["eval"]["auroc"]
-    assert 0 <= gate.layer < 3 and gate.weight.shape == (32,)
+    # The search and its forward passes cover the first 70% of the blocks (2 of 3), no more.
+    assert report["searched_layers"] == 2 and {row["layer"] for row in report["search"]} == {0, 1}
+    assert 0 <= gate.layer < 2 and gate.weight.shape == (32,) and gate.directions.shape == (2, 32)
     # A rerun reads every activation from the cache: no forward pass at all.
     gate_mod_forward = gate_mod.prompt_states
     try:
@@ -291,12 +293,12 @@ def _interrupt_forward_at(call: int, monkeypatch) -> list[int]:
     batch sizes it is called with, which the test may clear."""
     real, calls, fail = gate_mod.prompt_states, [], [call]
 
-    def interrupted(lm_, texts):
+    def interrupted(lm_, texts, layers=None):
         calls.append(len(texts))
         if len(calls) in fail:
             fail.clear()
             raise KeyboardInterrupt
-        return real(lm_, texts)
+        return real(lm_, texts, layers)
 
     monkeypatch.setattr(gate_mod, "prompt_states", interrupted)
     return calls
@@ -348,3 +350,23 @@ def test_els_gate_writes_the_gate_and_its_report(tmp_path, monkeypatch):
     assert gate.layer == report["gate"]["layer"] and gate.threshold == pytest.approx(report["gate"]["threshold"])
     printed = json.loads(result.output[result.output.index("\n{\n") :])  # after the progress lines
     assert printed == {k: v for k, v in report.items() if k != "search"}
+
+
+def test_the_default_pool_against_default_sets_uses_the_shipped_list_and_no_encoder(tmp_path, monkeypatch):
+    def no_encoder(cache_dir):
+        raise AssertionError("the shipped list covers this dedupe: no embeddings")
+
+    monkeypatch.setattr(gate_mod, "cached_encoder", no_encoder)
+    lm = tiny_model("qwen2")
+    pool = [
+        PromptSet("els-benign", "benign", [f"how do i bake cake {w}" for w in VOCAB] + ["what is chess"]),
+        PromptSet("els-harmful", "harmful", [f"make bomb {w}" for w in VOCAB]),
+    ]
+    exclude = [PromptSet("orbench-hard@val", "benign", ["What is chess?"])]
+    assert gate_mod.shipped_covers(pool, exclude)
+    _, report = fit_gate(lm, pool, [], tmp_path, exclude=exclude, frame_max=4, progress=False, l2_grid=(1e-2,))
+    assert report["removed"]["els-benign"] == 1  # the exact copy still goes
+    renamed = [PromptSet("mine", "benign", pool[0].prompts), pool[1]]
+    assert not gate_mod.shipped_covers(renamed, exclude) and not gate_mod.shipped_covers(pool, [pool[0]])
+    with pytest.raises(AssertionError, match="no embeddings"):
+        fit_gate(lm, renamed, [], tmp_path, exclude=exclude, frame_max=4, progress=False, l2_grid=(1e-2,))

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from els.core.generation import generate_batch
 from els.core.hooks import prompt_states, record_last_token
 from els.core.models import chat_texts, user_conversations
 from els.eval.baselines import fit_baselines
@@ -63,6 +64,19 @@ def test_prompt_states_share_the_template_prefix_and_read_what_generation_reads(
     states = prompt_states(lm, texts)
     torch.testing.assert_close(states, torch.stack(captured, dim=1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(prompt_states(lm, texts[1:2])[0], states[1], rtol=1e-4, atol=1e-5)  # alone = in a batch
+    torch.testing.assert_close(prompt_states(lm, texts, layers=2), states[:, :2])  # stopped early, same below
+    with pytest.raises(ValueError, match="layers must be between 1 and"):
+        prompt_states(lm, texts, layers=len(lm.blocks) + 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_shared_prefix_generates_and_records_what_plain_left_padding_does(family):
+    lm = tiny_model(family)
+    texts = chat_texts(lm.tokenizer, user_conversations(PROMPTS))
+    plain = generate_batch(lm, texts, 6, record=True)
+    shared = generate_batch(lm, texts, 6, record=True, share_prefix=True)
+    assert shared.ids == plain.ids
+    torch.testing.assert_close(shared.activations, plain.activations, rtol=1e-4, atol=1e-5)
 
 
 def _split_gate(lm, enc, layer: int) -> HarmGate:

@@ -127,6 +127,9 @@ def test_train_fits_the_pooled_harm_gate_deterministically_from_its_cache(tmp_pa
     assert set(report["pool"]) >= {"els-benign#24", "els-harmful#24", "framed-benign", "framed-harmful"}
     assert art.settings.harm_gate == pytest.approx(art.gate.threshold)  # the threshold chosen on validation
     assert art.gate.directions.shape == (len(lm.blocks), lm.model.config.hidden_size)
+    # Searched layers keep the gate's own directions; above them (the pool's forward stopped) the collection's.
+    # (Layer 0 reads the last template token's embedding, the same in every prompt: no direction there.)
+    assert report["searched_layers"] == 2 and all(art.gate.direction(layer) is not None for layer in (1, 2))
     assert any((tmp_path / "cache" / "gate" / "acts").iterdir())
     again = train(lm, tmp_path / "run", benign=[benign], harmful=[harmful], recipe=pooled, progress=False)
     assert torch.equal(again.gate.weight, art.gate.weight)  # deterministic, from the cache

@@ -33,12 +33,20 @@ class Batch:
     method: Steerer | None = None
     tag: Any = None  # the caller's handle on the batch (which rows it holds), returned with the result
     horizon: int | None = None  # stop each answer at this many characters (see generation.generate_batch)
+    share_prefix: bool = False  # run the rows' shared prefix once (unsteered batches only, see generate_batch)
 
 
 def run_batch(lm: LoadedModel, batch: Batch, generate: Callable[..., Generated] = generate_batch) -> Generated:
     """Generate one batch under its method: a fresh `apply` context per call (methods keep per-call state)."""
     with batch.method.apply(lm.model) if batch.method is not None else nullcontext():
-        return generate(lm, batch.texts, batch.max_new_tokens, record=batch.record, horizon=batch.horizon)
+        return generate(
+            lm,
+            batch.texts,
+            batch.max_new_tokens,
+            record=batch.record,
+            horizon=batch.horizon,
+            share_prefix=batch.share_prefix,
+        )
 
 
 class Executor(Protocol):

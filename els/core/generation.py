@@ -21,7 +21,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from els.core.hooks import record_last_token
+from els.core.hooks import cache_arg, prefixed_batch, record_last_token
 from els.core.models import LoadedModel, chat_texts, user_conversations
 
 # 64 tokens hold the opening where refusals show ("I'm sorry, but...", "As an AI... However, here is"),
@@ -106,21 +106,30 @@ def generate_batch(
     force: list[list[int]] | None = None,
     record: bool = False,
     horizon: int | None = None,
+    share_prefix: bool = False,
 ) -> Generated:
     """Greedy answers to chat-templated texts, in one `model.generate` call.
 
     `force` emits those ids instead (teacher forcing) and returns each step's logits; `record` also returns
     the residual stream each block received at the last prompt token; `horizon` ends each answer once it
-    has that many characters (the opening a judge reads, see `Judge.horizon`), and the batch once all have."""
+    has that many characters (the opening a judge reads, see `Judge.horizon`), and the batch once all have.
+    `share_prefix` runs the token prefix all rows share once (see `PrefixedBatch`): for a model without hooks
+    only, since a hook would take that separate call for the prefill."""
     tok = lm.tokenizer
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.model.device)
+    enc: dict[str, object]
+    if share_prefix:
+        batch = prefixed_batch(lm, texts, lm.model)
+        enc = {"input_ids": batch.input_ids, "attention_mask": batch.mask, cache_arg(lm.model): batch.cache}
+    else:
+        enc = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.model.device))
+    prompt_len = cast(torch.Tensor, enc["input_ids"]).shape[1]
     kwargs: dict = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     if force is not None:
         steps = max(len(f) for f in force)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         targets = torch.tensor([f + [pad] * (steps - len(f)) for f in force])
         kwargs.update(
-            logits_processor=LogitsProcessorList([_Force(targets, enc["input_ids"].shape[1])]),
+            logits_processor=LogitsProcessorList([_Force(targets, prompt_len)]),
             output_logits=True,
             max_new_tokens=steps,
         )
@@ -128,11 +137,11 @@ def generate_batch(
         kwargs.update(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None)
     stop = None
     if horizon is not None and force is None:
-        stop = _VerdictFixed(lm, horizon, enc["input_ids"].shape[1], len(texts))
+        stop = _VerdictFixed(lm, horizon, prompt_len, len(texts))
         kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
     with record_last_token(lm.blocks) if record else nullcontext() as captured:
         out = lm.model.generate(**enc, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, **kwargs)
-    new = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
+    new = out.sequences[:, prompt_len:].tolist()
     eos = eos_ids(lm)
     if stop is not None:
         new = [row[:n] if n is not None else row for row, n in zip(new, stop.stopped_at)]

@@ -45,4 +45,4 @@ def gated_verdicts(
 
 def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], cache: Path) -> list[float]:
     """p(harmful) the gate reads at each prompt's prefill (prompt-only forward passes, cached under `cache`)."""
-    return gate.probability_from_layers(prompt_activations(lm, prompts, cache)).tolist()
+    return gate.probability_from_layers(prompt_activations(lm, prompts, cache, layers=gate.layer + 1)).tolist()

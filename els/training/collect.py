@@ -115,7 +115,7 @@ def collect(
     shard_dir = out / "batches"
     # Generation stops where the judge's verdict is fixed: the states are those of full-length answers.
     todo = [
-        Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon)
+        Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon, share_prefix=True)
         for b, idx in enumerate(batches)
         if not _shard_done(shard_dir, b, idx)
     ]

@@ -39,6 +39,9 @@ L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 COSINE_DUPLICATE = 0.9
 REMOVED_FILE = "pool_removed.txt"
 CACHE_VERSION = 3  # bump when the recorded quantity or its numerics change (2: generate's positions; 3: shared prefix)
+# The share of the model's depth the gate searches (and its forward passes run): harm reads best mid-depth, and
+# on the default pool no layer above 2/3 of the depth came within 0.004 AUROC of the best (docs/results.md).
+GATE_DEPTH = 0.7
 
 # Everything here ships with the package or a wheel that scripts/setup.sh installs, so `els run` needs no data
 # folder and no network: plain and borderline benign requests against plain harmful ones, framed or not.
@@ -103,22 +106,32 @@ def shipped_removed() -> frozenset[str]:
     return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
+def shipped_covers(pool: Sequence[PromptSet], against: Sequence[PromptSet]) -> bool:
+    """Whether the shipped removal list was made for this dedupe: the default pool's sets (no sample of them)
+    against default evaluation and tuning sets only (a test checks that the list is current)."""
+    return {ps.name for ps in pool} <= set(DEFAULT_POOL) and {ps.name for ps in against} <= {
+        *DEFAULT_EVAL,
+        *DEFAULT_EXCLUDE,
+    }
+
+
 def dedupe(
     pool: Sequence[PromptSet],
     against: Sequence[PromptSet],
-    encoder: Encoder,
+    encoder: Encoder | None,
     threshold: float = COSINE_DUPLICATE,
     drop: Collection[str] = frozenset(),
 ) -> tuple[list[PromptSet], dict[str, int]]:
     """Pool sets without any prompt whose `text_key` is in `drop`, or whose normalised text equals, or whose
-    embedding has cosine >= threshold with, a prompt of `against`; and how many each pool set lost."""
+    embedding has cosine >= threshold with, a prompt of `against` (no embeddings without an `encoder`); and
+    how many each pool set lost."""
     targets = sorted({p for ps in against for p in ps.prompts})
     norm = {normalise_text(p) for p in targets}
-    target_emb = encoder(targets) if targets else torch.zeros(0, 1)
+    target_emb = encoder(targets) if targets and encoder else torch.zeros(0, 1)
     cleaned, removed = [], {}
     for ps in pool:
         keep = [i for i, p in enumerate(ps.prompts) if normalise_text(p) not in norm and text_key(p) not in drop]
-        if keep and targets:
+        if keep and targets and encoder:
             emb = encoder([ps.prompts[i] for i in keep])
             best = torch.cat([(emb[i : i + 1024] @ target_emb.T).amax(1) for i in range(0, len(emb), 1024)])
             keep = [i for i, s in zip(keep, best.tolist()) if s < threshold]
@@ -149,7 +162,11 @@ def framed_pool(
 
 
 def activation_key(
-    lm: LoadedModel, prompts: Sequence[str], system: str | None = None, known: Mapping[str, torch.Tensor] | None = None
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    system: str | None = None,
+    known: Mapping[str, torch.Tensor] | None = None,
+    layers: int | None = None,
 ) -> str:
     """Model (name, architecture, dtype, chat template) + prompts + the rows taken from `known`: a cache entry
     is reused only for the same (a row run here and the same row recorded in a generate batch may differ in
@@ -161,12 +178,13 @@ def activation_key(
         str(lm.model.dtype),
         lm.tokenizer.chat_template or "",
         system or "",
+        *([] if layers is None else [f"layers={layers}"]),  # the full depth keeps its old keys
         *prompts,
     ]
     h = hashlib.sha256("\x00".join(parts).encode())
     for p in prompts:
         if known and p in known:
-            h.update(known[p].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+            h.update(known[p][:layers].to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:24]
 
 
@@ -179,8 +197,10 @@ def prompt_activations(
     batch_size: int = 16,
     progress: bool = False,
     known: Mapping[str, torch.Tensor] | None = None,
+    layers: int | None = None,
 ) -> torch.Tensor:
-    """[N, L, d] float32 activations of chat-templated prompts, cached under `cache_dir/acts/`.
+    """[N, L, d] float32 activations of chat-templated prompts, cached under `cache_dir/acts/` (`layers`: the
+    first that many blocks only, see `prompt_states`).
 
     `known`: activations [L, d] already recorded for some prompts with the same model, template and system
     prompt (a collection's prefill states): those rows are taken as they are, not run again. Each batch of
@@ -188,7 +208,7 @@ def prompt_activations(
     finished set is merged into one file and a rerun only reads it. Stored in the model's dtype when it is
     16-bit (lossless: the residual stream is computed in that dtype), halving the disk.
     """
-    final = Path(cache_dir) / "acts" / f"{activation_key(lm, prompts, system, known)}.safetensors"
+    final = Path(cache_dir) / "acts" / f"{activation_key(lm, prompts, system, known, layers)}.safetensors"
     if (done := _cached(final, len(prompts))) is not None:
         return done.float()
     known = known or {}
@@ -198,11 +218,11 @@ def prompt_activations(
     batches = length_batches(texts, lengths, batch_size)
     store = lm.model.dtype if lm.model.dtype in (torch.bfloat16, torch.float16) else torch.float32
     shard_dir = final.with_suffix(".batches")
-    rows: dict[int, torch.Tensor] = {i: known[p].to(store) for i, p in enumerate(prompts) if p in known}
+    rows: dict[int, torch.Tensor] = {i: known[p][:layers].to(store) for i, p in enumerate(prompts) if p in known}
     for b, idx in enumerate(batches):
         shard = shard_dir / f"{b:05d}.safetensors"
         if (part := _cached(shard, len(idx))) is None:
-            part = prompt_states(lm, [texts[i] for i in idx]).to(store).cpu().contiguous()
+            part = prompt_states(lm, [texts[i] for i in idx], layers).to(store).cpu().contiguous()
             save_tensors_atomic({"acts": part}, shard)
         rows |= {todo[i]: row for i, row in zip(idx, part)}
         if progress and (b % 20 == 0 or b == len(batches) - 1):
@@ -374,7 +394,7 @@ def gate_probabilities(
 ) -> list[float]:
     """p(harmful) of single-turn prompts (not cached: for spot checks)."""
     return [
-        float(gate.probability_from_layers(prompt_states(lm, [t]))[0])
+        float(gate.probability_from_layers(prompt_states(lm, [t], gate.layer + 1))[0])
         for t in chat_texts(lm.tokenizer, user_conversations(list(prompts), system))
     ]
 
@@ -394,26 +414,38 @@ def fit_gate(
     progress: bool = True,
     known: Mapping[str, torch.Tensor] | None = None,
     drop: Collection[str] | None = None,
+    depth: float = GATE_DEPTH,
     **train_kwargs: Unpack[GateOptions],
 ) -> tuple[HarmGate, dict]:
     """Dedupe the pool against `eval_sets` and `exclude` (and drop the rows keyed in `drop`, by default the
     shipped removal list), add framed variants, run the forward passes (cached), choose the gate on the pool's
-    validation split and report it on every evaluation set. `known`: see `prompt_activations`."""
+    validation split and report it on every evaluation set. `known`: see `prompt_activations`. The forward
+    passes and the search cover the first `depth` of the model's blocks."""
     if untyped := [ps.name for ps in (*pool_sets, *eval_sets) if ps.kind is None]:
         raise ValueError(f"prompt sets {untyped} need a kind (benign or harmful)")
     t_dedupe = -time.perf_counter()
+    against = [*eval_sets, *exclude]
+    if drop is None and encoder is None and shipped_covers(pool_sets, against):
+        encoder_or_none: Encoder | None = None  # the shipped list already holds every near-duplicate
+    else:
+        encoder_or_none = encoder or cached_encoder(cache_dir)
     drop = shipped_removed() if drop is None else drop
-    cleaned, removed = dedupe(pool_sets, [*eval_sets, *exclude], encoder or cached_encoder(cache_dir), drop=drop)
+    cleaned, removed = dedupe(pool_sets, against, encoder_or_none, drop=drop)
     t_dedupe += time.perf_counter()
     framed, framed_groups = framed_pool(cleaned, frame_max, seed=train_kwargs.get("seed", 0))
     groups = [normalise_text(p) for ps in cleaned for p in ps.prompts]
     groups += [normalise_text(p) for g in framed_groups for p in g]
     pool = [ps for ps in (*cleaned, *framed) if len(ps)]
+    if not 0 < depth <= 1:
+        raise ValueError(f"depth must be in (0, 1], got {depth}")
+    layers = max(1, round(depth * len(lm.blocks)))
 
     def acts_of(ps: PromptSet) -> torch.Tensor:
         if progress:
             print(f"{ps.name}: {len(ps)} prompts", flush=True)
-        return prompt_activations(lm, ps.prompts, cache_dir, batch_size=batch_size, progress=progress, known=known)
+        return prompt_activations(
+            lm, ps.prompts, cache_dir, batch_size=batch_size, progress=progress, known=known, layers=layers
+        )
 
     t_forward = -time.perf_counter()  # forward passes only: cached sets cost nothing here
     acts_pool = [acts_of(ps) for ps in pool]
@@ -426,6 +458,7 @@ def fit_gate(
     report = {
         "pool": {ps.name: {"kind": ps.kind, "n": len(ps)} for ps in pool},
         "removed": removed,
+        "searched_layers": layers,
         "gate": {k: v for k, v in gate.report.items() if k != "search"},
         "search": gate.report["search"],
         "eval": gate_report(gate, acts_eval, pairs),

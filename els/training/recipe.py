@@ -315,5 +315,12 @@ def make_artefact(
     if gate is None:
         threshold = settings.harm_gate if isinstance(settings.harm_gate, float) else 0.5
         gate = layer_probes_gate(trained_layers, num_layers, layers[0], probe_w, probe_b, threshold)
+    elif gate.directions is not None and len(gate.directions) < num_layers:
+        # The pool's forward passes stopped at the gate's searched depth; above it (where steering usually
+        # acts, and `project` needs a direction) the collection's harm probe gives one.
+        directions = torch.zeros(num_layers, acts.shape[-1])
+        directions[trained_layers] = probe_w.float()
+        directions[: len(gate.directions)] = gate.directions.float()
+        gate = replace(gate, directions=directions)
     # validated as `Artefact.load` validates it: an artefact this writes is one that loads
     return Artefact(result.energy, Manifest.model_validate(fields), gate, None if safety is None else safety.energy)
