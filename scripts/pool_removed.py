@@ -5,7 +5,7 @@ pool, the evaluation sets or the dedupe rule; tests/test_gate_training.py checks
 from pathlib import Path
 
 from els.core.models import cache_dir
-from els.training.gate import (
+from els.training.pool import (
     DEFAULT_EVAL,
     DEFAULT_EXCLUDE,
     DEFAULT_POOL,
@@ -21,6 +21,6 @@ keys = current_removed(
     cached_encoder(cache_dir() / "gate"),
 )
 path = Path(__file__).resolve().parents[1] / "els" / "data" / "resources" / REMOVED_FILE
-header = f"# {len(keys)} pool prompts (els.training.gate.text_key) removed as near-duplicates of evaluation sets\n"
+header = f"# {len(keys)} pool prompts (els.training.pool.text_key) removed as near-duplicates of evaluation sets\n"
 path.write_text(header + "".join(f"{k}\n" for k in keys))
 print(f"{path}: {len(keys)} keys")

@@ -6,26 +6,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import els.training.gate as gate_mod
+import els.training.pool as pool_mod
 from els.core.stats import auroc
 from els.data.promptset import PromptSet
 from els.steering.gate import HarmGate
-from els.training.gate import (
+from els.training.gate import fit_gate, gate_report, macro_auroc, prompt_activations, train_gate
+from els.training.pool import (
     DEFAULT_EVAL,
     DEFAULT_EXCLUDE,
     DEFAULT_POOL,
     cached_encoder,
     current_removed,
     dedupe,
-    fit_gate,
     framed_pool,
-    gate_report,
     load_spec,
-    macro_auroc,
     normalise_text,
-    prompt_activations,
     shipped_removed,
     text_key,
-    train_gate,
 )
 
 from helpers import saved_tiny_model, tiny_model
@@ -356,17 +353,17 @@ def test_the_default_pool_against_default_sets_uses_the_shipped_list_and_no_enco
     def no_encoder(cache_dir):
         raise AssertionError("the shipped list covers this dedupe: no embeddings")
 
-    monkeypatch.setattr(gate_mod, "cached_encoder", no_encoder)
+    monkeypatch.setattr(gate_mod, "cached_encoder", no_encoder)  # the name fit_gate calls
     lm = tiny_model("qwen2")
     pool = [
         PromptSet("els-benign", "benign", [f"how do i bake cake {w}" for w in VOCAB] + ["what is chess"]),
         PromptSet("els-harmful", "harmful", [f"make bomb {w}" for w in VOCAB]),
     ]
     exclude = [PromptSet("orbench-hard@val", "benign", ["What is chess?"])]
-    assert gate_mod.shipped_covers(pool, exclude)
+    assert pool_mod.shipped_covers(pool, exclude)
     _, report = fit_gate(lm, pool, [], tmp_path, exclude=exclude, frame_max=4, progress=False, l2_grid=(1e-2,))
     assert report["removed"]["els-benign"] == 1  # the exact copy still goes
     renamed = [PromptSet("mine", "benign", pool[0].prompts), pool[1]]
-    assert not gate_mod.shipped_covers(renamed, exclude) and not gate_mod.shipped_covers(pool, [pool[0]])
+    assert not pool_mod.shipped_covers(renamed, exclude) and not pool_mod.shipped_covers(pool, [pool[0]])
     with pytest.raises(AssertionError, match="no embeddings"):
         fit_gate(lm, renamed, [], tmp_path, exclude=exclude, frame_max=4, progress=False, l2_grid=(1e-2,))

@@ -14,6 +14,7 @@ from els.cli.options import Device, Dtype, Model, Overwrite, input_paths
 from els.core.io import check_output_dir, save_tensors_atomic, write_atomic
 from els.core.models import DEFAULT_MODEL, cache_dir
 from els.training import gate as harm_gate
+from els.training import pool as gate_pool
 
 
 def gate_cmd(
@@ -23,16 +24,16 @@ def gate_cmd(
         Optional[Path], typer.Option(help="Activation and embedding cache (default: the els cache's gate/).")
     ] = None,
     harm_data: Annotated[str, typer.Option(help="The pool: comma-separated [KIND=]SET\\[#N] specs.")] = ",".join(
-        harm_gate.DEFAULT_POOL
+        gate_pool.DEFAULT_POOL
     ),
     eval_specs: Annotated[
         str, typer.Option("--eval", help="Evaluation specs, reported on and deduplicated against.")
-    ] = ",".join(harm_gate.DEFAULT_EVAL),
+    ] = ",".join(gate_pool.DEFAULT_EVAL),
     exclude: Annotated[str, typer.Option(help="Specs only deduplicated against.")] = ",".join(
-        harm_gate.DEFAULT_EXCLUDE
+        gate_pool.DEFAULT_EXCLUDE
     ),
     alpaca_heldout: Annotated[int, typer.Option(help="Alpaca prompts outside the pool to report on (0: none).")] = 200,
-    frame_max: Annotated[int, typer.Option(help="Framed prompts per kind.")] = harm_gate.DEFAULT_FRAMED,
+    frame_max: Annotated[int, typer.Option(help="Framed prompts per kind.")] = gate_pool.DEFAULT_FRAMED,
     batch_size: int = 16,
     device: Device = None,
     dtype: Dtype = "auto",
@@ -49,11 +50,11 @@ def gate_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     pool, evals, excluded = (
-        [harm_gate.load_spec(s) for s in arg.split(",") if s] for arg in (harm_data, eval_specs, exclude)
+        [gate_pool.load_spec(s) for s in arg.split(",") if s] for arg in (harm_data, eval_specs, exclude)
     )
     # Alpaca's held-out sample is disjoint from the pool's already: not deduplicated against, so the pool, and
     # the gate, are exactly those of `els run` with the same --harm-data.
-    heldout = [harm_gate.alpaca_heldout(pool, alpaca_heldout)] if alpaca_heldout else []
+    heldout = [gate_pool.alpaca_heldout(pool, alpaca_heldout)] if alpaca_heldout else []
     lm = load_model(model, device=device, dtype=dtype)
     gate, report = harm_gate.fit_gate(
         lm,

@@ -57,7 +57,7 @@ HarmData = Annotated[
     str,
     typer.Option(
         help="The harm gate's pool: comma-separated [KIND=]SET[#N] specs, prompt-only "
-        "forward passes (els.training.gate); 'none': a probe on the collection's "
+        "forward passes (els.training.pool); 'none': a probe on the collection's "
         "own prompts."
     ),
 ]

@@ -33,7 +33,8 @@ from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
 from els.training.collect import Collection, collect
 from els.training.energy import TrainConfig, TrainResult, fit_harm_probe, train_energy
-from els.training.gate import DEFAULT_EVAL, DEFAULT_EXCLUDE, DEFAULT_POOL, fit_gate, load_spec
+from els.training.gate import fit_gate
+from els.training.pool import DEFAULT_EVAL, DEFAULT_EXCLUDE, DEFAULT_POOL, load_spec
 
 DEFAULT_BENIGN = ("els-benign",)
 # Plain harmful prompts give safe refusals, their framed versions most of the jailbreaks: the safety energy
@@ -57,7 +58,7 @@ class Recipe:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 32
     system: str | None = None
-    # The harm gate's pool (els.training.gate specs); empty: a probe on the collection's own prompts instead.
+    # The harm gate's pool (els.training.pool specs); empty: a probe on the collection's own prompts instead.
     harm_data: tuple[str, ...] = DEFAULT_POOL
     # Removed from the pool with their near-duplicates: the evaluation and tuning sets.
     harm_exclude: tuple[str, ...] = DEFAULT_EVAL + DEFAULT_EXCLUDE
