@@ -37,7 +37,7 @@ from els.serve.protocol import (
     parse_request,
     read_json_body,
 )
-from els.serve.worker import Engine, Job
+from els.serve.worker import Delta, Done, Engine, Event, Failed, Job
 from els.steering.artefact import Artefact
 from els.steering.settings import SteerSettings
 
@@ -130,7 +130,7 @@ def create_app(
         except ValueError as e:
             raise ApiError(400, f"els: {e}", param="els") from None
 
-    def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
+    def make_job(req: ChatRequest, emit: Callable[[Event], None]) -> Job:
         if req.model != lm.name:
             raise ApiError(
                 404,
@@ -199,9 +199,9 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> StreamingResponse | dict[str, Any]:
         req = parse_request(await read_json_body(request, limits.max_body_bytes))
-        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
 
-        def emit(event: tuple) -> None:
+        def emit(event: Event) -> None:
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the loop is gone: the server is shutting down
@@ -217,22 +217,22 @@ def create_app(
             event = await _answer(request, events)
         finally:
             job.cancelled = True  # no-op once done; frees the row if the client went away
-        if event[0] == "error":
-            raise event[1]
-        r = event[1]
+        if isinstance(event, Failed):
+            raise event.error
+        r = event
         return {
             **head,
             "object": "chat.completion",
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"],
+                    "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": r.finish_reason,
                     "logprobs": None,
                 }
             ],
             "usage": _usage(r),
-            "els": r["els"],
+            "els": r.els,
         }
 
     return app
@@ -265,7 +265,7 @@ def _on_termination(callback: Callable[[], None]) -> Callable[[], None]:
     return restore
 
 
-async def _answer(request: Request, events: asyncio.Queue) -> tuple:
+async def _answer(request: Request, events: asyncio.Queue[Event]) -> Done | Failed:
     """A non-streamed job's last event; raises if the client goes first, so that its row is freed."""
     while True:
         try:
@@ -274,19 +274,19 @@ async def _answer(request: Request, events: asyncio.Queue) -> tuple:
             if await request.is_disconnected():
                 raise ApiError(400, "the client closed the connection", code="client_disconnected") from None
             continue
-        if event[0] != "delta":
+        if not isinstance(event, Delta):
             return event
 
 
-def _usage(r: dict) -> dict:
+def _usage(r: Done) -> dict:
     return {
-        "prompt_tokens": r["prompt_tokens"],
-        "completion_tokens": r["completion_tokens"],
-        "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
     }
 
 
-async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(job: Job, events: asyncio.Queue[Event], head: dict, include_usage: bool) -> AsyncIterator[str]:
     def chunk(delta: dict, finish: str | None = None, **extra: object) -> str:
         body = {
             **head,
@@ -299,18 +299,18 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool)
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            kind, payload = await events.get()
-            if kind == "delta":
-                yield chunk({"content": payload})
-            elif kind == "done":
-                yield chunk({}, payload["finish_reason"], els=payload["els"])
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield chunk({"content": event.text})
+            elif isinstance(event, Done):
+                yield chunk({}, event.finish_reason, els=event.els)
                 if include_usage:
-                    usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(payload)}
+                    usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(event)}
                     yield f"data: {json.dumps(usage)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             else:
-                yield f"data: {json.dumps(payload.body())}\n\n"
+                yield f"data: {json.dumps(event.error.body())}\n\n"
                 return
     finally:
         job.cancelled = True  # the client went away mid-stream: stop generating for it
