@@ -31,9 +31,18 @@ from els.serve.protocol import (
     MIN_TEMPERATURE,
     MIN_TOP_P,
     ApiError,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatRequest,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
     ElsOptions,
     Limits,
+    ModelCard,
+    ModelList,
+    Usage,
     parse_request,
     read_json_body,
 )
@@ -109,8 +118,8 @@ def create_app(
         )
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": created, "owned_by": "els"}]}
+    async def models() -> dict[str, Any]:
+        return ModelList(data=[ModelCard(id=lm.name, created=created)]).model_dump()
 
     def steer_settings(opts: ElsOptions) -> SteerSettings | None:
         changes = opts.changes()
@@ -209,7 +218,11 @@ def create_app(
 
         job = await run_in_threadpool(make_job, req, emit)  # a long prompt must not hold the event loop
         engine.submit(job)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": lm.name}
+        head: dict[str, Any] = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": lm.name,
+        }
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(job, events, head, include_usage), media_type="text/event-stream")
@@ -219,21 +232,12 @@ def create_app(
             job.cancelled = True  # no-op once done; frees the row if the client went away
         if isinstance(event, Failed):
             raise event.error
-        r = event
-        return {
+        return ChatCompletion(
             **head,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": r.text},
-                    "finish_reason": r.finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(r),
-            "els": r.els,
-        }
+            choices=[Choice(message=AssistantMessage(content=event.text), finish_reason=event.finish_reason)],
+            usage=_usage(event),
+            els=event.els,
+        ).model_dump()
 
     return app
 
@@ -278,35 +282,28 @@ async def _answer(request: Request, events: asyncio.Queue[Event]) -> Done | Fail
             return event
 
 
-def _usage(r: Done) -> dict:
-    return {
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "total_tokens": r.prompt_tokens + r.completion_tokens,
-    }
+def _usage(r: Done) -> Usage:
+    return Usage(
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        total_tokens=r.prompt_tokens + r.completion_tokens,
+    )
 
 
-async def _sse(job: Job, events: asyncio.Queue[Event], head: dict, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None, **extra: object) -> str:
-        body = {
-            **head,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            **extra,
-        }
-        return f"data: {json.dumps(body)}\n\n"
+async def _sse(job: Job, events: asyncio.Queue[Event], head: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[ChunkChoice], **extra: Any) -> str:
+        return f"data: {json.dumps(ChatCompletionChunk(**head, choices=choices, **extra).model_dump())}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
         while True:
             event = await events.get()
             if isinstance(event, Delta):
-                yield chunk({"content": event.text})
+                yield chunk([ChunkChoice(delta=ChunkDelta(content=event.text))])
             elif isinstance(event, Done):
-                yield chunk({}, event.finish_reason, els=event.els)
+                yield chunk([ChunkChoice(delta=ChunkDelta(), finish_reason=event.finish_reason)], els=event.els)
                 if include_usage:
-                    usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(event)}
-                    yield f"data: {json.dumps(usage)}\n\n"
+                    yield chunk([], usage=_usage(event))
                 yield "data: [DONE]\n\n"
                 return
             else:
