@@ -709,16 +709,16 @@ def test_the_queue_bounds_every_waiting_request_and_health_counts_them(lm_art):
 
 
 def test_tokenising_a_long_prompt_does_not_hold_the_event_loop(lm_art, monkeypatch):
-    import els.serve.app
+    import els.serve.serving
 
     lm, art = lm_art
-    encode = els.serve.app.chat_ids
+    encode = els.serve.serving.chat_ids
 
     def slow_encode(*args):
         time.sleep(1.0)
         return encode(*args)
 
-    monkeypatch.setattr(els.serve.app, "chat_ids", slow_encode)
+    monkeypatch.setattr(els.serve.serving, "chat_ids", slow_encode)
     with TestClient(create_app(lm, art, LIMITS)) as c:
         t = threading.Thread(target=lambda: post(c, body()))
         t.start()

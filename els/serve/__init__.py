@@ -1,4 +1,5 @@
-"""The OpenAI-compatible server: the wire protocol, the FastAPI app and the batching worker."""
+"""The OpenAI-compatible server: the wire protocol, the FastAPI app, the chat serving between them and
+the batching worker."""
 
 from els.serve.app import create_app
 from els.serve.protocol import Limits

@@ -3,49 +3,35 @@
     app = create_app(load_model("default"), Artefact.load("run/artefact"))
     uvicorn.run(app, port=8000)
 
-This module is the HTTP side: routes, streaming (SSE), lifespan and signal handling. The request schema
-and input checks are in `els.serve.protocol`, the batching generation worker in `els.serve.worker`.
+This module is the HTTP side: routes, lifespan, error handlers and signal handling. The request and
+response schemas and the input checks are in `els.serve.protocol`; turning a request into a job and the
+job's events into the answer (whole or streamed as SSE) in `els.serve.serving`; the batching generation
+worker in `els.serve.worker`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from els.core.models import LoadedModel, chat_ids
+from els.core.models import LoadedModel
 from els.serve.connections import quiet_accept_errors
-from els.serve.protocol import (
-    MIN_TEMPERATURE,
-    MIN_TOP_P,
-    ApiError,
-    ChatRequest,
-    ElsOptions,
-    Limits,
-    parse_request,
-    read_json_body,
-)
-from els.serve.worker import Engine, Job
+from els.serve.protocol import ApiError, ChatCompletion, Limits, parse_request, read_json_body
+from els.serve.serving import ChatServing
+from els.serve.worker import Engine
 from els.steering.artefact import Artefact
 from els.steering.settings import SteerSettings
 
 log = logging.getLogger("els.serve.app")
-DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
-
-
-# ---- HTTP -----------------------------------------------------------------------------------------------
 
 
 def create_app(
@@ -56,10 +42,7 @@ def create_app(
     if artefact is not None:
         artefact.check_model(lm.model)
     engine = Engine(lm, artefact, limits)
-    steer_defaults = (settings or artefact.settings) if artefact is not None else None
-    context = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
-    created = int(time.time())
-    tokenizing = threading.Lock()
+    serving_chat = ChatServing(lm, engine, limits, (settings or artefact.settings) if artefact is not None else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,131 +92,17 @@ def create_app(
         )
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": created, "owned_by": "els"}]}
-
-    def steer_settings(opts: ElsOptions) -> SteerSettings | None:
-        changes = opts.changes()
-        if steer_defaults is None:
-            if (opts.enabled is True or changes) and opts.enabled is not False:
-                raise ApiError(
-                    400,
-                    "steering is not available: the server was started without --steer",
-                    param="els",
-                    code="steering_unavailable",
-                )
-            return None
-        if opts.enabled is False:
-            return None
-        try:
-            return steer_defaults.override(**changes)
-        except ValueError as e:
-            raise ApiError(400, f"els: {e}", param="els") from None
-
-    def make_job(req: ChatRequest, emit: Callable[[tuple], None]) -> Job:
-        if req.model != lm.name:
-            raise ApiError(
-                404,
-                f"model {req.model!r} is not served here; this server serves {lm.name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
-        if max_tokens > limits.max_tokens:
-            raise ApiError(
-                400, f"max_tokens is {max_tokens}, this server allows at most {limits.max_tokens}", param="max_tokens"
-            )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
-        conversation = [
-            {
-                "role": "system" if m.role == "developer" else m.role,
-                "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
-            }
-            for m in req.messages
-        ]
-        try:
-            with tokenizing:  # requests tokenise in worker threads; one at a time, the tokenizer is not reentrant
-                ids = chat_ids(lm.tokenizer, conversation)
-        except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. on role order), tokenizers too
-            raise ApiError(
-                400, f"the chat template or tokenizer refused these messages: {type(e).__name__}: {e}", param="messages"
-            ) from None
-        if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(
-                400,
-                f"the prompt is {len(ids)} tokens, this server allows at most {limits.max_prompt_tokens}",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        if context is not None and len(ids) + max_tokens > context:
-            raise ApiError(
-                400,
-                f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
-                f"context of {context} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        temperature = 1.0 if req.temperature is None else req.temperature
-        if 0 < temperature < MIN_TEMPERATURE:
-            log.warning("temperature %g raised to %g", temperature, MIN_TEMPERATURE)
-            temperature = MIN_TEMPERATURE
-        top_p = 1.0 if req.top_p is None else req.top_p
-        if top_p < MIN_TOP_P:
-            log.warning("top_p %g raised to %g", top_p, MIN_TOP_P)
-            top_p = MIN_TOP_P
-        return Job(
-            ids=ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=req.seed,
-            stop=stop,
-            steer=steer_settings(req.els or ElsOptions()),
-            stream=bool(req.stream),
-            emit=emit,
-        )
+    async def models() -> dict[str, Any]:
+        return serving_chat.models().model_dump()
 
     # response_model=None: the union below is two kinds of answer, not a schema for FastAPI to validate against
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> StreamingResponse | dict[str, Any]:
         req = parse_request(await read_json_body(request, limits.max_body_bytes))
-        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple]()
-
-        def emit(event: tuple) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is gone: the server is shutting down
-                pass
-
-        job = await run_in_threadpool(make_job, req, emit)  # a long prompt must not hold the event loop
-        engine.submit(job)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": lm.name}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, events, head, include_usage), media_type="text/event-stream")
-        try:
-            event = await _answer(request, events)
-        finally:
-            job.cancelled = True  # no-op once done; frees the row if the client went away
-        if event[0] == "error":
-            raise event[1]
-        r = event[1]
-        return {
-            **head,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"],
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(r),
-            "els": r["els"],
-        }
+        answer = await serving_chat.chat(req, request.is_disconnected)
+        if isinstance(answer, ChatCompletion):
+            return answer.model_dump()
+        return StreamingResponse(answer, media_type="text/event-stream")
 
     return app
 
@@ -263,54 +132,3 @@ def _on_termination(callback: Callable[[], None]) -> Callable[[], None]:
                 signal.signal(sig, previous)
 
     return restore
-
-
-async def _answer(request: Request, events: asyncio.Queue) -> tuple:
-    """A non-streamed job's last event; raises if the client goes first, so that its row is freed."""
-    while True:
-        try:
-            event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise ApiError(400, "the client closed the connection", code="client_disconnected") from None
-            continue
-        if event[0] != "delta":
-            return event
-
-
-def _usage(r: dict) -> dict:
-    return {
-        "prompt_tokens": r["prompt_tokens"],
-        "completion_tokens": r["completion_tokens"],
-        "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
-    }
-
-
-async def _sse(job: Job, events: asyncio.Queue, head: dict, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None, **extra: object) -> str:
-        body = {
-            **head,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            **extra,
-        }
-        return f"data: {json.dumps(body)}\n\n"
-
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, payload = await events.get()
-            if kind == "delta":
-                yield chunk({"content": payload})
-            elif kind == "done":
-                yield chunk({}, payload["finish_reason"], els=payload["els"])
-                if include_usage:
-                    usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(payload)}
-                    yield f"data: {json.dumps(usage)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            else:
-                yield f"data: {json.dumps(payload.body())}\n\n"
-                return
-    finally:
-        job.cancelled = True  # the client went away mid-stream: stop generating for it

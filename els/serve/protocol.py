@@ -1,5 +1,5 @@
-"""The request side of `els serve`: limits, the chat request schema, API errors and the strict parsing of
-request bodies (size cap, JSON without NaN, no lone surrogates, OpenAI's strict types)."""
+"""The wire protocol of `els serve`: limits, the chat request schema, API errors, the strict parsing of
+request bodies (size cap, JSON without NaN, no lone surrogates, OpenAI's strict types) and the responses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 from starlette.requests import ClientDisconnect
 
 from els.steering.settings import MAX_ENERGY_GATE, MAX_ETA, MAX_STEPS
@@ -113,6 +113,83 @@ class ChatRequest(BaseModel):
     n: int | None = Field(default=None, ge=1, le=1)
     user: str | None = None
     els: ElsOptions | None = None
+
+
+# ---- response schema ------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "els"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[Choice]
+    usage: Usage
+    els: dict[str, Any]  # the steering applied: settings, the harm gate's side and p(harmful), per-layer energies
+
+
+class _Sparse(BaseModel):
+    """A response part whose fields left None are absent from the JSON, not null: OpenAI's chunks carry only
+    what they have (the role in the first delta, `els` in the last chunk, `usage` in the usage chunk)."""
+
+    @model_serializer(mode="wrap")
+    def without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkDelta(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Sparse):
+    id: str
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    els: dict[str, Any] | None = None
+
+
+# ---- errors and parsing ---------------------------------------------------------------------------------
 
 
 class ApiError(Exception):

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -32,10 +32,34 @@ from els.steering.steering import Steering
 
 log = logging.getLogger("els.serve.app")  # the server's logger, as before the split
 
-# Per-row gate thresholds standing for "no gate" and "closed" when rows of one batch differ.
+
+# ---- jobs, their events and the worker ------------------------------------------------------------------
 
 
-# ---- jobs and the worker --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Delta:
+    """Text a streamed job generated since its last event."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """A job's answer: its whole text, why it ended, its token counts and the steering it got."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    els: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ApiError
+
+
+Event = Delta | Done | Failed
 
 
 @dataclass
@@ -48,13 +72,13 @@ class Job:
     stop: list[str]
     steer: SteerSettings | None
     stream: bool
-    emit: Callable[[tuple], None]  # thread-safe: hands an event to the request's coroutine
+    emit: Callable[[Event], None]  # thread-safe: hands an event to the request's coroutine
     cancelled: bool = False
-    answered: bool = False  # its "done" or "error" event is out
+    answered: bool = False  # its `Done` or `Failed` is out
     delivered: str = ""  # the text streamed so far, which a retry must reproduce
 
-    def answer(self, event: tuple) -> None:
-        """The job's last event ("done", result) or ("error", ApiError); any later one is dropped."""
+    def answer(self, event: Done | Failed) -> None:
+        """The job's last event; any later one is dropped."""
         if not self.answered:
             self.answered = True
             self.emit(event)
@@ -128,7 +152,7 @@ class _RowTracker(StoppingCriteria):
             return
         if self.engine.stopping:  # SIGTERM: end every row at its next token
             row.done = True
-            return job.answer(("error", _shutting_down()))
+            return job.answer(Failed(_shutting_down()))
         row.generated += 1
         if token in self.engine.eos:
             return self.finish(row, "stop")
@@ -153,21 +177,22 @@ class _RowTracker(StoppingCriteria):
                 if row.text[: row.sent] != row.job.delivered:
                     raise RuntimeError("its retry did not reproduce the text already streamed")
                 row.resumed = False
-            row.job.emit(("delta", row.text[row.sent : upto]))
+            row.job.emit(Delta(row.text[row.sent : upto]))
             row.job.delivered += row.text[row.sent : upto]
             row.sent = upto
 
     def finish(self, row: _Row, reason: str) -> None:
         self._send(row, len(row.text))
         row.done = True
-        result = {
-            "text": row.text,
-            "finish_reason": reason,
-            "prompt_tokens": len(row.job.ids),
-            "completion_tokens": row.generated,
-            "els": self.diagnostics(row),
-        }
-        row.job.answer(("done", result))
+        row.job.answer(
+            Done(
+                text=row.text,
+                finish_reason=reason,
+                prompt_tokens=len(row.job.ids),
+                completion_tokens=row.generated,
+                els=self.diagnostics(row),
+            )
+        )
 
     def diagnostics(self, row: _Row) -> dict:
         """The request's settings, which side the harm gate sent it to and with what p(harmful), and per layer
@@ -313,7 +338,7 @@ class Engine:
         )
         held, self._pending, self._running = self._pending + self._running, [], []
         for job in held:
-            job.answer(("error", error))
+            job.answer(Failed(error))
 
     def _drain(self) -> None:
         """After stop: refuse whatever is still held or queued."""
@@ -326,7 +351,7 @@ class Engine:
             if job is not None:
                 held.append(job)
         for job in held:
-            job.answer(("error", _shutting_down()))
+            job.answer(Failed(_shutting_down()))
 
     def _loop(self) -> None:
         while True:
@@ -347,7 +372,7 @@ class Engine:
             if self.stopping:
                 held, self._pending = self._pending, []
                 for job in held:
-                    job.answer(("error", _shutting_down()))
+                    job.answer(Failed(_shutting_down()))
                 continue
             self._pending = [j for j in self._pending if not j.cancelled]
             if not self._pending:
@@ -441,7 +466,7 @@ class Engine:
                 )
             )
             for job in left:
-                job.answer(("error", error))
+                job.answer(Failed(error))
 
     @staticmethod
     def _generator(job: Job, device: torch.device) -> torch.Generator | None:
