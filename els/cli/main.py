@@ -163,7 +163,7 @@ def train_cmd(
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, steer or {}, harm_data)
     check_dtype(dtype)  # checked even when no model loads: a mistyped flag is never silently ignored
     check_device(device)
-    check_output_dir("--out", out, input_paths(model, how.harm_data, [states]), (MANIFEST, WEIGHTS), overwrite)
+    check_output_dir("--out", out, input_paths(model, how.harm_specs, [states]), (MANIFEST, WEIGHTS), overwrite)
     col = load_collection(states)
     sets = recipe.harm_sets(how)
     # A --model given on its own is loaded too, to check that the activations are its own.
@@ -236,7 +236,7 @@ def run_cmd(steer: dict, **options: Any) -> None:
     o = SimpleNamespace(**options)
     how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, steer, o.harm_data)
     at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
-    inputs = input_paths(o.model, o.benign + o.harmful + list(how.harm_data), judges=[o.judge])
+    inputs = input_paths(o.model, o.benign + o.harmful + list(how.harm_specs), judges=[o.judge])
     check_output_dir("--out", o.out, inputs, RUN_FILES, o.overwrite)
     for sub, owns in (("collect", COLLECTION_FILES), ("artefact", (MANIFEST, WEIGHTS))):
         check_output_dir("--out", o.out / sub, inputs, owns, o.overwrite)
