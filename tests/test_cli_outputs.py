@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from typer.testing import CliRunner
 
 from els.cli import app
+from els.core.models import DEFAULT_MODEL, cache_dir, model_path
 
 from helpers import one_line_error, save_collection, saved_tiny_model, synthetic_collection
 
@@ -23,7 +24,8 @@ EVAL = ["--judge", "prefix", "--quality-n", "0", "--speed-n", "0", "--max-new-to
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A saved tiny model, a collection of its shape, an artefact trained on it, a prompt and a labelled file."""
+    """A saved tiny model, a collection of its shape, an artefact trained on it, a prompt and a labelled file, a
+    benchmark folder holding XSTest and a cache holding the default model (stand-ins: nothing loads them)."""
     root = tmp_path_factory.mktemp("inputs")
     lm = saved_tiny_model(root)
     col = synthetic_collection(lm, n=32)
@@ -33,6 +35,11 @@ def made(tmp_path_factory):
     (root / "data" / "lab.csv").write_text(
         "prompt,completion,final_label\np1,Sure here it is,1_full_compliance\np2,I'm sorry I cannot,2_full_refusal\n"
     )
+    (root / "bench" / "xstest").mkdir(parents=True)
+    (root / "bench" / "xstest" / "xstest_prompts.csv").write_text("prompt,type,label\nhow do i kill a process,h,safe\n")
+    default = root / "cache" / model_path(DEFAULT_MODEL).relative_to(cache_dir())
+    default.mkdir(parents=True)
+    (default / "config.json").write_text("{}")
     run = root / "run"
     result = CliRunner().invoke(app, ["train", str(root / "col"), "--out", str(run / "artefact"), *TRAIN])
     assert result.exit_code == 0, result.output
@@ -47,31 +54,84 @@ def tree(path: Path) -> dict[str, str]:
 
 def cases() -> list[tuple[str, list[str]]]:
     """(name, argv) of each writing command with one of its inputs, or a folder inside or around one, as an
-    output; {m} is the model, {col} the collection, {art} the artefact, {csv} the prompt file, {lab} the labelled."""
+    output; {m} is the model, {col} the collection, {art} the artefact, {csv} the prompt file, {lab} the labelled
+    file, {bench} the benchmark folder, {default} the default model's copy, {link} a link to {col}."""
     prompts = ["--benign", "{csv}:prompt", "--harmful", "{csv}:prompt", "--judge", "prefix"]
     steer = ["--steer", "{art}", "--benign", "{csv}:prompt", "--harmful", "{csv}:prompt", "--model", "{m}"]
     bench = ["--benchmarks", "{csv}:prompt=benign", "--model", "{m}", *EVAL]
+    pool = ["--harm-data", "benign={csv}:prompt#1"]
+    gate = ["--harm-data", "benign={csv}:prompt", "--eval", "", "--exclude", "", "--model", "{m}"]
     table = {
         "collect into the model": ["collect", "--out", "{m}", "--model", "{m}", *prompts],
         "collect inside the model": ["collect", "--out", "{m}/c", "--model", "{m}", *prompts],
+        "collect inside the default model": ["collect", "--out", "{default}/c", *prompts],
+        "collect inside its judge's model": ["collect", "--out", "{m}/c", *prompts[:4], "--judge", "model:{m}"],
         "collect into the prompt file": ["collect", "--out", "{csv}", "--model", "{m}", *prompts],
         "collect around the prompt file": ["collect", "--out", "{data}", "--model", "{m}", *prompts],
         "train into its collection": ["train", "{col}", "--out", "{col}", *TRAIN],
         "train inside its collection": ["train", "{col}", "--out", "{col}/a", *TRAIN],
         "train around its collection": ["train", "{col}", "--out", "{root}", *TRAIN],
+        "train into a link to its collection": ["train", "{col}", "--out", "{link}", *TRAIN, "--overwrite"],
         "train into the model": ["train", "{col}", "--out", "{m}", "--model", "{m}", *TRAIN],
+        "train inside the model": ["train", "{col}", "--out", "{m}/a", "--model", "{m}", *TRAIN],
+        "train inside its pool's file": ["train", "{col}", "--out", "{csv}/a", *TRAIN, *pool],
+        "train around a benchmark its pool excludes": [
+            "train",
+            "{col}",
+            "--out",
+            "{bench}",
+            *TRAIN,
+            *pool,
+            "--overwrite",
+        ],
         "run into the model": ["run", "--out", "{m}", "--model", "{m}", *prompts, *TRAIN],
+        "run inside the model": ["run", "--out", "{m}/r", "--model", "{m}", *prompts, *TRAIN],
+        "run into the prompt file": ["run", "--out", "{csv}", "--model", "{m}", *prompts, *TRAIN],
         "run around the prompt file": ["run", "--out", "{data}", "--model", "{m}", *prompts, *TRAIN],
+        "run inside its pool's file": ["run", "--out", "{csv}/r", "--model", "{m}", *prompts, *TRAIN, *pool],
         "tune into its artefact": ["tune", "--out", "{art}", *steer],
+        "tune inside its artefact": ["tune", "--out", "{art}/t", *steer],
         "tune's artefact onto its input": ["tune", "--out", "{root}/t", "--out-artefact", "{art}", *steer],
         "tune's artefact around its input": ["tune", "--out", "{root}/t", "--out-artefact", "{run}", *steer],
+        "tune's artefact inside the model": ["tune", "--out", "{root}/t", "--out-artefact", "{m}/a", *steer],
         "tune into the prompt file": ["tune", "--out", "{csv}", *steer],
+        "tune inside the model": ["tune", "--out", "{m}/t", *steer],
+        "tune inside its judge's model": ["tune", "--out", "{default}/t", *steer, "--judge", "model"],
         "eval into the artefact": ["eval", "--out", "{art}", "--steer", "{art}", *bench],
+        "eval inside the artefact": ["eval", "--out", "{art}/e", "--steer", "{art}", *bench],
         "eval into the collection": ["eval", "--out", "{col}", "--states", "{col}", *bench],
+        "eval into a link to its collection": ["eval", "--out", "{link}", "--states", "{col}", *bench, "--overwrite"],
+        "eval into the prompt file": ["eval", "--out", "{csv}", *bench],
         "eval around the prompt file": ["eval", "--out", "{data}", *bench],
-        "eval into the model": ["eval", "--out", "{m}/e", *bench],
+        "eval around a known benchmark": [
+            "eval",
+            "--out",
+            "{bench}",
+            *bench[2:],
+            "--benchmarks",
+            "xstest-safe",
+            "--overwrite",
+        ],
+        "eval inside its quality set": [
+            "eval",
+            "--out",
+            "{csv}/e",
+            *bench,
+            "--quality-set",
+            "{csv}:prompt",
+            "--quality-n",
+            "1",
+        ],
+        "eval inside the model": ["eval", "--out", "{m}/e", *bench],
+        "eval inside its judge's model": ["eval", "--out", "{m}/e", *bench[:2], "--judge", "prefix,model:{m}"],
         "judge-check onto its file": ["judge-check", "{lab}", "--judges", "prefix", "--markdown", "{lab}"],
+        "judge-check inside its file": ["judge-check", "{lab}", "--judges", "prefix", "--markdown", "{lab}/r.md"],
         "judge-check onto a folder": ["judge-check", "{lab}", "--judges", "prefix", "--markdown", "{data}"],
+        "gate into the model": ["gate", "--out", "{m}", *gate],
+        "gate inside the model": ["gate", "--out", "{m}/g", *gate],
+        "gate around its pool's file": ["gate", "--out", "{data}", *gate],
+        "gate's cache around its pool's file": ["gate", "--out", "{root}/g", "--cache", "{data}", *gate],
+        "gate's cache inside the model": ["gate", "--out", "{root}/g", "--cache", "{m}/c", *gate],
     }
     return list(table.items())
 
@@ -85,6 +145,9 @@ def fill(argv: list[str], root: Path) -> list[str]:
         "csv": root / "data" / "p.csv",
         "lab": root / "data" / "lab.csv",
         "data": root / "data",
+        "bench": root / "bench",
+        "default": root / "cache" / model_path(DEFAULT_MODEL).relative_to(cache_dir()),
+        "link": root / "link",
         "root": root,
     }
     return [a.format(**where) for a in argv]
@@ -94,6 +157,9 @@ def fill(argv: list[str], root: Path) -> list[str]:
 def test_an_input_as_the_output_is_refused_before_any_work(made, tmp_path, monkeypatch, name, argv):
     root = tmp_path / "r"
     shutil.copytree(made, root)
+    (root / "link").symlink_to(root / "col")
+    monkeypatch.setenv("ELS_DATA", str(root / "bench"))
+    monkeypatch.setenv("ELS_CACHE", str(root / "cache"))
     before = tree(root)
 
     def must_not_load(*args, **kwargs):
@@ -103,28 +169,6 @@ def test_an_input_as_the_output_is_refused_before_any_work(made, tmp_path, monke
     line = one_line_error(CliRunner().invoke(app, fill(argv, root)), "--")
     assert "input" in line or "folder" in line, line
     assert tree(root) == before  # nothing changed, nothing written
-
-
-def test_the_harm_gate_tool_refuses_an_input_as_its_output(made, tmp_path):
-    root = tmp_path / "r"
-    shutil.copytree(made, root)
-    before = tree(root)
-    args = [
-        "gate",
-        "--out",
-        str(root / "data"),
-        "--harm-data",
-        f"benign={root / 'data' / 'p.csv'}:prompt",
-        "--eval",
-        "",
-        "--exclude",
-        "",
-        "--cache",
-        str(tmp_path / "cache"),
-    ]
-    line = one_line_error(CliRunner().invoke(app, args), "--out")
-    assert "input" in line, line
-    assert tree(root) == before
 
 
 def test_a_folder_of_other_files_needs_overwrite_which_keeps_them(made, tmp_path):

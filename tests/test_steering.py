@@ -210,6 +210,23 @@ def test_artefact_roundtrip_and_mismatch(tmp_path):
         loaded.check_model(other.model)
 
 
+def test_saving_an_artefact_replaces_only_its_own_files(tmp_path):
+    """A folder holding other files (the issue's collection, a user's notes) keeps them through a save."""
+    lm = tiny_model("qwen2")
+    folder = tmp_path / "a"
+    (folder / "sub").mkdir(parents=True)
+    others = {"collect.json": "{}", "states.jsonl": "", "keep.txt": "mine", "sub/notes.md": "# notes"}
+    for name, text in others.items():
+        (folder / name).write_text(text)
+    tiny_artefact(lm, eta=0.5).save(folder)
+    tiny_artefact(lm, eta=0.2).save(folder)
+    assert Artefact.load(folder).settings.eta == 0.2
+    assert {name: (folder / name).read_text() for name in others} == others
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["els.json", "energy.safetensors", "collect.json", "states.jsonl", "keep.txt", "sub"]
+    )
+
+
 def test_artefact_with_nan_weights_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -89,7 +89,7 @@ def tune_cmd(
     check_dtype(dtype)
     out_artefact = out_artefact or out / "artefact"
     benign, harmful = benign or tuning.DEFAULT_BENIGN, harmful or tuning.DEFAULT_HARMFUL
-    inputs = input_paths(model, benign + harmful, [steer_dir])
+    inputs = input_paths(model, benign + harmful, [steer_dir], judges=[judge])
     check_output_dir("--out", out, inputs, TUNE_FILES, overwrite)
     check_output_dir("--out-artefact", out_artefact, inputs, (MANIFEST, WEIGHTS), overwrite)
     sets = {"benign": benign, "harmful": harmful, "limit": limit, "limit_seed": seed}
@@ -278,7 +278,7 @@ def eval_cmd(
     check_output_dir(
         "--out",
         out,
-        input_paths(model, benchmarks.split(",") + [quality_set], [steer_dir, states]),
+        input_paths(model, benchmarks.split(",") + [quality_set], [steer_dir, states], judges=judge_names),
         EVAL_FILES,
         overwrite,
     )

@@ -102,7 +102,7 @@ def collect_cmd(
 ) -> None:
     """Generate, judge and record the four states (an interrupted collection in OUT resumes)."""
     at_least(1, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    check_output_dir("--out", out, input_paths(model, benign + harmful), COLLECTION_FILES, overwrite)
+    check_output_dir("--out", out, input_paths(model, benign + harmful, judges=[judge]), COLLECTION_FILES, overwrite)
     need_ray(ray, ray_address, workers)
     sets = prompt_sets(benign, "benign", limit, seed) + prompt_sets(harmful, "harmful", limit, seed)
     lm = load_model(model, device=device, dtype=dtype, device_map=device_map)
@@ -163,7 +163,7 @@ def train_cmd(
     how = _recipe(widths, epochs, seed, contrast, top_n, layer_rule, steer or {}, harm_data)
     check_dtype(dtype)  # checked even when no model loads: a mistyped flag is never silently ignored
     check_device(device)
-    check_output_dir("--out", out, input_paths(model, how.harm_data, [states]), (MANIFEST, WEIGHTS), overwrite)
+    check_output_dir("--out", out, input_paths(model, how.harm_specs, [states]), (MANIFEST, WEIGHTS), overwrite)
     col = load_collection(states)
     sets = recipe.harm_sets(how)
     # A --model given on its own is loaded too, to check that the activations are its own.
@@ -236,7 +236,7 @@ def run_cmd(steer: dict, **options: Any) -> None:
     o = SimpleNamespace(**options)
     how = _recipe(o.widths, o.epochs, o.seed, o.contrast, o.top_n, o.layer_rule, steer, o.harm_data)
     at_least(1, limit=o.limit, max_new_tokens=o.max_new_tokens, batch_size=o.batch_size)
-    inputs = input_paths(o.model, o.benign + o.harmful + list(how.harm_data))
+    inputs = input_paths(o.model, o.benign + o.harmful + list(how.harm_specs), judges=[o.judge])
     check_output_dir("--out", o.out, inputs, RUN_FILES, o.overwrite)
     for sub, owns in (("collect", COLLECTION_FILES), ("artefact", (MANIFEST, WEIGHTS))):
         check_output_dir("--out", o.out / sub, inputs, owns, o.overwrite)

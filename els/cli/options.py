@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from els.core.executor import Executor
-from els.core.models import LoadedModel
+from els.core.models import DEFAULT_MODEL, LoadedModel, model_path
 from els.data.prompts import load_prompts, spec_files
 from els.data.promptset import Kind, PromptSet
 from els.parallel.ray_executor import RayMissing, import_ray, make_executor
@@ -237,8 +237,12 @@ def steer_options(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def input_paths(model: str | None = None, specs: Iterable[str] = (), paths: Iterable[Path | None] = ()) -> list[Path]:
-    """What a command reads, for els.core.io.check_output_*: the given paths, a local --model and the files
-    named in prompt-set specs, those that exist."""
-    found = [Path(p) for p in paths if p is not None] + ([Path(model)] if model is not None else [])
+def input_paths(
+    model: str | None = None, specs: Iterable[str] = (), paths: Iterable[Path | None] = (), judges: Iterable[str] = ()
+) -> list[Path]:
+    """What a command reads, for els.core.io.check_output_*: the given paths, the local copies of --model and of
+    the model judges' models (`model:NAME`), and the files named in prompt-set specs, those that exist."""
+    models = [model] if model is not None else []
+    models += [name.partition(":")[2] or DEFAULT_MODEL for name in judges if name.partition(":")[0] == "model"]
+    found = [Path(p) for p in paths if p is not None] + [model_path(m) for m in models]
     return [p for p in found if p.exists()] + spec_files(specs)

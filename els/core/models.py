@@ -129,9 +129,14 @@ def _assemble_default_gguf(target: Path) -> None:
     tmp.replace(target)
 
 
+def model_path(name: str) -> Path:
+    """The local path a model name reads (the default model's cached copy, which may not be built yet)."""
+    return cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct" if name == DEFAULT_MODEL else Path(name)
+
+
 def default_model_dir() -> Path:
     """Directory holding the default model as safetensors; built once from the wheels (about a minute)."""
-    target = cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct"
+    target = model_path(DEFAULT_MODEL)
     if (target / "config.json").exists():
         return target
     gguf = cache_dir() / "gguf" / _DEFAULT_GGUF

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -230,12 +231,16 @@ SOURCES = {
 }
 
 
+def _local_file(src: Source) -> Path | None:
+    local = _local_dir()
+    return local / src.file if src.file and local is not None and (local / src.file).exists() else None
+
+
 def _load_known(name: str) -> PromptSet:
     """A known set from the local folder (`ELS_DATA` or ../shared/data) when it has the file, else from the hub."""
     src = SOURCES[name]
-    local = _local_dir()
-    if src.file and local is not None and (local / src.file).exists():
-        return read_file(local / src.file, src.column, name=name, kind=src.kind, category=src.category, where=src.where)
+    if (local := _local_file(src)) is not None:
+        return read_file(local, src.column, name=name, kind=src.kind, category=src.category, where=src.where)
     if src.packaged is not None and (path := src.packaged.locate()) is not None:
         # a list of plain strings is a list of rows of one column
         rows = [{src.packaged.column: r} if isinstance(r, str) else r for r in _read_rows(path, src.packaged.key)]
@@ -329,14 +334,17 @@ def load_prompts(spec: str) -> PromptSet:
 
 
 def spec_files(specs: Iterable[str]) -> list[Path]:
-    """The existing files or folders that prompt-set specs ([KIND=]PATH:COLUMN[=KIND][@SPLIT][#N]) name: the
-    inputs an output path must not overwrite."""
-    found = []
+    """The existing files or folders that prompt-set specs ([KIND=]PATH:COLUMN[=KIND][@SPLIT][#N], or a known
+    set's name) name: the inputs an output path must not overwrite. A known set counts by the file it is read
+    from, in the benchmark folder or a wheel."""
+    found: list[Path | None] = []
     for spec in specs:
         base = spec.split("=", 1)[1] if spec.split("=", 1)[0] in ("benign", "harmful") else spec
         base = base.partition("#")[0].partition("@")[0]
         found += [Path(x) for x in (spec, base, base.rpartition(":")[0]) if x]
-    return [p for p in found if p.exists()]
+        if (src := SOURCES.get(re.split(r"[#@~=]", base)[0].replace(":", "-"))) is not None:
+            found.append(_local_file(src) or (src.packaged.locate() if src.packaged is not None else None))
+    return [p for p in found if p is not None and p.exists()]
 
 
 def load_benchmark(spec: str, limit: int | None = None, seed: int = 0) -> PromptSet:

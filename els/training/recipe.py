@@ -67,6 +67,11 @@ class Recipe:
     # The artefact's harm_gate is the threshold chosen on the pool (False: settings.harm_gate as given).
     pool_threshold: bool = True
 
+    @property
+    def harm_specs(self) -> tuple[str, ...]:
+        """The specs `harm_sets` reads: the pool and, with one, the sets removed from it."""
+        return self.harm_data + self.harm_exclude if self.harm_data else ()
+
 
 @dataclass(frozen=True)
 class HarmSets:
