@@ -62,19 +62,18 @@ def read_meta(path: Path) -> dict:
 def read_rows(path: Path) -> list[dict]:
     """The rows of states.jsonl (or a shard's .jsonl), each checked against RecordFields; returned as written."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     rows = []
     for n, line in enumerate(lines, 1):
-        if not line.strip() and n == len(lines):
-            continue  # a blank last line (an editor's) is no row
+        if not line.strip():
+            continue  # blank lines (an editor's, after the last row) hold no row
+        row = json_loads(line, f"{path} line {n}")
         try:
-            row = json_loads(line)
             RecordFields.model_validate(row)
-        except ValueError as e:  # ValidationError is one
-            why = _first_error(e) if isinstance(e, ValidationError) else f"not valid JSON ({e})"
-            raise ValueError(f"{path} line {n}: {why}") from None
+        except ValidationError as e:
+            raise ValueError(f"{path} line {n}: {_first_error(e)}") from None
         rows.append(row)
     return rows
 
