@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -313,11 +314,25 @@ EDITED = {
     "hidden_norm 1e308": (lambda m: m["hidden_norm"].update({"1": 1e308}), "hidden_norm"),
     "gate_offset -1e308": (lambda m: m["gate_offset"].update({"1": -1e308}), "gate_offset"),
     "steer.layers twice": (lambda m: m["steer"].update(layers=[m["steer"]["layers"][0]] * 2), "twice"),
+    "steps 100,000": (_steer(steps=100_000), "steer.steps"),
+    "eta 1e308": (_steer(eta=1e308), "steer.eta"),
+    "eta 1000": (_steer(eta=1000), "steer.eta"),
+    "eta Infinity": (_steer(eta=float("inf")), "steer.eta"),
+    "refuse_eta 1e308": (_steer(refuse_eta=1e308), "steer.refuse_eta"),
+    "energy_gate 1e308": (_steer(energy_gate=1e308), "steer.energy_gate"),
+    "threshold 1e308": (_steer(threshold=1e308), "steer.threshold"),  # energy_gate's older name
+    "gate -1e308": (_steer(gate=-1e308), "steer.gate"),  # and its oldest
+    "refuse_gate 1.5": (_steer(refuse_gate=1.5), "steer.refuse_gate"),
+    "hidden_norm 0": (lambda m: m["hidden_norm"].update({"1": 0}), "hidden_norm"),
 }
 
 
 @pytest.mark.parametrize("case", list(EDITED))
-def test_an_edited_manifest_field_is_one_line_naming_file_and_field(made, tmp_path, case):
+def test_an_edited_manifest_field_is_one_line_naming_file_and_field(made, tmp_path, monkeypatch, case):
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the weights were read (and allocated) before the manifest was checked")
+
+    monkeypatch.setattr("els.steering.artefact.load_file", must_not_read)
     edit, field = EDITED[case]
     art = tmp_path / "artefact"
     shutil.copytree(made / "artefact", art)
@@ -337,6 +352,30 @@ def test_a_harm_gate_on_a_layer_the_model_lacks_is_one_line(made, tmp_path):
     _gate_layer(art, 999)
     with pytest.raises(ValueError, match="harm gate reads layer 999"):
         Artefact.load(art)
+
+
+# a harm gate tensor of an old artefact (no hash covers them) -> what the one line must name
+GATE_TENSORS = {
+    "weight of another width": ("harm_gate.weight", torch.zeros(5), "harm_gate.weight (5,) != (32,)"),
+    "directions of another width": ("harm_gate.directions", torch.zeros(3, 5), "harm_gate.directions"),
+    "directions for fewer layers": ("harm_gate.directions", torch.zeros(2, 32), "harm_gate.directions"),
+    "two biases": ("harm_gate.bias", torch.zeros(2), "harm_gate.bias"),
+    "threshold 1e30": ("harm_gate.threshold", torch.tensor([1e30]), "threshold 1e+30 is not a probability"),
+    "threshold -3": ("harm_gate.threshold", torch.tensor([-3.0]), "threshold -3 is not a probability"),
+    "layer 1.5": ("harm_gate.layer", torch.tensor([1.5]), "integer tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATE_TENSORS))
+def test_a_harm_gate_tensor_out_of_shape_or_range_is_one_line(made, tmp_path, case):
+    name, value, names = GATE_TENSORS[case]
+    art = tmp_path / "artefact"
+    shutil.copytree(made / "artefact", art)
+    _weights(art, lambda w: w.update({name: value}))
+    _manifest(art, lambda m: m.pop(INTEGRITY))
+    with pytest.raises(ValueError, match=re.escape(names)) as e:
+        Artefact.load(art)
+    assert "\n" not in str(e.value)
 
 
 MANIFEST_PATHS = [(), ("steer",), ("energy",), ("hidden_norm",), ("gate_offset",)]

@@ -16,8 +16,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from els.cli import app
+from els.core.io import read_json_object
 from els.data.prompts import load_prompts
+from els.eval.summary import Summary
 from els.steering.artefact import Artefact
+from els.training.collect import load_collection
+from els.training.timings import Timings
 
 from helpers import save_collection, synthetic_collection, tiny_artefact, tiny_model
 
@@ -153,3 +157,35 @@ def test_fuzzed_prompt_files_load_or_fail_on_one_line(made, tmp_path):
         assert tree(folder) == before
 
     run()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+# a JSON file the project reads -> (its folder in `made`, or None, how it is read); JSONL files get the line added
+NESTED = {
+    "els.json": ("artefact", Artefact.load),
+    "collect.json": ("col", load_collection),
+    "states.jsonl": ("col", load_collection),
+    "p.json": ("prompts", lambda f: load_prompts(f"{f / 'p.json'}:prompt")),
+    "p.jsonl": ("prompts", lambda f: load_prompts(f"{f / 'p.jsonl'}:prompt")),
+    "timings.json": (None, lambda f: Timings.read(f / "timings.json")),
+    "summary.json": (None, lambda f: Summary.read(f / "summary.json")),
+    "quality_cache.json": (None, lambda f: read_json_object(f / "quality_cache.json", "a quality cache")),
+}
+
+
+@pytest.mark.parametrize("name", list(NESTED))
+def test_json_nested_100000_deep_is_one_line_naming_the_file(made, tmp_path, name):
+    folder, read = NESTED[name]
+    copy = tmp_path / (folder or "records")
+    if folder is None:
+        copy.mkdir()
+    else:
+        shutil.copytree(made / folder, copy)
+    path = copy / name
+    path.write_text((path.read_text() if name.endswith(".jsonl") else "") + DEEP + "\n")
+    with pytest.raises(ValueError, match="nested deeper than") as e:
+        read(copy)
+    _one_line(e.value)
+    assert str(path) in str(e.value)

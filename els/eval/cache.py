@@ -98,7 +98,7 @@ class CompletionFile:
             lines = path.read_text(encoding="utf-8").splitlines()
             for line in lines:
                 try:
-                    row = json_loads(line)
+                    row = json_loads(line, str(path))
                     self.rows[row["key"]] = row
                 except (ValueError, KeyError, TypeError):  # ValueError: bad JSON, or nested too deep
                     self.dropped += 1  # the batch being written when a run died

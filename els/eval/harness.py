@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from els.core.executor import Executor
-from els.core.io import json_loads, write_atomic
+from els.core.io import read_json_object, write_atomic
 from els.core.models import LoadedModel
 from els.data.capability import load_mmlu
 from els.data.prompts import load_benchmark
@@ -243,7 +243,7 @@ def _quality(
         passed = [i for i, x in enumerate(p) if x < gate[1]]
     questions = load_mmlu(cfg.capability_n, cfg.seed) if cfg.capability_n > 0 else []
     cache_path = out / "quality_cache.json"
-    cache = json_loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache = read_json_object(cache_path, "a quality cache") if cache_path.exists() else {}
     for m in methods:
         harmless: dict[str, Any] = {}  # only with a harmless set: absent from the summary without one
         if qs is not None:

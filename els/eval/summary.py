@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from els.core.io import write_atomic
+from els.core.io import read_json_object, write_atomic
 from els.data.promptset import Kind
 
 
@@ -176,4 +176,5 @@ class Summary(BaseModel):
 
     @classmethod
     def read(cls, path: Path) -> Summary:
-        return cls.model_validate(json.loads(Path(path).read_text()))  # json, not pydantic's parser: NaN rates
+        # json, not pydantic's parser: NaN rates
+        return cls.model_validate(read_json_object(path, "an evaluation summary"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from els.core.io import csv_rows, save_tensors_atomic
+from els.core.io import csv_rows, read_json_object, save_tensors_atomic
 from els.core.models import cache_dir
 from els.judges.strings import PrefixJudge, SubstringJudge, normalise
 
@@ -223,7 +223,7 @@ def _load_learned() -> tuple[torch.Tensor, float, dict]:
                 "retrain them with `els judge-check --retrain-learned`"
             )
         tensors = load_file(wpath)
-        meta = json.loads(mpath.read_text())
+        meta = read_json_object(mpath, "the learned judge's settings")
     return tensors["weight"], float(tensors["bias"][0]), meta
 
 

@@ -126,25 +126,14 @@ class Artefact:
             shape = (len(manifest.trained_layers), manifest.hidden_size, tuple(spec.widths), spec.dropout)
             with torch.device("meta"):  # shapes only: nothing is allocated before they match the weights on disk
                 expected = {k: tuple(v.shape) for k, v in EnergyStack(*shape).state_dict().items()}
+            if manifest.safety is not None:  # the safety energy: the same members, its tensors prefixed
+                expected |= {SAFETY_PREFIX + k: v for k, v in expected.items()}
         except (TypeError, ValueError) as err:
             raise ValueError(f"{mpath}: malformed energy description ({type(err).__name__}: {err})") from err
-        gate_keys = (
-            ("probe.weight", "probe.bias")
-            if manifest.format_version == 1
-            else tuple(f"{TENSOR_PREFIX}{k}" for k in ("weight", "bias", "threshold", "layer"))
-        )
-        if missing := [k for k in gate_keys if k not in tensors]:
+        gate_shapes = _gate_shapes(manifest, tensors)
+        if missing := [k for k in gate_shapes if k not in tensors]:
             raise ValueError(f"{wpath} lacks the harm gate tensors {', '.join(missing)}")
-        try:
-            if manifest.format_version == 1:
-                gate = _gate_of_format_1(manifest, tensors.pop("probe.weight"), tensors.pop("probe.bias"))
-            else:
-                gate = HarmGate.from_tensors(tensors, report)
-                tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
-        except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
-        if manifest.safety is not None:  # the safety energy: the same members, its tensors prefixed
-            expected |= {SAFETY_PREFIX + k: v for k, v in expected.items()}
+        expected |= gate_shapes
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
             diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
@@ -153,8 +142,20 @@ class Artefact:
                 f"{len(manifest.trained_layers)} layers, widths {spec.widths}): "
                 + "; ".join(f"{k} {found.get(k, 'missing')} != {expected.get(k, 'unexpected')}" for k in diff[:3])
             )
+        try:
+            if manifest.format_version == 1:
+                gate = _gate_of_format_1(manifest, tensors.pop("probe.weight"), tensors.pop("probe.bias"))
+            else:
+                if tensors[f"{TENSOR_PREFIX}layer"].is_floating_point():
+                    raise TypeError(f"{TENSOR_PREFIX}layer must be an integer tensor")
+                gate = HarmGate.from_tensors(tensors, report)
+                tensors = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: malformed harm gate ({type(err).__name__}: {err})") from err
         if not 0 <= gate.layer < manifest.num_layers:
             raise ValueError(f"{path}: the harm gate reads layer {gate.layer}, the model has {manifest.num_layers}")
+        if not 0 <= gate.threshold <= 1:
+            raise ValueError(f"{path}: the harm gate's threshold {gate.threshold:g} is not a probability in [0, 1]")
         energy = EnergyStack(*shape)
         energy.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(SAFETY_PREFIX)})
         safety = None
@@ -206,6 +207,17 @@ def _check_integrity(manifest: Manifest, tensors: dict[str, torch.Tensor], mpath
         )
     if weights_sha256(tensors, record.member_layers) != record.sha256:
         raise ValueError(f"{wpath} does not match the sha256 recorded in {mpath} (weights edited or replaced)")
+
+
+def _gate_shapes(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the harm gate's tensors an artefact of `manifest` holds (`directions` is optional)."""
+    d, n = manifest.hidden_size, len(manifest.trained_layers)
+    if manifest.format_version == 1:  # a probe per trained layer
+        return {"probe.weight": (n, d), "probe.bias": (n,)}
+    shapes: dict[str, tuple[int, ...]] = {"weight": (d,), "bias": (1,), "threshold": (1,), "layer": (1,)}
+    if f"{TENSOR_PREFIX}directions" in tensors:  # a row per layer (make_artefact fills those the pool lacks)
+        shapes["directions"] = (manifest.num_layers, d)
+    return {TENSOR_PREFIX + k: v for k, v in shapes.items()}
 
 
 def layer_probes_gate(

@@ -46,6 +46,7 @@ Layer = Annotated[StrictInt, Field(ge=0)]
 # paper's widths are 2,048 at most), so that an edited number is refused, not allocated or computed with.
 MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_WIDTH, MAX_WIDTHS = 65536, 1024, 16384, 16
 Bounded = Annotated[Finite, Field(ge=-1e6, le=1e6)]  # a layer's mean hidden norm or energy offset
+EnergyGate = Annotated[Finite, Field(ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE)]  # SteerSettings' bounds, typed here
 Record = JsonValue  # written for people and other tools; the library does not read it
 GateReport = dict[str, JsonValue]
 
@@ -67,9 +68,9 @@ class SteerFields(_Open):
     layer_rule: StrictStr = "top_auc"  # how `layers` were chosen; manifests without it chose by validation AUC
     eta: Annotated[Finite, Field(ge=0, le=MAX_ETA)]
     steps: Annotated[StrictInt, Field(ge=0, le=MAX_STEPS)]
-    energy_gate: Annotated[Finite, Field(ge=-MAX_ENERGY_GATE, le=MAX_ENERGY_GATE)] | None = None
-    threshold: Finite | None = None  # energy_gate's name before two-sided steering
-    gate: Finite | None = None  # and before format 1.1
+    energy_gate: EnergyGate | None = None
+    threshold: EnergyGate | None = None  # energy_gate's name before two-sided steering
+    gate: EnergyGate | None = None  # and before format 1.1
     harm_gate: Annotated[Number, Field(ge=0, le=1)] | None = None
     flagged: Literal["refuse", "leave"] = "leave"
     refuse_eta: Annotated[Finite, Field(ge=0, le=MAX_ETA)] | None = None

@@ -56,9 +56,12 @@ class Collection:
 def _meta(
     lm: LoadedModel, sets: list[PromptSet], max_new_tokens: int, batch_size: int, judge: Judge, system: str | None
 ) -> dict:
+    num_layers, hidden_size = activation_shape(lm)
     return {
         "model": lm.name,
         "model_fingerprint": config_fingerprint(lm.model),
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
         "dtype": str(lm.model.dtype).removeprefix("torch."),
         "sets": {ps.name: {"kind": ps.kind, "n": len(ps), "sha256": ps.content_hash()} for ps in sets},
         "max_new_tokens": max_new_tokens,
@@ -99,9 +102,11 @@ def collect(
     meta_path = out / "collect.json"
     if meta_path.exists():
         old = read_meta(meta_path)
-        if old != meta:
+        # a collection begun before collect.json recorded the activations' shape resumes all the same
+        same = {k: v for k, v in meta.items() if k in old or k not in ("num_layers", "hidden_size")}
+        if old != same:
             raise ValueError(
-                f"{out} holds a collection made with other settings ({_diff(old, meta)}); "
+                f"{out} holds a collection made with other settings ({_diff(old, same)}); "
                 "use another --out or delete it"
             )
         if (out / "states.jsonl").exists():
@@ -117,7 +122,7 @@ def collect(
     todo = [
         Batch([texts[i] for i in idx], max_new_tokens, record=True, tag=b, horizon=judge.horizon, share_prefix=True)
         for b, idx in enumerate(batches)
-        if not _shard_done(shard_dir, b, idx)
+        if not _shard_done(shard_dir, b, idx, meta)
     ]
     finished = (executor or LocalExecutor(lm)).map(todo)
     for job, done in tqdm(
@@ -137,7 +142,7 @@ def collect(
     rows, acts = [], []
     for b, idx in enumerate(batches):
         rows += read_rows(shard_dir / f"{b:05d}.jsonl")
-        acts.append(read_activations(shard_dir / f"{b:05d}.safetensors", len(idx)))
+        acts.append(read_activations(shard_dir / f"{b:05d}.safetensors", len(idx), meta))
     order = sorted(range(len(rows)), key=lambda k: rows[k]["index"])
     activations = torch.cat(acts)[order]
     records = [_record(rows[k]) for k in order]
@@ -147,13 +152,13 @@ def collect(
     return Collection(records, activations, meta)
 
 
-def _shard_done(shard_dir: Path, b: int, idx: list[int]) -> bool:
+def _shard_done(shard_dir: Path, b: int, idx: list[int], meta: dict) -> bool:
     """Whether batch `b` was written whole; a torn or foreign shard is generated again rather than fatal."""
     if not (shard_dir / f"{b:05d}.safetensors").exists():
         return False
     try:
         rows = read_rows(shard_dir / f"{b:05d}.jsonl")
-        read_activations(shard_dir / f"{b:05d}.safetensors", len(idx))
+        read_activations(shard_dir / f"{b:05d}.safetensors", len(idx), meta)
     except (ValueError, OSError):
         return False
     return [r.get("index") for r in rows] == list(idx)
@@ -176,17 +181,23 @@ def load_collection(path: Path) -> Collection:
     for name in ("states.safetensors", "collect.json"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not a complete collection (no {name})")
+    meta = read_meta(path / "collect.json")
     records = [_record(r) for r in read_rows(path / "states.jsonl")]
     if not records:
         raise ValueError(f"{path / 'states.jsonl'} holds no records")
-    activations = read_activations(path / "states.safetensors", len(records))
-    return Collection(records, activations, read_meta(path / "collect.json"))
+    activations = read_activations(path / "states.safetensors", len(records), meta)
+    return Collection(records, activations, meta)
+
+
+def activation_shape(lm: LoadedModel) -> tuple[int, int]:
+    """(layers, width) of the activations `lm` records: one row per decoder block, of its hidden size."""
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    return len(lm.blocks), cfg.hidden_size
 
 
 def check_fits(col: Collection, lm: LoadedModel, where: Path) -> None:
     """Refuse activations whose layers or width are not those of `lm`: an energy trained on them could not steer it."""
-    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-    want = (len(lm.blocks), cfg.hidden_size)
+    want = activation_shape(lm)
     if tuple(col.activations.shape[1:]) != want:
         raise ValueError(
             f"{where / 'states.safetensors'}: activations of {col.activations.shape[1]} layers of "

@@ -4,15 +4,16 @@ each is parsed and checked on load, so that a damaged or edited file is one line
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from els.core.io import json_loads, read_json_object
 from els.steering.energy import STATES
+from els.steering.manifest import MAX_HIDDEN_SIZE, MAX_LAYERS
 
 State = Literal[STATES]  # type: ignore[valid-type]
 # Far above any residual stream (even the "massive activations" of some models stay below 1e4), far below
@@ -41,6 +42,9 @@ class MetaFields(BaseModel):
     judge: StrictStr
     max_new_tokens: StrictInt
     system: StrictStr | None
+    # the activations' shape (collections written before it was recorded lack it)
+    num_layers: Annotated[StrictInt, Field(ge=1, le=MAX_LAYERS)] | None = None
+    hidden_size: Annotated[StrictInt, Field(ge=1, le=MAX_HIDDEN_SIZE)] | None = None
 
 
 def _first_error(e: ValidationError) -> str:
@@ -62,25 +66,25 @@ def read_meta(path: Path) -> dict:
 def read_rows(path: Path) -> list[dict]:
     """The rows of states.jsonl (or a shard's .jsonl), each checked against RecordFields; returned as written."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     rows = []
     for n, line in enumerate(lines, 1):
-        if not line.strip() and n == len(lines):
-            continue  # a blank last line (an editor's) is no row
+        if not line.strip():
+            continue  # blank lines (an editor's, after the last row) hold no row
+        row = json_loads(line, f"{path} line {n}")
         try:
-            row = json_loads(line)
             RecordFields.model_validate(row)
-        except ValueError as e:  # ValidationError is one
-            why = _first_error(e) if isinstance(e, ValidationError) else f"not valid JSON ({e})"
-            raise ValueError(f"{path} line {n}: {why}") from None
+        except ValidationError as e:
+            raise ValueError(f"{path} line {n}: {_first_error(e)}") from None
         rows.append(row)
     return rows
 
 
-def read_activations(path: Path, rows: int | None = None) -> torch.Tensor:
-    """The float [N, L, d] `activations` tensor of `path`, finite, with `rows` rows when given."""
+def read_activations(path: Path, rows: int | None = None, meta: dict | None = None) -> torch.Tensor:
+    """The float [N, L, d] `activations` tensor of `path`, finite, with `rows` rows when given and the layers and
+    width the collection's settings `meta` (read_meta) record."""
     try:
         acts = load_file(path)["activations"]
     except (SafetensorError, OSError) as e:
@@ -91,6 +95,12 @@ def read_activations(path: Path, rows: int | None = None) -> torch.Tensor:
         raise ValueError(f"{path}: activations must be a float [N, L, d] tensor, got {acts.dtype} {list(acts.shape)}")
     if rows is not None and acts.shape[0] != rows:
         raise ValueError(f"{path}: {acts.shape[0]} activation rows for {rows} records")
+    for axis, key in ((1, "num_layers"), (2, "hidden_size")):
+        if meta is not None and meta.get(key) is not None and acts.shape[axis] != meta[key]:
+            raise ValueError(
+                f"{path}: activations of {acts.shape[1]} layers of width {acts.shape[2]} do not fit the "
+                f"collection's collect.json ({key} {meta[key]})"
+            )
     if not torch.isfinite(acts).all():
         raise ValueError(f"{path}: activations contain NaN or infinity")
     if (largest := float(acts.abs().max())) > MAX_ACTIVATION:
