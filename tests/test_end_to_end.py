@@ -43,7 +43,7 @@ def test_readme_example_holds_at_the_artefacts_own_settings(run_dir):
     sides = dict(zip(prompts, s.sides()))
     assert dict(zip(prompts, refused)) == README_EXAMPLE, (answers, sides)
     # both bombs flagged: steered towards refusal, or left to the base model's refusal below refuse_gate
-    assert sides[prompts[0]][0] == "answer" and {sides[p][0] for p in prompts[1:]} <= {"refuse", "leave"}
+    assert sides[prompts[0]][0] == "answer" and {sides[p][0] for p in prompts[1:]} <= {"refuse", "unsure"}
 
 
 def test_run_writes_artefact_with_manifest(run_dir):

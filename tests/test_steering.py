@@ -348,7 +348,7 @@ def test_refuse_gate_leaves_flagged_rows_below_it_and_refuses_those_above():
     with steer(lm.model, art, [flagged.override(refuse_gate=cut)] * 2) as gated, torch.no_grad():
         out = lm.model(**enc).logits[:, -1]
     assert torch.allclose(out[low], base[low]) and torch.allclose(out[high], refused[high])
-    assert [side for side, _ in gated.sides()][low] == "leave" and [s for s, _ in gated.sides()][high] == "refuse"
+    assert [side for side, _ in gated.sides()][low] == "unsure" and [s for s, _ in gated.sides()][high] == "refuse"
     stats = gated.stats[art.layers[0]]
     assert int(stats.rows_taken[low]) == 0 and int(stats.rows_taken[high]) == 2
 

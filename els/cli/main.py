@@ -68,6 +68,7 @@ from els.training.timings import Timings
 SIDES = {
     "answer": "steered towards answering",
     "refuse": "steered towards refusing",
+    "unsure": "flagged, under refuse_gate: left unsteered",
     "leave": "flagged, left unsteered",
     "off": "unsteered",
 }
@@ -349,9 +350,7 @@ def generate_cmd(
                 side, p = sides[i]
                 st = s.settings
                 gate = "" if p is None else f"p(harmful) {p:.3f}, threshold {st.harm_gate:.3f}: "
-                what = SIDES[side]
-                if side == "leave" and st.flagged == "refuse" and st.refuse_gate is not None:
-                    what = f"flagged, under refuse_gate {st.refuse_gate:.3f}: left unsteered"
+                what = SIDES[side].replace("refuse_gate", f"refuse_gate {st.refuse_gate:.3f}")
                 console.print(f"[dim]harm gate: {gate}{what}[/dim]", highlight=False)
             console.print(f"[bold]els:[/bold] {steered[i]}" if compare else steered[i], highlight=False)
 

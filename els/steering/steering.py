@@ -7,7 +7,7 @@
 Two-sided: at each prefill the artefact's harm gate reads every row. A row it passes descends the compliance
 energy (helpful low, false refusal high); a row it flags descends the safety energy (safe refusal low,
 jailbreak high) when the settings say `flagged="refuse"` and its p(harmful) reaches `refuse_gate`, or is left
-alone (`"leave"`, or below `refuse_gate`).
+alone (`"leave"`, or below `refuse_gate`: `sides()` says which).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from els.steering.energy import EnergyMember
 from els.steering.gate import GateState, read_gate
 from els.steering.settings import RowSettings, SteerSettings
 
-Side = Literal["answer", "refuse", "leave", "off"]
+Side = Literal["answer", "refuse", "unsure", "leave", "off"]
 # `descend_rows`: new rows [B, d], energies before and after (None without `with_after`), steps taken and skipped
 Descent = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
 
@@ -243,7 +243,8 @@ class Steering:
         """Per row of the latest prefill, in that batch's order (`generate` sorts prompts into batches by
         length: run one batch in order to read them per prompt): which way it was steered and the harm gate's
         p(harmful) (None without a gate). "answer": the compliance energy; "refuse": the safety energy;
-        "leave": flagged and left alone (`flagged="leave"`, or below `refuse_gate`); "off": a row given no settings."""
+        "unsure": flagged but under `refuse_gate`, left alone; "leave": flagged and left alone (`flagged="leave"`);
+        "off": a row given no settings."""
         p = None if self._gate is None or self._gate.p_harm is None else self._gate.p_harm.tolist()
         n = len(p) if p is not None else len(self.rows) if self.rows is not None else 1
         rows = self.rows if self.rows is not None else (self.settings,) * n
@@ -255,8 +256,10 @@ class Steering:
             elif prob is None or r.harm_gate is None or prob < r.harm_gate:
                 out.append(("answer", prob))
             else:
-                refusing = r.flagged == "refuse" and prob >= (r.refuse_gate or 0.0)
-                out.append(("refuse" if refusing else "leave", prob))
+                if r.flagged == "leave":
+                    out.append(("leave", prob))
+                else:
+                    out.append(("refuse" if prob >= (r.refuse_gate or 0.0) else "unsure", prob))
         return out
 
     def report(self) -> dict:
