@@ -118,14 +118,14 @@ def tune_cmd(
         raise typer.BadParameter(str(e)) from None
     tuning.tuned_artefact(art, result).save(out_artefact)
     console.print((out / "pareto.md").read_text(), highlight=False, soft_wrap=True)
-    c, b = result["chosen"], result["base"]
-    if not result["chosen_beats_base"]:
+    c, b = result.chosen, result.base
+    if not result.chosen_beats_base:
         console.print("[yellow]warning:[/yellow] no trial beats the unsteered model under the rule", highlight=False)
     console.print(
-        f"chosen trial {c['trial']}: {c['settings']} -> benign compliance {c['benign_compliance']:.3f} "
-        f"(base {b['benign_compliance']:.3f}), harmful refusal {c['harmful_refusal']:.3f} "
-        f"(base {b['harmful_refusal']:.3f}); written to {out_artefact} in "
-        f"{result['wall_s']:.0f} s"
+        f"chosen trial {c.trial}: {c.settings.model_dump()} -> benign compliance {c.benign_compliance:.3f} "
+        f"(base {b.benign_compliance:.3f}), harmful refusal {c.harmful_refusal:.3f} "
+        f"(base {b.harmful_refusal:.3f}); written to {out_artefact} in "
+        f"{result.wall_s:.0f} s"
     )
 
 
