@@ -1,5 +1,5 @@
-"""`els tune`, `els serve`, `els eval` and `els judge-check`: the commands that measure and serve (registered
-on the app in els.cli.main)."""
+"""`els tune`, `els serve` and `els eval`: the commands that measure and serve (registered on the app in
+els.cli.main)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from els.cli.options import (
     steer_options,
 )
 from els.core.generation import DEFAULT_MAX_NEW_TOKENS
-from els.core.io import check_output_dir, check_output_file, write_atomic
+from els.core.io import check_output_dir
 from els.core.models import DEFAULT_MODEL
 from els.judges.model import JUDGES, get_judge
 from els.serve.connections import KEEP_ALIVE_S, LIMIT_CONCURRENCY, READ_TIMEOUT_S
@@ -118,14 +118,14 @@ def tune_cmd(
         raise typer.BadParameter(str(e)) from None
     tuning.tuned_artefact(art, result).save(out_artefact)
     console.print((out / "pareto.md").read_text(), highlight=False, soft_wrap=True)
-    c, b = result["chosen"], result["base"]
-    if not result["chosen_beats_base"]:
+    c, b = result.chosen, result.base
+    if not result.chosen_beats_base:
         console.print("[yellow]warning:[/yellow] no trial beats the unsteered model under the rule", highlight=False)
     console.print(
-        f"chosen trial {c['trial']}: {c['settings']} -> benign compliance {c['benign_compliance']:.3f} "
-        f"(base {b['benign_compliance']:.3f}), harmful refusal {c['harmful_refusal']:.3f} "
-        f"(base {b['harmful_refusal']:.3f}); written to {out_artefact} in "
-        f"{result['wall_s']:.0f} s"
+        f"chosen trial {c.trial}: {c.settings.model_dump()} -> benign compliance {c.benign_compliance:.3f} "
+        f"(base {b.benign_compliance:.3f}), harmful refusal {c.harmful_refusal:.3f} "
+        f"(base {b.harmful_refusal:.3f}); written to {out_artefact} in "
+        f"{result.wall_s:.0f} s"
     )
 
 
@@ -369,43 +369,3 @@ def eval_cmd(
         f"{summary.run.generated} answers generated, {summary.run.timings_s.total_s:.0f} s; "
         f"report: {out / 'report.md'}, plots: {', '.join(p.name for p in plots)}"
     )
-
-
-def judge_check_cmd(
-    files: Annotated[
-        Optional[list[Path]],
-        typer.Argument(help="Labelled CSVs (prompt, completion, final_label); default: the three XSTest files."),
-    ] = None,
-    judges: Annotated[str, typer.Option(help="Comma-separated judges to score.")] = "prefix,substring,learned,model",
-    model_judge_limit: Annotated[
-        Optional[int],
-        typer.Option(help="Seeded sample of N answers per file for model judges (slow on a CPU); 0 for all."),
-    ] = 30,
-    markdown: Annotated[Optional[Path], typer.Option(help="Also write the table to this Markdown file.")] = None,
-    retrain_learned: Annotated[
-        bool, typer.Option(help="First retrain the shipped learned judge on FILES and write it to els/data/resources.")
-    ] = False,
-    seed: int = 0,
-) -> None:
-    """Agreement of each judge with human labels: accuracy, Cohen's kappa, refusal precision and recall."""
-    from els.eval.agreement import default_labelled_files, judge_check, judge_table
-    from els.judges.model import read_labelled, train_learned_judge
-
-    names = [j.strip() for j in judges.split(",") if j.strip()]
-    if not names:
-        raise typer.BadParameter(f"--judges names no judge (choose from {', '.join(JUDGES)})")
-    try:
-        paths = list(files) if files else default_labelled_files()
-        if markdown is not None:
-            check_output_file("--markdown", markdown, paths)
-        if retrain_learned:
-            judge_dir = Path(__file__).parents[1] / "data" / "resources"
-            train_learned_judge([read_labelled(p) for p in paths]).save(judge_dir)
-            console.print(f"learned judge retrained on {len(paths)} file(s), written to {judge_dir}")
-        results = judge_check(paths, names, model_judge_limit=model_judge_limit or None, seed=seed, log=console.print)
-    except (FileNotFoundError, ValueError) as e:
-        raise typer.BadParameter(str(e)) from None
-    text = judge_table(results)
-    console.print(text, highlight=False)
-    if markdown is not None:
-        write_atomic(markdown, text + "\n")

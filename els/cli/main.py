@@ -1,5 +1,6 @@
 """The `els` command line: run the pipeline and generate with and without steering here; the measuring and
-serving commands live in els.cli.eval, the options they share in els.cli.options."""
+serving commands live in els.cli.eval, `els judge-check` in els.cli.judge_check, `els gate` in els.cli.gate, the
+options they share in els.cli.options."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from els.cli import eval as cli_eval
 from els.cli import gate as cli_gate
+from els.cli import judge_check as cli_judge_check
 from els.cli.errors import ErrorsGroup, at_least, check_device, check_dtype, debug_option, load_model
 from els.cli.options import (
     DEFAULT_BENIGN,
@@ -360,7 +362,7 @@ for _name, _command in (
     ("tune", cli_eval.tune_cmd),
     ("serve", cli_eval.serve_cmd),
     ("eval", cli_eval.eval_cmd),
-    ("judge-check", cli_eval.judge_check_cmd),
+    ("judge-check", cli_judge_check.judge_check_cmd),
     ("gate", cli_gate.gate_cmd),
 ):
     app.command(_name)(_command)

@@ -15,9 +15,9 @@ import json
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,11 @@ from els.core.hooks import prompt_states
 from els.core.io import write_atomic
 from els.core.models import LoadedModel, chat_texts, user_conversations
 from els.eval.methods import Base, Els, Method
+from els.eval.tune_result import ScoreSummary, TrialParams, TrialRow, TrialSettings, TuneConfig, TuneResult
 from els.judges.model import Judge
 from els.steering.artefact import LAYER_RULES, Artefact, steer_layers
 from els.steering.manifest import Manifest
-from els.steering.settings import POSITIONS, SteerSettings
+from els.steering.settings import POSITIONS
 
 if TYPE_CHECKING:
     import optuna
@@ -59,8 +60,12 @@ class Score:
     nll: float  # mean per-token NLL of all answers under the unsteered model: high means garbled text
     answers: list[dict] = field(default_factory=list, repr=False)
 
-    def summary(self) -> dict:
-        return {k: round(v, 4) for k, v in asdict(self).items() if k != "answers"}
+    def summary(self) -> ScoreSummary:
+        return ScoreSummary(
+            benign_compliance=round(self.benign_compliance, 4),
+            harmful_refusal=round(self.harmful_refusal, 4),
+            nll=round(self.nll, 4),
+        )
 
 
 @torch.inference_mode()
@@ -139,25 +144,23 @@ def pick(
     return max(pool, key=lambda i: (scores[i].benign_compliance + scores[i].harmful_refusal, -sizes[i]))
 
 
-def settings_of(params: dict, manifest: Manifest) -> dict:
-    """Trial parameters -> the steered layers and the `SteerSettings` fields, as plain values: the artefact's
-    settings with the searched ones replaced."""
-    settings = manifest.steer.settings().override(
-        eta=params["eta"],
-        steps=params["steps"],
-        energy_gate=params["threshold"] if params["gate"] else None,
-        harm_gate=params.get("harm_gate"),
-        positions=params.get("positions", "last"),
-        project=params.get("project", False),
+def settings_of(params: TrialParams, manifest: Manifest) -> TrialSettings:
+    """Trial parameters -> the steered layers and the artefact's settings with the searched ones replaced."""
+    steer = manifest.steer.settings().override(
+        eta=params.eta,
+        steps=params.steps,
+        energy_gate=params.threshold if params.gate else None,
+        harm_gate=params.harm_gate,
+        positions=params.positions,
+        project=params.project,
     )
-    layers = steer_layers(manifest.auc(), manifest.num_layers, params["layer_rule"], params["n_layers"])
-    return {"layers": layers, **settings.manifest()}
+    layers = steer_layers(manifest.auc(), manifest.num_layers, params.layer_rule, params.n_layers)
+    return TrialSettings(layers=layers, steer=steer)
 
 
-def els_of(artefact: Artefact, settings: dict, name: str) -> Els:
+def els_of(artefact: Artefact, settings: TrialSettings, name: str) -> Els:
     """The method steering with `settings_of`'s output: exactly these settings, not the artefact's."""
-    rest = SteerSettings(**{k: v for k, v in settings.items() if k != "layers"})
-    return Els(artefact, rest, layers=tuple(settings["layers"]), name=name)
+    return Els(artefact, settings.steer, layers=tuple(settings.layers), name=name)
 
 
 @torch.inference_mode()
@@ -175,8 +178,10 @@ def _write_answers(path: Path, score: Score) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in score.answers))
 
 
-def _score_of(attrs: dict) -> Score:
-    return Score(attrs["benign_compliance"], attrs["harmful_refusal"], attrs["nll"])
+def _score_of(attrs: dict[str, Any]) -> Score:
+    """The score a study or trial recorded in its Optuna user attributes (plain JSON there)."""
+    s = ScoreSummary.model_validate(attrs)
+    return Score(s.benign_compliance, s.harmful_refusal, s.nll)
 
 
 def tune(
@@ -195,7 +200,7 @@ def tune(
     max_layers: int = 8,
     tolerance: float = TOLERANCE,
     max_nll_increase: float = MAX_NLL_INCREASE,
-) -> dict:
+) -> TuneResult:
     """Run (or resume) the study in `out`, write the reports and return what pareto.json holds.
 
     `sets` describes the validation prompts (names, limit) for the reports and the manifest. `n_trials`
@@ -207,16 +212,17 @@ def tune(
     start = time.perf_counter()
     artefact.check_model(lm.model)
     manifest = artefact.manifest
-    config = {
-        "sets": sets,
-        "judge": judge.name,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "max_layers": max_layers,
-        "base_model": manifest.base_model,
-        "prompts_sha256": hashlib.sha256("\x00".join(benign + ["\x01"] + harmful).encode()).hexdigest()[:16],
-        "energy_sha256": hashlib.sha256(json.dumps(manifest.gate_offset).encode()).hexdigest()[:16],
-    }
+    # plain JSON: Optuna keeps it with the study, and a resumed study must match it
+    config = TuneConfig(
+        sets=sets,
+        judge=judge.name,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        max_layers=max_layers,
+        base_model=manifest.base_model,
+        prompts_sha256=hashlib.sha256("\x00".join(benign + ["\x01"] + harmful).encode()).hexdigest()[:16],
+        energy_sha256=hashlib.sha256(json.dumps(manifest.gate_offset).encode()).hexdigest()[:16],
+    ).model_dump()
     with warnings.catch_warnings():  # multivariate and grouped TPE are "experimental" (stable since optuna 2.x)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
@@ -241,7 +247,7 @@ def tune(
         # The gate's range: from opening nearly every row's gate to closing nearly all, on these prompts.
         lo, hi = (round(float(energies.quantile(q)), 4) for q in (0.05, 0.95))
         study.set_user_attr("threshold_range", [lo, hi])
-        study.set_user_attr("base", base.summary())
+        study.set_user_attr("base", base.summary().model_dump())
     base = _score_of(study.user_attrs["base"])
     lo, hi = study.user_attrs["threshold_range"]
     num_trained = len(manifest.trained_layers)
@@ -249,24 +255,23 @@ def tune(
     harm_gates = sorted({*HARM_GATES, round(artefact.gate.threshold, 4)}, key=lambda g: -1.0 if g is None else g)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        params = {
-            "layer_rule": trial.suggest_categorical("layer_rule", LAYER_RULES),
-            "n_layers": trial.suggest_int("n_layers", 1, max_layers),
-            "eta": trial.suggest_float("eta", *ETA_RANGE, log=True),
-            "steps": trial.suggest_int("steps", *STEPS_RANGE),
-            "gate": trial.suggest_categorical("gate", [False, True]),
-        }
-        params["threshold"] = trial.suggest_float("threshold", lo, hi) if params["gate"] else None
-        params["harm_gate"] = trial.suggest_categorical("harm_gate", harm_gates)
-        params["positions"] = trial.suggest_categorical("positions", POSITIONS)
-        params["project"] = trial.suggest_categorical("project", [False, True])
+        trial.suggest_categorical("layer_rule", LAYER_RULES)
+        trial.suggest_int("n_layers", 1, max_layers)
+        trial.suggest_float("eta", *ETA_RANGE, log=True)
+        trial.suggest_int("steps", *STEPS_RANGE)
+        if trial.suggest_categorical("gate", [False, True]):
+            trial.suggest_float("threshold", lo, hi)
+        trial.suggest_categorical("harm_gate", harm_gates)
+        trial.suggest_categorical("positions", POSITIONS)
+        trial.suggest_categorical("project", [False, True])
+        params = TrialParams.model_validate(trial.params)  # read as the report reads finished trials
         settings = settings_of(params, manifest)
         t = time.perf_counter()
         score = evaluate(els_of(artefact, settings, f"els-trial-{trial.number}"))
         _write_answers(out / "answers" / f"trial-{trial.number:04d}.jsonl", score)
-        for k, v in score.summary().items():
+        for k, v in score.summary().model_dump().items():
             trial.set_user_attr(k, v)
-        trial.set_user_attr("layers", settings["layers"])
+        trial.set_user_attr("layers", settings.layers)
         trial.set_user_attr("seconds", round(time.perf_counter() - t, 1))
         trial.set_constraint("fluency", score.nll - (base.nll + max_nll_increase))
         return score.benign_compliance, score.harmful_refusal
@@ -290,13 +295,13 @@ def tune(
     if n_trials > len(done):
         study.optimize(objective, n_trials=n_trials - len(done))
     result = report(study, manifest, out, tolerance, max_nll_increase)
-    result["wall_s"] = round(time.perf_counter() - start, 1)
-    write_atomic(out / "pareto.json", json.dumps(result, indent=2))
+    result.wall_s = round(time.perf_counter() - start, 1)
+    result.write(out / "pareto.json")
     return result
 
 
-def report(study: optuna.Study, manifest: Manifest, out: Path, tolerance: float, max_nll_increase: float) -> dict:
-    """The trials, Pareto front and chosen point as a dict; writes pareto.md and pareto.png."""
+def report(study: optuna.Study, manifest: Manifest, out: Path, tolerance: float, max_nll_increase: float) -> TuneResult:
+    """The trials, Pareto front and chosen point; writes pareto.md and pareto.png."""
     import optuna
 
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -308,134 +313,53 @@ def report(study: optuna.Study, manifest: Manifest, out: Path, tolerance: float,
     chosen = trials[pick(scores, base, tolerance, max_nll_increase, [len(t.user_attrs["layers"]) for t in trials])]
     rows = []
     for t, s in zip(trials, scores):
+        params = TrialParams.model_validate(t.params)
         rows.append(
-            {
-                "trial": t.number,
-                "settings": settings_of(t.params, manifest),
-                "params": t.params,
-                **s.summary(),
-                "fluent": s.nll <= base.nll + max_nll_increase,
-                "pareto": t.number in front,
-            }
+            TrialRow(
+                trial=t.number,
+                settings=settings_of(params, manifest),
+                params=params,
+                **s.summary().model_dump(),
+                fluent=s.nll <= base.nll + max_nll_increase,
+                pareto=t.number in front,
+            )
         )
-    result = {
-        "objectives": list(OBJECTIVES),
-        "rule": RULE.format(nll=max_nll_increase, tol=tolerance),
-        "config": study.user_attrs["config"],
-        "threshold_range": study.user_attrs["threshold_range"],
-        "base": base.summary(),
-        "n_trials": len(trials),
-        "trials": rows,
-        "pareto": sorted(front),
-        "chosen": next(r for r in rows if r["trial"] == chosen.number),
-    }
-    c = result["chosen"]
-    # False when no trial helps: the search then says steering, in this range, is worse than none.
-    result["chosen_beats_base"] = bool(
-        c["fluent"]
-        and c["benign_compliance"] > base.benign_compliance
-        and c["harmful_refusal"] >= base.harmful_refusal - tolerance - 1e-9
+    c = next(r for r in rows if r.trial == chosen.number)
+    result = TuneResult(
+        objectives=list(OBJECTIVES),
+        rule=RULE.format(nll=max_nll_increase, tol=tolerance),
+        config=TuneConfig.model_validate(study.user_attrs["config"]),
+        threshold_range=study.user_attrs["threshold_range"],
+        base=base.summary(),
+        n_trials=len(trials),
+        trials=rows,
+        pareto=sorted(front),
+        chosen=c,
+        chosen_beats_base=(
+            c.fluent
+            and c.benign_compliance > base.benign_compliance
+            and c.harmful_refusal >= base.harmful_refusal - tolerance - 1e-9
+        ),
     )
-    write_atomic(out / "pareto.md", _markdown(result))
-    _plot(result, out / "pareto.png")
+    write_atomic(out / "pareto.md", result.markdown())
+    result.plot(out / "pareto.png")
     return result
 
 
-def _markdown(result: dict) -> str:
-    b = result["base"]
-    lines = [
-        f"# els tune: {result['n_trials']} trials",
-        "",
-        f"Choice rule: {result['rule']}.",
-        "",
-        (
-            f"Chosen trial {result['chosen']['trial']}"
-            f"{'' if result['chosen_beats_base'] else ' (does NOT beat the unsteered base model)'}."
-        ),
-        "",
-        "| trial | layers | eta | K | positions | gate | harm gate | benign compliance | harmful refusal | NLL | "
-        "front | chosen |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        (
-            f"| base | - | - | - | - | - | - | {b['benign_compliance']:.3f} | {b['harmful_refusal']:.3f} | "
-            f"{b['nll']:.2f} | | |"
-        ),
-    ]
-    for r in sorted(result["trials"], key=lambda r: (-r["benign_compliance"], -r["harmful_refusal"])):
-        s = r["settings"]
-        gate = "off" if s["energy_gate"] is None else f"{s['energy_gate']:.3g}"
-        harm = "off" if s.get("harm_gate") is None else f"{s['harm_gate']:.2g}"
-        lines.append(
-            f"| {r['trial']} | {s['layers']} | {s['eta']:.3g} | {s['steps']} | {s.get('positions', 'last')} | "
-            f"{gate} | {harm} | "
-            f"{r['benign_compliance']:.3f} | {r['harmful_refusal']:.3f} | {r['nll']:.2f}"
-            f"{'' if r['fluent'] else ' (garbled)'} | {'*' if r['pareto'] else ''} | "
-            f"{'**chosen**' if r['trial'] == result['chosen']['trial'] else ''} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _plot(result: dict, path: Path) -> None:
-    from els.eval.report import figure, save_figure
-
-    fig, ax = figure(6, 5)
-    rows = result["trials"]
-    for fluent, marker, label in ((True, "o", "trial"), (False, "x", "trial (garbled text)")):
-        pts = [r for r in rows if r["fluent"] == fluent]
-        if pts:
-            ax.scatter(
-                [r["harmful_refusal"] for r in pts],
-                [r["benign_compliance"] for r in pts],
-                c="0.6",
-                marker=marker,
-                label=label,
-            )
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["harmful_refusal"])
-    ax.plot(
-        [r["harmful_refusal"] for r in front],
-        [r["benign_compliance"] for r in front],
-        "o-",
-        c="tab:red",
-        label="Pareto front",
-    )
-    c, b = result["chosen"], result["base"]
-    ax.scatter(
-        [c["harmful_refusal"]],
-        [c["benign_compliance"]],
-        s=250,
-        facecolors="none",
-        edgecolors="tab:blue",
-        linewidths=2,
-        label=f"chosen (trial {c['trial']})",
-    )
-    ax.scatter([b["harmful_refusal"]], [b["benign_compliance"]], marker="*", s=250, c="k", label="base model")
-    ax.set(
-        xlabel="harmful refusal (validation)",
-        ylabel="benign compliance (validation)",
-        xlim=(-0.03, 1.03),
-        ylim=(-0.03, 1.03),
-        title="els tune",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    save_figure(fig, path)
-
-
-def tuned_artefact(artefact: Artefact, result: dict) -> Artefact:
+def tuned_artefact(artefact: Artefact, result: TuneResult) -> Artefact:
     """A copy of `artefact` whose manifest steers with the chosen settings and records how they were found."""
-    s = result["chosen"]["settings"]
-    settings = SteerSettings(**{k: v for k, v in s.items() if k != "layers"})
-    manifest = artefact.manifest.steering(s["layers"], result["chosen"]["params"]["layer_rule"], settings)
+    c, config = result.chosen, result.config
+    manifest = artefact.manifest.steering(c.settings.layers, c.params.layer_rule, c.settings.steer)
     manifest.tune = {
-        "rule": result["rule"],
-        "objectives": result["objectives"],
-        "n_trials": result["n_trials"],
-        "validation": result["config"]["sets"],
-        "judge": result["config"]["judge"],
-        "max_new_tokens": result["config"]["max_new_tokens"],
-        "seed": result["config"]["seed"],
-        "chosen_trial": result["chosen"]["trial"],
-        "chosen": {k: result["chosen"][k] for k in (*OBJECTIVES, "nll")},
-        "base": result["base"],
+        "rule": result.rule,
+        "objectives": [*result.objectives],  # a list of JSON values, as the manifest types its record
+        "n_trials": result.n_trials,
+        "validation": config.sets,
+        "judge": config.judge,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "chosen_trial": c.trial,
+        "chosen": c.scores().model_dump(),
+        "base": result.base.model_dump(),
     }
     return dataclasses.replace(artefact, manifest=manifest)
