@@ -352,7 +352,9 @@ def generate_cmd(
                 side, p = sides[i]
                 st = s.settings
                 gate = "" if p is None else f"p(harmful) {p:.3f}, threshold {st.harm_gate:.3f}: "
-                what = SIDES[side].replace("refuse_gate", f"refuse_gate {st.refuse_gate:.3f}")
+                what = SIDES[side]
+                if side == "unsure":
+                    what = what.replace("refuse_gate", f"refuse_gate {st.refuse_gate:.3f}")
                 console.print(f"[dim]harm gate: {gate}{what}[/dim]", highlight=False)
             console.print(f"[bold]els:[/bold] {steered[i]}" if compare else steered[i], highlight=False)
 

@@ -112,6 +112,7 @@ class _Worker:
         method_ref: list,
         crash_marker: str | None = None,
         horizon: int | None = None,
+        share_prefix: bool = False,
     ) -> Generated:
         method = None
         if method_key is not None:
@@ -122,7 +123,8 @@ class _Worker:
             method = self.methods[method_key]
         if crash_marker is not None:
             _crash_once(crash_marker)
-        return run_batch(self.lm, Batch(texts, max_new_tokens, record, method, horizon=horizon))
+        batch = Batch(texts, max_new_tokens, record, method, horizon=horizon, share_prefix=share_prefix)
+        return run_batch(self.lm, batch)
 
 
 def _crash_once(marker: str) -> None:
@@ -225,7 +227,14 @@ class RayExecutor:
                     i = idle.popleft()
                     key, ref = self._method_ref(batch.method)
                     task = self.actors[i].run.remote(
-                        batch.texts, batch.max_new_tokens, batch.record, key, ref, self.crash_marker, batch.horizon
+                        batch.texts,
+                        batch.max_new_tokens,
+                        batch.record,
+                        key,
+                        ref,
+                        self.crash_marker,
+                        batch.horizon,
+                        batch.share_prefix,
                     )
                     flight[task] = (batch, tries, i)
                 (done,), _ = ray.wait(list(flight), num_returns=1)
