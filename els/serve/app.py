@@ -6,7 +6,8 @@
 This module is the HTTP side: routes, lifespan, error handlers and signal handling. The request and
 response schemas and the input checks are in `els.serve.protocol`; turning a request into a job and the
 job's events into the answer (whole or streamed as SSE) in `els.serve.serving`; the batching generation
-worker in `els.serve.worker`.
+worker in `els.serve.worker` (its jobs in `els.serve.jobs`, their rows in a batch in `els.serve.rows`);
+deadlines and limits on connections in `els.serve.connections`.
 """
 
 from __future__ import annotations
