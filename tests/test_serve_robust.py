@@ -794,3 +794,24 @@ def test_a_non_streamed_request_whose_client_left_stops_generating(lm_art):
     finally:
         undo()
         server.close()
+
+
+def test_a_streamed_request_whose_client_left_stops_generating(lm_art):
+    lm, art = lm_art
+    server = Server(create_app(lm, art, Limits(max_tokens=32, batch_window_ms=0)))
+    calls, undo = _slowed(lm.model, 0.1)
+    try:
+        request = body(max_tokens=30, stream=True)
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=request, timeout=10) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # one token's text came: generation is running; leaving now drops the connection
+            else:
+                pytest.fail("the stream ended before its first token")
+        time.sleep(1.0)
+        stopped = calls["n"]
+        time.sleep(0.5)
+        assert calls["n"] == stopped and stopped < 20, calls
+    finally:
+        undo()
+        server.close()
