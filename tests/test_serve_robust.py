@@ -831,3 +831,45 @@ def test_a_streamed_request_whose_client_left_stops_generating(lm_art):
     finally:
         undo()
         server.close()
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi"}] * (LIMITS.max_prompt_tokens + 1),
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}] * LIMITS.max_prompt_tokens}],
+    ],
+    ids=["messages", "parts"],
+)
+def test_more_messages_than_prompt_tokens_are_refused_before_the_schema_is_checked(client, monkeypatch, messages):
+    import els.serve.protocol
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("validated a body that could not fit the prompt")
+
+    monkeypatch.setattr(els.serve.protocol.ChatRequest, "model_validate", not_here)
+    r = post(client, body(messages=messages))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded" and r.json()["error"]["param"] == "messages"
+
+
+def test_decoding_a_large_body_does_not_hold_the_event_loop(lm_art, monkeypatch):
+    import els.serve.protocol
+
+    lm, art = lm_art
+    decode = els.serve.protocol._decode
+
+    def slow_decode(body):
+        time.sleep(1.0)
+        return decode(body)
+
+    monkeypatch.setattr(els.serve.protocol, "_decode", slow_decode)
+    with TestClient(create_app(lm, art, LIMITS)) as c:
+        t = threading.Thread(target=lambda: post(c, body()))
+        t.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        assert c.get("/health").status_code == 200
+        took = time.monotonic() - start
+        t.join(30)
+    assert took < 0.5, took

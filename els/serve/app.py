@@ -99,7 +99,7 @@ def create_app(
     # response_model=None: the union below is two kinds of answer, not a schema for FastAPI to validate against
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> StreamingResponse | dict[str, Any]:
-        req = parse_request(await read_json_body(request, limits.max_body_bytes))
+        req = parse_request(await read_json_body(request, limits.max_body_bytes), limits.max_prompt_tokens)
         answer = await serving_chat.chat(req, request.is_disconnected)
         if isinstance(answer, ChatCompletion):
             return answer.model_dump()
