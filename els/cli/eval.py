@@ -155,7 +155,8 @@ def serve_cmd(
     limit_concurrency: Annotated[
         int,
         typer.Option(
-            help="Most connections at once; past it requests get 503 (keep it under the open-files limit, ulimit -n)."
+            help="Most connections at once; past it a new one is answered 503 and closed "
+            "(the open-files limit is raised to hold them)."
         ),
     ] = LIMIT_CONCURRENCY,
     device: Device = None,
