@@ -1,13 +1,17 @@
 """`els serve` against clients that hold connections (issue 24): idle and slow clients are disconnected within
-the read timeout while /health keeps answering, running out of file descriptors logs one line per interval,
-and a shutdown interrupts a long prefill between layers. Loopback only; every loop is bounded."""
+the read timeout while /health keeps answering, idle sockets up to the connection limit leave /health
+answering and those past it are answered 503 at once with one log line, running out of file descriptors logs
+one line per interval, the open-files limit is raised to hold the connections, and a shutdown interrupts a
+long prefill between layers. Loopback only; every loop is bounded."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import http.client
 import logging
+import resource
 import socket
 import threading
 import time
@@ -18,27 +22,28 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from els.serve.app import Limits, create_app
-from els.serve.connections import quiet_accept_errors, timely_protocol
+from els.serve.connections import FILES_KEPT, fit_open_files, quiet_accept_errors, timely_protocol
 
 from helpers import tiny_model
 
 MODEL = "tiny-qwen2"
 LIMITS = Limits(max_prompt_tokens=100, max_tokens=8, max_body_bytes=64 * 1024, max_batch=4, batch_window_ms=0)
 READ_TIMEOUT = 1.0
+LIMIT = 64
 
 
-@pytest.fixture(scope="module")
-def server():
-    """create_app on a free loopback port with a 1 s read timeout, keep-alive 1 s and 64 connections at most."""
+@contextlib.contextmanager
+def _serving(read_timeout: float):
+    """create_app on a free loopback port with this read timeout, keep-alive 1 s and `LIMIT` connections at most,
+    as `els serve` runs it; yields the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     config = uvicorn.Config(
         create_app(tiny_model("qwen2"), None, LIMITS),
         log_level="warning",
-        http=timely_protocol(READ_TIMEOUT),
+        http=timely_protocol(read_timeout, LIMIT),
         timeout_keep_alive=1,
-        limit_concurrency=64,
+        limit_concurrency=LIMIT,
     )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -47,9 +52,24 @@ def server():
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    yield port
-    srv.should_exit = True
-    thread.join(30)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with _serving(READ_TIMEOUT) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def patient_server():
+    """Idle sockets stay for 10 s here, so that a test can hold them while it looks."""
+    with _serving(10.0) as port:
+        yield port
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
@@ -160,3 +180,61 @@ def test_a_shutdown_interrupts_a_long_prefill_between_layers():
         took = time.monotonic() - start
     assert answer["r"].status_code == 503 and answer["r"].json()["error"]["code"] == "shutting_down", answer
     assert took < 2.5, f"answered {took:.1f} s after the shutdown began: the prefill was not interrupted"
+
+
+def _health(port: int) -> int:
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code
+
+
+def test_health_answers_while_idle_sockets_below_the_limit_are_held(patient_server):
+    idle = [socket.create_connection(("127.0.0.1", patient_server)) for _ in range(50)]
+    try:
+        time.sleep(0.3)  # all accepted
+        for _ in range(10):
+            start = time.monotonic()
+            assert _health(patient_server) == 200
+            assert time.monotonic() - start < 1.0
+        assert not any(_closed_within(s, 0.01) for s in idle)  # held, not dropped to make room
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_connections_past_the_limit_get_503_at_once_and_one_log_line(patient_server, caplog):
+    held = [socket.create_connection(("127.0.0.1", patient_server)) for _ in range(LIMIT)]
+    time.sleep(0.3)  # all accepted: the server is full
+    try:
+        with caplog.at_level(logging.INFO):
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", patient_server), timeout=2) as extra:
+                    start = time.monotonic()
+                    answer = b""
+                    while chunk := extra.recv(4096):  # the server closes it after the 503
+                        answer += chunk
+                    assert time.monotonic() - start < 1.0
+                assert answer.startswith(b"HTTP/1.1 503 ") and b'"code": "overloaded"' in answer, answer
+        assert not any(_closed_within(s, 0.01) for s in held)  # the admitted ones are kept
+    finally:
+        for s in held:
+            s.close()
+    refusals = [r for r in caplog.records if "over --limit-concurrency" in r.getMessage()]
+    assert len(refusals) <= 1 and not any(r.exc_info for r in caplog.records), caplog.text
+    assert "Traceback" not in caplog.text
+    time.sleep(0.3)  # the held ones' closes reach the server
+    assert _health(patient_server) == 200
+
+
+def test_the_open_files_limit_is_raised_to_hold_the_connections():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 200
+    if hard != resource.RLIM_INFINITY and hard < want + FILES_KEPT:
+        pytest.skip(f"hard open-files limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        fit_open_files(want)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= want + FILES_KEPT
+        if hard != resource.RLIM_INFINITY:
+            with pytest.raises(ValueError, match="limit-concurrency"):
+                fit_open_files(hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -155,7 +155,8 @@ def serve_cmd(
     limit_concurrency: Annotated[
         int,
         typer.Option(
-            help="Most connections at once; past it requests get 503 (keep it under the open-files limit, ulimit -n)."
+            help="Most connections at once; past it a new one is answered 503 and closed "
+            "(the open-files limit is raised to hold them)."
         ),
     ] = LIMIT_CONCURRENCY,
     device: Device = None,
@@ -165,7 +166,7 @@ def serve_cmd(
     """OpenAI-compatible chat server (POST /v1/chat/completions) with per-request steering; the steering flags
     set the server's defaults, which a request's `els` field overrides by the same names."""
     from els.serve.app import Limits, create_app
-    from els.serve.connections import serve
+    from els.serve.connections import fit_open_files, serve
     from els.serve.protocol import MAX_BATCH_WINDOW_MS
 
     at_least(1, max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_batch=max_batch)
@@ -176,6 +177,7 @@ def serve_cmd(
     within(2, 1 << 20, limit_concurrency=limit_concurrency)  # 2: /health must get through beside one request
     check_device(device)
     try:
+        fit_open_files(limit_concurrency)
         art = Artefact.load(steer_dir) if steer_dir is not None else None
         limits = Limits(
             max_prompt_tokens=max_prompt_tokens,

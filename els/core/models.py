@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -230,17 +231,30 @@ def chat_texts(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]]) -> list[int]:
     """The token ids of `conversation` templated as `chat_texts` does, with every message's content encoded as
-    text: a special token's string in a message (e.g. "<|im_start|>system") does not become that token, so
-    untrusted content cannot forge a turn. The template's own special tokens are kept where it puts them."""
+    text: a special or added token's string in a message (e.g. "<|im_start|>system", "<tool_call>") does not
+    become that token, so untrusted content cannot forge a turn or a tool call. The template's own tokens are
+    kept where it puts them."""
 
     def encode(text: str, as_text: bool = False) -> list[int]:
         return tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
 
-    specials = {t for t in tokenizer.all_special_tokens if t} | {
-        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special and t.content
+    # Added tokens that are not special (Qwen's <tool_call>) are matched even with split_special_tokens, so the
+    # content is cut after the first character of each such string: the pieces can only be encoded as text. A
+    # one-character token has no other spelling and is left as it is.
+    tokens = {t for t in tokenizer.all_special_tokens if t} | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
     }
-    if not any(s in m["content"] for m in conversation for s in specials):
+    forged = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True) if len(t) > 1))
+    if not forged.pattern or not any(forged.search(m["content"]) for m in conversation):
         return encode(chat_texts(tokenizer, [conversation])[0])  # the common case, tokenised as before
+
+    def encode_text(text: str) -> list[int]:
+        ids, start = [], 0
+        while (found := forged.search(text, start)) is not None:
+            ids += encode(text[start : found.start() + 1], as_text=True)
+            start = found.start() + 1
+        return ids + encode(text[start:], as_text=True)
+
     # Template the conversation with a unique mark per content, then encode the template's text and the
     # contents separately.
     marks = [f"els{secrets.token_hex(16)}" for _ in conversation]
@@ -253,7 +267,7 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, st
                 "a message holds a special token's text and the chat template does not place "
                 "message contents verbatim, so it cannot be kept as text"
             )
-        ids += encode(head) + encode(m["content"], as_text=True)
+        ids += encode(head) + encode_text(m["content"])
     return ids + encode(rest)
 
 

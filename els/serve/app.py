@@ -6,7 +6,8 @@
 This module is the HTTP side: routes, lifespan, error handlers and signal handling. The request and
 response schemas and the input checks are in `els.serve.protocol`; turning a request into a job and the
 job's events into the answer (whole or streamed as SSE) in `els.serve.serving`; the batching generation
-worker in `els.serve.worker`.
+worker in `els.serve.worker` (its jobs in `els.serve.jobs`, their rows in a batch in `els.serve.rows`);
+deadlines and limits on connections in `els.serve.connections`.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def create_app(
     # response_model=None: the union below is two kinds of answer, not a schema for FastAPI to validate against
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> StreamingResponse | dict[str, Any]:
-        req = parse_request(await read_json_body(request, limits.max_body_bytes))
+        req = parse_request(await read_json_body(request, limits.max_body_bytes), limits.max_prompt_tokens)
         answer = await serving_chat.chat(req, request.is_disconnected)
         if isinstance(answer, ChatCompletion):
             return answer.model_dump()

@@ -1,42 +1,83 @@
 """Connections that slow, idle or numerous clients cannot use to starve the server (`els serve`).
 
-uvicorn closes a kept-alive connection that stays idle (`timeout_keep_alive`) and answers 503 past
-`limit_concurrency`, but its h11 protocol waits for ever for a request's headers and body: a client that
-connects and sends nothing, or a byte every few seconds, holds its socket until the process runs out of
-file descriptors. `TimelyH11Protocol` gives every request a deadline for its headers and body together.
-When accept() does run out of descriptors, asyncio logs a traceback per attempt (hundreds of thousands a
-minute); `quiet_accept_errors` logs one line per interval instead.
+uvicorn closes a kept-alive connection that stays idle (`timeout_keep_alive`) and answers 503 to requests
+past `limit_concurrency`, but its h11 protocol waits for ever for a request's headers and body, and keeps
+every connection it accepts: a client that connects and sends nothing, or a byte every few seconds, holds
+its socket, and enough of them run the process out of file descriptors. `TimelyH11Protocol` gives every
+request a deadline for its headers and body together, and answers a connection past the limit 503 and
+closes it at once, so the sockets held stay under the limit; `fit_open_files` makes sure the open-files
+limit has room for them. When accept() does run out of descriptors, asyncio logs a traceback per attempt
+(hundreds of thousands a minute); `quiet_accept_errors` logs one line per interval instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import math
+import resource
 import time
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from els.serve.protocol import ApiError
+
 log = logging.getLogger("els.serve.connections")
 READ_TIMEOUT_S = 5.0  # a request's headers and body arrive within this, or its connection is closed
 KEEP_ALIVE_S = 5.0  # an idle kept-alive connection is closed after this
-LIMIT_CONCURRENCY = 256  # connections at once; past it, new requests get 503 (uvicorn's limit_concurrency)
+LIMIT_CONCURRENCY = 256  # connections at once; past it, a new one is answered 503 and closed
+FILES_KEPT = 256  # open files beside the connections: the model's, the logs', the event loop's, the worker's
 ACCEPT_ERROR_LOG_S = 10.0  # at most one log line per this many seconds while accept() lacks descriptors
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_BUSY = json.dumps(
+    ApiError(503, "too many connections, retry later", type="server_error", code="overloaded").body()
+).encode()
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY)
+)
+
+
+class _Throttled:
+    """Counts an event and logs it at most once per `interval` seconds, with how often it happened: a client
+    can cause it at will, and one line per event would fill the disk."""
+
+    def __init__(self, interval: float, level: int, message: str):
+        self.interval, self.level, self.message, self.last, self.count = interval, level, message, -float("inf"), 0
+
+    def __call__(self, *args: object) -> None:
+        self.count += 1
+        if (now := time.monotonic()) - self.last >= self.interval:
+            log.log(self.level, self.message, *args, self.count)
+            self.last, self.count = now, 0
 
 
 class TimelyH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline (`read_timeout`) from a request's first byte (or, for a new
-    connection, from the connection) to the end of its body; a client that misses it is disconnected."""
+    connection, from the connection) to the end of its body; a client that misses it is disconnected. A
+    connection past `max_connections` is answered 503 and closed before it is read."""
 
     read_timeout = READ_TIMEOUT_S
+    max_connections = LIMIT_CONCURRENCY
+    refused = _Throttled(
+        ACCEPT_ERROR_LOG_S,
+        logging.WARNING,
+        "connections over --limit-concurrency answered 503 (%d times since the last report)",
+    )
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:
+            self.connections.discard(self)  # the admitted ones' requests must not be refused for it
+            transport.write(_REFUSAL)
+            transport.close()
+            self.refused()
+            return
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -66,16 +107,37 @@ class TimelyH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def timely_protocol(read_timeout: float) -> type[TimelyH11Protocol]:
-    """The protocol class with this deadline (uvicorn takes a class, not an instance)."""
-    return type("TimelyH11Protocol", (TimelyH11Protocol,), {"read_timeout": read_timeout})
+def timely_protocol(read_timeout: float, max_connections: int = LIMIT_CONCURRENCY) -> type[TimelyH11Protocol]:
+    """The protocol class with this deadline and limit (uvicorn takes a class, not an instance)."""
+    return type(
+        "TimelyH11Protocol", (TimelyH11Protocol,), {"read_timeout": read_timeout, "max_connections": max_connections}
+    )
+
+
+def fit_open_files(connections: int) -> None:
+    """Raises the soft open-files limit to hold `connections` sockets and `FILES_KEPT` files beside them (as
+    far as the hard limit allows); ValueError if the hard limit is too low."""
+    need = connections + FILES_KEPT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            raise ValueError(
+                f"--limit-concurrency {connections} needs {need} open files ({FILES_KEPT} kept for the model, "
+                f"logs and the server), and the hard limit (ulimit -Hn) is {hard}: lower --limit-concurrency"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = ACCEPT_ERROR_LOG_S) -> None:
     """Log accept() running out of file descriptors once per `interval` (with how often), not per attempt;
     asyncio itself retries the accept a moment later. Other errors go to the handler in place."""
     previous = loop.get_exception_handler()
-    state = {"last": -float("inf"), "count": 0}
+    report = _Throttled(
+        interval,
+        logging.ERROR,
+        "cannot accept connections: %s (%d times since the last report); lower --limit-concurrency or raise "
+        "the open-files limit (ulimit -n)",
+    )
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         e = context.get("exception")
@@ -85,15 +147,7 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, interval: float = ACCEP
             else:
                 loop.default_exception_handler(context)
             return
-        state["count"] += 1
-        if (now := time.monotonic()) - state["last"] >= interval:
-            log.error(
-                "cannot accept connections: %s (%d times since the last report); lower "
-                "--limit-concurrency or raise the open-files limit (ulimit -n)",
-                e,
-                state["count"],
-            )
-            state["last"], state["count"] = now, 0
+        report(e)
 
     loop.set_exception_handler(handler)
 
@@ -107,12 +161,12 @@ def serve(
     keep_alive: float = KEEP_ALIVE_S,
     limit_concurrency: int = LIMIT_CONCURRENCY,
 ) -> None:
-    """uvicorn.run with the deadlines and the connection limit above."""
+    """uvicorn.run with the deadlines and the connection limit above (`fit_open_files` first)."""
     uvicorn.run(
         app,
         host=host,
         port=port,
-        http=timely_protocol(read_timeout),
+        http=timely_protocol(read_timeout, limit_concurrency),
         timeout_keep_alive=math.ceil(keep_alive),
         limit_concurrency=limit_concurrency,
     )

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from els.core.models import LoadedModel, chat_ids
+from els.serve.jobs import Delta, Done, Event, Failed, Job
 from els.serve.protocol import (
     MIN_TEMPERATURE,
     MIN_TOP_P,
@@ -33,7 +34,7 @@ from els.serve.protocol import (
     ModelList,
     Usage,
 )
-from els.serve.worker import Delta, Done, Engine, Event, Failed, Job
+from els.serve.worker import Engine
 from els.steering.settings import SteerSettings
 
 log = logging.getLogger("els.serve.app")  # the server's logger, as before the split

@@ -9,224 +9,25 @@ are kept apart, where padding would cost more than batching saves.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, cast
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from els.core.generation import eos_ids
 from els.core.models import LoadedModel
+from els.serve.jobs import Failed, Job, shutting_down
 from els.serve.protocol import ApiError, Limits
+from els.serve.rows import Row, RowSampler, RowTracker
 from els.steering.artefact import Artefact
-from els.steering.settings import SteerSettings
 from els.steering.steering import Steering
 
 log = logging.getLogger("els.serve.app")  # the server's logger, as before the split
-
-
-# ---- jobs, their events and the worker ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Delta:
-    """Text a streamed job generated since its last event."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Done:
-    """A job's answer: its whole text, why it ended, its token counts and the steering it got."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    els: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: ApiError
-
-
-Event = Delta | Done | Failed
-
-
-@dataclass
-class Job:
-    ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
-    steer: SteerSettings | None
-    stream: bool
-    emit: Callable[[Event], None]  # thread-safe: hands an event to the request's coroutine
-    cancelled: bool = False
-    answered: bool = False  # its `Done` or `Failed` is out
-    delivered: str = ""  # the text streamed so far, which a retry must reproduce
-
-    def answer(self, event: Done | Failed) -> None:
-        """The job's last event; any later one is dropped."""
-        if not self.answered:
-            self.answered = True
-            self.emit(event)
-
-
-def _shutting_down() -> ApiError:
-    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
-
-
-@dataclass
-class _Row:
-    """A job's state inside one generate call."""
-
-    job: Job
-    index: int
-    generator: torch.Generator | None
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0
-    generated: int = 0
-    done: bool = False
-    resumed: bool = False  # a retry of a streamed row: its text must begin with what was already sent
-
-
-class _RowSampler(LogitsProcessor):
-    """Samples each sampled row with its own temperature, top-p and generator, then leaves only that token,
-    so the batch's greedy argmax picks it. A seed thus gives the same answer whatever shares the batch."""
-
-    def __init__(self, rows: list[_Row]):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row in self.rows:
-            job = row.job
-            if row.done or job.temperature == 0:
-                continue
-            probs = torch.softmax(scores[row.index].float() / job.temperature, dim=-1)
-            if job.top_p < 1:
-                p, idx = probs.sort(descending=True)
-                keep = p.cumsum(0) - p < job.top_p
-                probs = torch.zeros_like(probs).scatter(0, idx[keep], p[keep])
-            token = torch.multinomial(probs, 1, generator=row.generator)
-            scores[row.index] = float("-inf")
-            scores[row.index, token] = 0.0
-        return scores
-
-
-class _RowTracker(StoppingCriteria):
-    """Called once per generated token: streams each row's new text, applies its stop strings and token
-    cap, and finishes it with its diagnostics while the batch goes on."""
-
-    def __init__(self, rows: list[_Row], engine: Engine, steering: Steering | None):
-        self.rows, self.engine, self.steering = rows, engine, steering
-
-    @functools.cached_property
-    def sides(self) -> list:
-        """Per row, the harm gate's routing of this batch's prefill (read once, after it)."""
-        return self.steering.sides() if self.steering is not None else []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        last = input_ids[:, -1].tolist()
-        for row in self.rows:
-            if not row.done:
-                self._step(row, last[row.index])
-        return cast(torch.BoolTensor, torch.tensor([row.done for row in self.rows], device=input_ids.device))
-
-    def _step(self, row: _Row, token: int) -> None:
-        job = row.job
-        if job.cancelled:
-            row.done = True
-            return
-        if self.engine.stopping:  # SIGTERM: end every row at its next token
-            row.done = True
-            return job.answer(Failed(_shutting_down()))
-        row.generated += 1
-        if token in self.engine.eos:
-            return self.finish(row, "stop")
-        row.out.append(token)
-        text = cast(str, self.engine.lm.tokenizer.decode(row.out, skip_special_tokens=True))
-        hits = [i for i in (text.find(s) for s in job.stop) if i >= 0]
-        if hits:
-            row.text = text[: min(hits)]
-            return self.finish(row, "stop")
-        row.text = text
-        if row.generated >= job.max_tokens:
-            return self.finish(row, "length")
-        # Hold back what could still become a stop string or an incomplete character.
-        safe = len(text) - max((len(s) - 1 for s in job.stop), default=0)
-        if (broken := text.find("\ufffd", row.sent)) >= 0:
-            safe = min(safe, broken)
-        self._send(row, safe)
-
-    def _send(self, row: _Row, upto: int) -> None:
-        if row.job.stream and upto > row.sent:
-            if row.resumed:
-                if row.text[: row.sent] != row.job.delivered:
-                    raise RuntimeError("its retry did not reproduce the text already streamed")
-                row.resumed = False
-            row.job.emit(Delta(row.text[row.sent : upto]))
-            row.job.delivered += row.text[row.sent : upto]
-            row.sent = upto
-
-    def finish(self, row: _Row, reason: str) -> None:
-        self._send(row, len(row.text))
-        row.done = True
-        row.job.answer(
-            Done(
-                text=row.text,
-                finish_reason=reason,
-                prompt_tokens=len(row.job.ids),
-                completion_tokens=row.generated,
-                els=self.diagnostics(row),
-            )
-        )
-
-    def diagnostics(self, row: _Row) -> dict:
-        """The request's settings, which side the harm gate sent it to and with what p(harmful), and per layer
-        the energies and steps."""
-        s = row.job.steer
-        if s is None or self.steering is None:
-            return {"enabled": False, "side": "off", "p_harmful": None, "layers": [], "steps_skipped": 0}
-        layers = []
-        for layer in self.steering.layers:
-            st, i = self.steering.stats[layer], row.index
-            assert (
-                st.energy_before is not None
-                and st.energy_after is not None
-                and st.rows_taken is not None
-                and st.rows_skipped is not None
-            ), "a finished row's batch had its prefill"
-            layers.append(
-                {
-                    "layer": layer,
-                    "energy_before": float(st.energy_before[i]),
-                    "energy_after": float(st.energy_after[i]),
-                    "steps_taken": int(st.rows_taken[i]),
-                    "steps_skipped": int(st.rows_skipped[i]),
-                }
-            )
-        side, p = self.sides[row.index]
-        return {
-            "enabled": True,
-            **s.manifest(),
-            "side": side,
-            "p_harmful": p,
-            "layers": layers,
-            "steps_skipped": sum(x["steps_skipped"] for x in layers),
-        }
 
 
 class Engine:
@@ -298,7 +99,7 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         if self.stopping:
-            raise _shutting_down()
+            raise shutting_down()
         self.ensure_running()
         if self.waiting() >= self.limits.max_queue:
             raise ApiError(
@@ -351,7 +152,7 @@ class Engine:
             if job is not None:
                 held.append(job)
         for job in held:
-            job.answer(Failed(_shutting_down()))
+            job.answer(Failed(shutting_down()))
 
     def _loop(self) -> None:
         while True:
@@ -372,7 +173,7 @@ class Engine:
             if self.stopping:
                 held, self._pending = self._pending, []
                 for job in held:
-                    job.answer(Failed(_shutting_down()))
+                    job.answer(Failed(shutting_down()))
                 continue
             self._pending = [j for j in self._pending if not j.cancelled]
             if not self._pending:
@@ -410,7 +211,7 @@ class Engine:
         if not retry:
             self.counters["requests"] += len(batch)
             self.counters["largest_batch"] = max(self.counters["largest_batch"], len(batch))
-        rows: list[_Row] = []
+        rows: list[Row] = []
         try:
             device = model.device
             width = max(len(j.ids) for j in batch)
@@ -419,11 +220,11 @@ class Engine:
             input_ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in batch], device=device)
             mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in batch], device=device)
             rows = [
-                _Row(j, i, self._generator(j, device), sent=len(j.delivered), resumed=bool(j.delivered))
+                Row(j, i, self._generator(j, device), sent=len(j.delivered), resumed=bool(j.delivered))
                 for i, j in enumerate(batch)
             ]
             steering = self._steering(batch)
-            tracker = _RowTracker(rows, self, steering)
+            tracker = RowTracker(rows, self.lm, self.eos, lambda: self.stopping, steering)
             with steering if steering is not None else nullcontext(), torch.inference_mode():
                 model.generate(
                     input_ids=input_ids,
@@ -434,7 +235,7 @@ class Engine:
                     top_p=None,
                     top_k=None,
                     pad_token_id=pad,
-                    logits_processor=LogitsProcessorList([_RowSampler(rows)]),
+                    logits_processor=LogitsProcessorList([RowSampler(rows)]),
                     stopping_criteria=StoppingCriteriaList([tracker]),
                 )
             for row in rows:
@@ -459,7 +260,7 @@ class Engine:
                 return
             log.exception("generation failed")
             error = (
-                _shutting_down()
+                shutting_down()
                 if self.stopping
                 else ApiError(
                     500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="generation_failed"
