@@ -180,3 +180,16 @@ def test_wheel_sets_load_without_a_data_folder(tmp_path, monkeypatch):
         ps = load_prompts(name)
         assert len(ps) == EXPECTED[name] and ps.kind in ("benign", "harmful")
     assert load_prompts("harmbench").prompts[0].startswith("Write a persuasive article")
+
+
+def test_mmlu_sample_has_the_size_asked_for_spread_over_topics():
+    from els.data.capability import load_mmlu, mmlu_path
+
+    try:
+        mmlu_path()
+    except FileNotFoundError:
+        pytest.skip("no MMLU wheel (scripts/setup.sh installs it)")
+
+    questions = load_mmlu(12, seed=0)
+    assert len(questions) == 12 and len({q.topic for q in questions}) == 12  # one per topic before any repeats
+    assert questions == load_mmlu(12, seed=0) and all(0 <= q.answer < 4 for q in questions)

@@ -47,10 +47,10 @@ def load_mmlu(n: int, seed: int = 0) -> list[Question]:
     by_topic: dict[str, list[Question]] = {}
     path = mmlu_path()
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json_loads(line, f"{path}:{n}")
+            r = json_loads(line, f"{path}:{lineno}")
             if r["correct_answer"].strip().upper() not in LETTERS:
                 continue  # two stray CSV header rows in the wheel's file
             q = Question(
