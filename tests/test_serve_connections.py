@@ -1,6 +1,6 @@
 """`els serve` against clients that hold connections (issue 24): idle and slow clients are disconnected within
 the read timeout while /health keeps answering, idle sockets up to the connection limit leave /health
-answering and those past it are answered 503 at once with one log line, running out of file descriptors logs
+answering and those past it are answered 503 at once with one log line (but for a few that ask for /health), running out of file descriptors logs
 one line per interval, the open-files limit is raised to hold the connections, and a shutdown interrupts a
 long prefill between layers. Loopback only; every loop is bounded."""
 
@@ -22,7 +22,7 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from els.serve.app import Limits, create_app
-from els.serve.connections import FILES_KEPT, fit_open_files, quiet_accept_errors, timely_protocol
+from els.serve.connections import FILES_KEPT, HEALTH_RESERVE, fit_open_files, quiet_accept_errors, timely_protocol
 
 from helpers import tiny_model
 
@@ -43,7 +43,6 @@ def _serving(read_timeout: float):
         log_level="warning",
         http=timely_protocol(read_timeout, LIMIT),
         timeout_keep_alive=1,
-        limit_concurrency=LIMIT,
     )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -200,26 +199,49 @@ def test_health_answers_while_idle_sockets_below_the_limit_are_held(patient_serv
             s.close()
 
 
-def test_connections_past_the_limit_get_503_at_once_and_one_log_line(patient_server, caplog):
+def _answer(port: int, request: bytes) -> tuple[bytes, float]:
+    """What the server sends back to `request` on a new connection until it closes it, and how long it took."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        start = time.monotonic()
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+        return answer, time.monotonic() - start
+
+
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def test_past_the_limit_requests_get_503_at_once_and_health_still_answers(patient_server, caplog):
     held = [socket.create_connection(("127.0.0.1", patient_server)) for _ in range(LIMIT)]
     time.sleep(0.3)  # all accepted: the server is full
     try:
         with caplog.at_level(logging.INFO):
-            for _ in range(20):
-                with socket.create_connection(("127.0.0.1", patient_server), timeout=2) as extra:
-                    start = time.monotonic()
-                    answer = b""
-                    while chunk := extra.recv(4096):  # the server closes it after the 503
-                        answer += chunk
-                    assert time.monotonic() - start < 1.0
+            for request in (POST, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /v1/models HTTP/1.1\r\n\r\n"):
+                answer, took = _answer(patient_server, request)
                 assert answer.startswith(b"HTTP/1.1 503 ") and b'"code": "overloaded"' in answer, answer
+                assert took < 1.0
+            for _ in range(10):
+                answer, took = _answer(patient_server, HEALTH)
+                assert answer.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in answer, answer
+                assert took < 1.0
+            assert _health(patient_server) == 200  # a client that keeps its connection alive
+            # the reserve is bounded: past it, a connection is answered 503 before it sends anything
+            reserve = [socket.create_connection(("127.0.0.1", patient_server)) for _ in range(HEALTH_RESERVE)]
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", patient_server), timeout=2) as extra:
+                assert extra.recv(4096).startswith(b"HTTP/1.1 503 ")
+            for s in reserve:
+                s.close()
         assert not any(_closed_within(s, 0.01) for s in held)  # the admitted ones are kept
     finally:
         for s in held:
             s.close()
     refusals = [r for r in caplog.records if "over --limit-concurrency" in r.getMessage()]
     assert len(refusals) <= 1 and not any(r.exc_info for r in caplog.records), caplog.text
-    assert "Traceback" not in caplog.text
+    assert "Traceback" not in caplog.text and "Exceeded concurrency limit" not in caplog.text
     time.sleep(0.3)  # the held ones' closes reach the server
     assert _health(patient_server) == 200
 
@@ -232,7 +254,7 @@ def test_the_open_files_limit_is_raised_to_hold_the_connections():
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     try:
         fit_open_files(want)
-        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= want + FILES_KEPT
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= want + HEALTH_RESERVE + FILES_KEPT
         if hard != resource.RLIM_INFINITY:
             with pytest.raises(ValueError, match="limit-concurrency"):
                 fit_open_files(hard)

@@ -155,8 +155,8 @@ def serve_cmd(
     limit_concurrency: Annotated[
         int,
         typer.Option(
-            help="Most connections at once; past it a new one is answered 503 and closed "
-            "(the open-files limit is raised to hold them)."
+            help="Most connections at once; past it a new one is answered 503 and closed, but for 8 that "
+            "ask only GET /health (the open-files limit is raised to hold them)."
         ),
     ] = LIMIT_CONCURRENCY,
     device: Device = None,
@@ -174,7 +174,7 @@ def serve_cmd(
     within(1, 65535, port=port)
     within(0, MAX_BATCH_WINDOW_MS, batch_window_ms=batch_window_ms)
     within(0.1, 3600, read_timeout=read_timeout, keep_alive=keep_alive)
-    within(2, 1 << 20, limit_concurrency=limit_concurrency)  # 2: /health must get through beside one request
+    within(2, 1 << 20, limit_concurrency=limit_concurrency)
     check_device(device)
     try:
         fit_open_files(limit_concurrency)

@@ -5,8 +5,10 @@ past `limit_concurrency`, but its h11 protocol waits for ever for a request's he
 every connection it accepts: a client that connects and sends nothing, or a byte every few seconds, holds
 its socket, and enough of them run the process out of file descriptors. `TimelyH11Protocol` gives every
 request a deadline for its headers and body together, and answers a connection past the limit 503 and
-closes it at once, so the sockets held stay under the limit; `fit_open_files` makes sure the open-files
-limit has room for them. When accept() does run out of descriptors, asyncio logs a traceback per attempt
+closes it at once, so the sockets held stay under the limit; a few past it (`HEALTH_RESERVE`) may still ask
+`GET /health`, so a full server reports its state. `fit_open_files` makes sure the open-files limit has room
+for them all. The protocol keeps the limit itself: uvicorn's own `limit_concurrency` would count those
+`/health` connections and answer them 503 (with a warning line each). When accept() does run out of descriptors, asyncio logs a traceback per attempt
 (hundreds of thousands a minute); `quiet_accept_errors` logs one line per interval instead.
 """
 
@@ -30,6 +32,8 @@ log = logging.getLogger("els.serve.connections")
 READ_TIMEOUT_S = 5.0  # a request's headers and body arrive within this, or its connection is closed
 KEEP_ALIVE_S = 5.0  # an idle kept-alive connection is closed after this
 LIMIT_CONCURRENCY = 256  # connections at once; past it, a new one is answered 503 and closed
+HEALTH_RESERVE = 8  # connections past the limit that are read, and answered only if they ask GET /health
+_HEALTH = b"GET /health"
 FILES_KEPT = 256  # open files beside the connections: the model's, the logs', the event loop's, the worker's
 ACCEPT_ERROR_LOG_S = 10.0  # at most one log line per this many seconds while accept() lacks descriptors
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -59,7 +63,8 @@ class _Throttled:
 class TimelyH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline (`read_timeout`) from a request's first byte (or, for a new
     connection, from the connection) to the end of its body; a client that misses it is disconnected. A
-    connection past `max_connections` is answered 503 and closed before it is read."""
+    connection past `max_connections` is answered 503 and closed before it is read, unless it is one of the
+    `HEALTH_RESERVE` after them: those are read, and served while each request is a `GET /health`."""
 
     read_timeout = READ_TIMEOUT_S
     max_connections = LIMIT_CONCURRENCY
@@ -72,17 +77,26 @@ class TimelyH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.max_connections:
-            self.connections.discard(self)  # the admitted ones' requests must not be refused for it
-            transport.write(_REFUSAL)
-            transport.close()
-            self.refused()
+        over = len(self.connections) - self.max_connections
+        self._reserved = over > 0  # past the limit: served only while it asks for /health
+        self._head = b""  # a reserved connection's request start, held until it shows what it asks for
+        if over > HEALTH_RESERVE:
+            self._refuse()
             return
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+        starting = self.cycle is None or self.cycle.response_complete
+        if self._deadline is None and starting:
             self._arm()  # the first bytes of the next request on a kept-alive connection
+        if self._reserved and (starting or self._head):
+            self._head += data
+            if _HEALTH.startswith(self._head[: len(_HEALTH)]) and len(self._head) <= len(_HEALTH):
+                return  # too few bytes yet to tell
+            if self._head[len(_HEALTH) : len(_HEALTH) + 1] not in (b" ", b"?") or not self._head.startswith(_HEALTH):
+                self._refuse()
+                return
+            data, self._head = self._head, b""
         super().data_received(data)
         if self.cycle is not None and not self.cycle.response_complete and not self.cycle.more_body:
             self._disarm()  # the request is read: answering it may take as long as generation takes
@@ -90,6 +104,13 @@ class TimelyH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def _refuse(self) -> None:
+        self._disarm()
+        self.connections.discard(self)  # the admitted ones' requests must not be refused for it
+        self.transport.write(_REFUSAL)
+        self.transport.close()
+        self.refused()
 
     def _arm(self) -> None:
         self._disarm()
@@ -115,9 +136,9 @@ def timely_protocol(read_timeout: float, max_connections: int = LIMIT_CONCURRENC
 
 
 def fit_open_files(connections: int) -> None:
-    """Raises the soft open-files limit to hold `connections` sockets and `FILES_KEPT` files beside them (as
-    far as the hard limit allows); ValueError if the hard limit is too low."""
-    need = connections + FILES_KEPT
+    """Raises the soft open-files limit to hold `connections` sockets, the `/health` reserve and `FILES_KEPT`
+    files beside them (as far as the hard limit allows); ValueError if the hard limit is too low."""
+    need = connections + HEALTH_RESERVE + FILES_KEPT
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         if hard != resource.RLIM_INFINITY and hard < need:
@@ -168,5 +189,4 @@ def serve(
         port=port,
         http=timely_protocol(read_timeout, limit_concurrency),
         timeout_keep_alive=math.ceil(keep_alive),
-        limit_concurrency=limit_concurrency,
     )

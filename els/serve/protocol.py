@@ -151,10 +151,15 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class _Head(BaseModel):
+    """What a whole answer and each of its streamed chunks begin with, in the wire's key order."""
+
     id: str
     created: int
     model: str
+
+
+class ChatCompletion(_Head):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
@@ -182,10 +187,7 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(_Sparse):
-    id: str
-    created: int
-    model: str
+class ChatCompletionChunk(_Head, _Sparse):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChunkChoice]
     usage: Usage | None = None
