@@ -1,8 +1,8 @@
 """`els serve` against clients that hold connections (issue 24): idle and slow clients are disconnected within
 the read timeout while /health keeps answering, idle sockets up to the connection limit leave /health
-answering and those past it are answered 503 at once with one log line (but for a few that ask for /health), running out of file descriptors logs
-one line per interval, the open-files limit is raised to hold the connections, and a shutdown interrupts a
-long prefill between layers. Loopback only; every loop is bounded."""
+answering and those past it are answered 503 at once with one log line (but for a few that ask for /health),
+running out of file descriptors logs one line per interval, the open-files limit is raised to hold the
+connections, and a shutdown interrupts a long prefill between layers. Loopback only; every loop is bounded."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ request a deadline for its headers and body together, and answers a connection p
 closes it at once, so the sockets held stay under the limit; a few past it (`HEALTH_RESERVE`) may still ask
 `GET /health`, so a full server reports its state. `fit_open_files` makes sure the open-files limit has room
 for them all. The protocol keeps the limit itself: uvicorn's own `limit_concurrency` would count those
-`/health` connections and answer them 503 (with a warning line each). When accept() does run out of descriptors, asyncio logs a traceback per attempt
-(hundreds of thousands a minute); `quiet_accept_errors` logs one line per interval instead.
+`/health` connections and answer them 503 (with a warning line each). When accept() does run out of
+descriptors, asyncio logs a traceback per attempt (hundreds of thousands a minute); `quiet_accept_errors` logs
+one line per interval instead.
 """
 
 from __future__ import annotations
