@@ -5,31 +5,31 @@
 
 Bands are `METHOD[@UPPER]`, in order: the first covers p below the artefact's gate threshold, each next one up to
 its own upper bound (the last one up to 1). Each prompt takes the verdict that the method of its band got on it
-in that run: the same answers per-row routing would give, up to batch rounding, with no generation. Prints the
-pooled and per-set refusal rates of the routing and of every method in the run; a set is benign when its name
-says so (`--benign`). The last line is JSON.
+in that run (`els.eval.comparison.banded_verdicts`, as the run's gate-composed methods are made): the same
+answers per-row routing would give, up to batch rounding, with no generation. Prints the pooled and per-set
+refusal rates of the routing and of every method the run generated, by the run's headline judge and with its
+sets' kinds. The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from els.core.models import load_model
-from els.eval.comparison import gate_probabilities
+from els.eval.cache import CompletionFile, slug
+from els.eval.comparison import banded_verdicts, gate_probabilities
+from els.eval.summary import Summary
 from els.steering.artefact import Artefact
-
-BENIGN = ("xstest-safe", "orbench-hard", "oktest", "alpaca")
 
 
 def bands(spec: str, threshold: float) -> list[tuple[float, str]]:
-    """[(upper p bound, method)], the first band ending at the gate's threshold."""
-    out: list[tuple[float, str]] = []
-    for i, part in enumerate(spec.split(",")):
-        method, _, upper = part.partition("@")
-        out.append((threshold if i == 0 else float(upper) if upper else 1.0 + 1e-9, method))
-    return out
+    """[(upper p bound, method)], the first band ending at the gate's threshold and the last at infinity."""
+    parts = [part.partition("@") for part in spec.split(",")]
+    uppers = [threshold, *(float(upper) for _, _, upper in parts[1:-1]), math.inf]
+    return [(upper, method) for upper, (method, _, _) in zip(uppers, parts)]
 
 
 def main() -> None:
@@ -37,35 +37,33 @@ def main() -> None:
     ap.add_argument("--eval", type=Path, required=True, help="An `els eval --out` folder.")
     ap.add_argument("--steer", type=Path, required=True, help="The artefact whose gate routes.")
     ap.add_argument("--bands", required=True)
-    ap.add_argument("--benign", default=",".join(BENIGN), help="Set-name prefixes that are benign.")
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
     art = Artefact.load(args.steer)
     route = bands(args.bands, art.gate.threshold)
+    summary = Summary.read(args.eval / "summary.json")
     lm = load_model(args.model)
-    done = sorted(p.name for p in (args.eval / "completions").iterdir())
-    pooled: dict[str, dict[str, list[bool]]] = {"benign": {}, "harmful": {}}
+    pooled: dict[str, dict[str, list[bool]]] = {}
     per_set: dict[str, dict[str, float]] = {}
-    for path in sorted((args.eval / "completions" / done[0]).glob("*.jsonl")):
-        if path.stem.startswith("alpaca"):
-            continue  # the quality prompts: no refusal verdicts
-        verdicts = {}
-        for method in done:
-            rows = [json.loads(line) for line in (args.eval / "completions" / method / path.name).open()]
-            verdicts[method] = {r["prompt"]: r["verdicts"]["learned"]["refused"] for r in rows}
-        prompts = list(verdicts[done[0]])
+    for set_name, bench in summary.benchmarks.items():
+        verdicts: dict[str, dict[str, bool]] = {}
+        for method in summary.methods:
+            rows = CompletionFile(args.eval / "completions" / slug(method) / f"{slug(set_name)}.jsonl").rows
+            verdicts[method] = {r["prompt"]: r["verdicts"][summary.judge]["refused"] for r in rows.values()}
+        prompts = list(verdicts[next(iter(summary.methods))])
         p = gate_probabilities(lm, art.gate, prompts, args.eval / "gate")
-        verdicts["routed"] = {q: verdicts[next(m for hi, m in route if x < hi)][q] for q, x in zip(prompts, p)}
-        side = "benign" if path.stem.startswith(tuple(args.benign.split(","))) else "harmful"
-        for method, v in verdicts.items():
-            pooled[side].setdefault(method, []).extend(v[q] for q in prompts)
-            per_set.setdefault(method, {})[path.stem] = sum(v[q] for q in prompts) / len(prompts)
-    rates = {side: {m: sum(v) / len(v) for m, v in ms.items()} for side, ms in pooled.items() if ms}
+        by_method = {m: [v[q] for q in prompts] for m, v in verdicts.items()}
+        by_method["routed"] = banded_verdicts(p, [(upper, by_method[m]) for upper, m in route])
+        for method, v in by_method.items():
+            pooled.setdefault(bench.kind, {}).setdefault(method, []).extend(v)
+            per_set.setdefault(method, {})[set_name] = sum(v) / len(v)
+    rates = {kind: {m: sum(v) / len(v) for m, v in ms.items()} for kind, ms in pooled.items()}
     for method in per_set:
         cells = " ".join(f"{s} {100 * r:.1f}" for s, r in per_set[method].items())
-        head = " ".join(f"{side} {100 * rates[side][method]:.1f}" for side in rates)
+        head = " ".join(f"{kind} {100 * rates[kind][method]:.1f}" for kind in rates)
         print(f"{method:24s} {head} | {cells}")
-    print(json.dumps({"bands": route, "refusal": rates, "per_set": per_set}))
+    bounds = [(None if math.isinf(upper) else upper, method) for upper, method in route]  # standard JSON
+    print(json.dumps({"bands": bounds, "refusal": rates, "per_set": per_set}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from els.eval import methods as registry
 from els.eval import runner
 from els.eval.agreement import agreement, cohen_kappa, judge_check
 from els.eval.cache import CompletionFile
-from els.eval.comparison import gated_verdicts, mcnemar
+from els.eval.comparison import banded_verdicts, gated_verdicts, mcnemar
 from els.eval.harness import EvalConfig, evaluate
 from els.eval.methods import Base, Els, MethodContext, resolve_methods
 from els.eval.quality import kl_to_base
@@ -583,6 +584,12 @@ def test_mcnemar_exact_values():
 
 def test_gated_verdicts_take_base_where_flagged():
     assert gated_verdicts([0.9, 0.1, 0.5], 0.5, [True, True, True], [False, False, False]) == [True, False, True]
+
+
+def test_banded_verdicts_take_the_first_band_the_probability_is_under():
+    low, mid, high = [False] * 4, [True, False, True, False], [True] * 4
+    bands = [(0.5, low), (0.9, mid), (math.inf, high)]
+    assert banded_verdicts([0.1, 0.5, 0.89, 1.0], bands) == [False, False, True, True]
 
 
 def test_gated_system_prompt_is_composed_from_base_and_system_prompt(tmp_path, files):

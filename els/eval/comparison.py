@@ -40,7 +40,13 @@ def gated_verdicts(
     p_harm: Sequence[float], threshold: float, flagged: Sequence[bool], allowed: Sequence[bool]
 ) -> list[bool]:
     """Per prompt: the `flagged` verdict where the gate flags it (p >= threshold), else the `allowed` one."""
-    return [f if p >= threshold else a for p, f, a in zip(p_harm, flagged, allowed)]
+    return banded_verdicts(p_harm, [(threshold, allowed), (math.inf, flagged)])
+
+
+def banded_verdicts(p_harm: Sequence[float], bands: Sequence[tuple[float, Sequence[bool]]]) -> list[bool]:
+    """Per prompt: the verdict of the first band whose upper bound its p(harmful) is under; `bands` are
+    (upper bound, one verdict per prompt) in rising order, the last bound at least 1 (e.g. math.inf)."""
+    return [next(v[i] for upper, v in bands if p < upper) for i, p in enumerate(p_harm)]
 
 
 def gate_probabilities(lm: LoadedModel, gate: HarmGate, prompts: Sequence[str], cache: Path) -> list[float]:
