@@ -92,9 +92,9 @@ class TimelyH11Protocol(H11Protocol):
             self._arm()  # the first bytes of the next request on a kept-alive connection
         if self._reserved and (starting or self._head):
             self._head += data
-            if _HEALTH.startswith(self._head[: len(_HEALTH)]) and len(self._head) <= len(_HEALTH):
-                return  # too few bytes yet to tell
-            if self._head[len(_HEALTH) : len(_HEALTH) + 1] not in (b" ", b"?") or not self._head.startswith(_HEALTH):
+            if (health := _asks_health(self._head)) is None:
+                return
+            if not health:
                 self._refuse()
                 return
             data, self._head = self._head, b""
@@ -127,6 +127,13 @@ class TimelyH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             # The app, if it is reading the body, sees the disconnect (a 400 nobody reads, no traceback).
             self.transport.close()
+
+
+def _asks_health(head: bytes) -> bool | None:
+    """Whether a request that starts with these bytes is a `GET /health`; None while too few have come to tell."""
+    if len(head) <= len(_HEALTH):
+        return None if _HEALTH.startswith(head) else False
+    return head.startswith(_HEALTH) and head[len(_HEALTH) : len(_HEALTH) + 1] in (b" ", b"?")
 
 
 def timely_protocol(read_timeout: float, max_connections: int = LIMIT_CONCURRENCY) -> type[TimelyH11Protocol]:
