@@ -1,5 +1,5 @@
 """The real embedded default model: README command 1 as a new user runs it (`els run --model default`, the
-library's default recipe, about five minutes on 2 cores with a cold cache), then the README's example on the
+library's default recipe, about seven minutes on 2 cores with a cold cache), then the README's example on the
 artefact it writes, at the artefact's own settings."""
 
 import json
